@@ -1,0 +1,1 @@
+//! fake_apiserver (being written).
