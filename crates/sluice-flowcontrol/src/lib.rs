@@ -1,0 +1,1 @@
+//! sluice-flowcontrol (being written).
