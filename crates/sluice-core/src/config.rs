@@ -151,12 +151,22 @@ pub struct FlowControlSpec {
 
     /// How long a request may wait in a queue before it is rejected (a duration such as
     /// `60s`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "defaultRequestTTL",
+        alias = "defaultRequestTtl",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub default_request_ttl: Option<String>,
 
     /// How long a request may wait while the pool has no endpoints at all (defaults to
     /// `defaultRequestTTL`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "noEndpointRequestTTL",
+        alias = "noEndpointRequestTtl",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub no_endpoint_request_ttl: Option<String>,
 
     /// Template for priority bands not listed in `priorityBands`.
