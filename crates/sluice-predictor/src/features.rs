@@ -55,7 +55,9 @@ impl PodRole {
 ///
 /// Class 0 ([`ClassId::UNKNOWN`]) is the shared fallback used for pods without a class
 /// label, and for classes seen after the registry is full.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct ClassId(pub u16);
 
 impl ClassId {
@@ -84,7 +86,10 @@ pub struct ClassRegistry {
 impl ClassRegistry {
     /// A registry that hands out at most `capacity` ids (1..=capacity).
     pub fn new(capacity: u16) -> Self {
-        ClassRegistry { capacity, ids: RwLock::new(HashMap::new()) }
+        ClassRegistry {
+            capacity,
+            ids: RwLock::new(HashMap::new()),
+        }
     }
 
     /// The class for a label value; `None` or an empty value is [`ClassId::UNKNOWN`].
@@ -111,7 +116,11 @@ impl ClassRegistry {
 
     /// The label value a class was registered for.
     pub fn label_of(&self, class: ClassId) -> Option<String> {
-        self.ids.read().iter().find(|(_, id)| **id == class).map(|(label, _)| label.clone())
+        self.ids
+            .read()
+            .iter()
+            .find(|(_, id)| **id == class)
+            .map(|(label, _)| label.clone())
     }
 }
 
@@ -194,7 +203,11 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, ClassId::UNKNOWN);
         assert_eq!(reg.class_of(Some("h100")), a);
-        assert_eq!(reg.class_of(Some("l4")), ClassId::UNKNOWN, "third class exceeds capacity");
+        assert_eq!(
+            reg.class_of(Some("l4")),
+            ClassId::UNKNOWN,
+            "third class exceeds capacity"
+        );
         assert_eq!(reg.class_of(None), ClassId::UNKNOWN);
         assert_eq!(reg.class_of(Some("")), ClassId::UNKNOWN);
         assert_eq!(reg.label_of(b).as_deref(), Some("a10g"));
@@ -210,8 +223,12 @@ mod tests {
 
     #[test]
     fn sanitise_clamps_bad_fractions() {
-        let f = Features { kv_cache_usage: f64::NAN, prefix_cache_score: 1.7, ..Features::default() }
-            .sanitised();
+        let f = Features {
+            kv_cache_usage: f64::NAN,
+            prefix_cache_score: 1.7,
+            ..Features::default()
+        }
+        .sanitised();
         assert_eq!(f.kv_cache_usage, 0.0);
         assert_eq!(f.prefix_cache_score, 1.0);
     }

@@ -41,7 +41,13 @@ impl LatencyTracker {
     /// Starts tracking at dispatch, with the features the predictor saw for the chosen
     /// endpoint.
     pub fn dispatched(features: Features, at: Instant, streaming: bool) -> Self {
-        LatencyTracker { features, dispatched_at: at, streaming, first_chunk_at: None, chunks: 0 }
+        LatencyTracker {
+            features,
+            dispatched_at: at,
+            streaming,
+            first_chunk_at: None,
+            chunks: 0,
+        }
     }
 
     /// Records one response body chunk (one token, by upstream's convention). Empty
@@ -66,7 +72,12 @@ impl LatencyTracker {
         } else {
             (e2e_ms, None)
         };
-        Some(Measured { ttft_ms, tpot_ms, e2e_ms, chunks: self.chunks })
+        Some(Measured {
+            ttft_ms,
+            tpot_ms,
+            e2e_ms,
+            chunks: self.chunks,
+        })
     }
 
     /// The training sample of a completed response ending at `at` (see [`Self::finish`]).
@@ -91,7 +102,10 @@ mod tests {
     #[test]
     fn streaming_response_measures_ttft_and_inter_token_latency() {
         let t0 = Instant::now();
-        let f = Features { input_tokens: 123, ..Features::default() };
+        let f = Features {
+            input_tokens: 123,
+            ..Features::default()
+        };
         let mut t = LatencyTracker::dispatched(f, t0, true);
         t.on_chunk(t0 + ms(100)); // first token
         t.on_chunk(t0 + ms(120));
@@ -100,7 +114,10 @@ mod tests {
         let s = t.training_sample(t0 + ms(160)).unwrap();
         assert_eq!(s.features_at_dispatch, f);
         assert!((s.ttft_ms.unwrap() - 100.0).abs() < 1e-9);
-        assert!((s.tpot_ms.unwrap() - 20.0).abs() < 1e-9, "(160-100)/(4-1) = 20");
+        assert!(
+            (s.tpot_ms.unwrap() - 20.0).abs() < 1e-9,
+            "(160-100)/(4-1) = 20"
+        );
     }
 
     #[test]
@@ -117,7 +134,10 @@ mod tests {
     fn single_chunk_has_no_tpot_and_no_chunk_has_no_sample() {
         let t0 = Instant::now();
         let mut t = LatencyTracker::dispatched(Features::default(), t0, true);
-        assert!(t.training_sample(t0 + ms(50)).is_none(), "disconnect before first token");
+        assert!(
+            t.training_sample(t0 + ms(50)).is_none(),
+            "disconnect before first token"
+        );
         t.on_chunk(t0 + ms(40));
         let m = t.finish(t0 + ms(40)).unwrap();
         assert_eq!(m.tpot_ms, None);

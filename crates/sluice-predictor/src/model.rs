@@ -13,13 +13,15 @@
 //!    be ~100× slower than this model for 200 trees of depth 6 and would need a new,
 //!    heavy dependency to train.
 //! 2. **Cheap, bounded online training.** The fit accumulates a p×p normal matrix
-//!    (p ≤ 12) in one pass over the stored samples and solves it by Cholesky: O(n·p²),
+//!    (p ≤ 13) in one pass over the stored samples and solves it by Cholesky: O(n·p²),
 //!    ~10 ms for 100k samples, on a background thread. No iterations, no hyper-parameter
 //!    search, no learning rate to tune, deterministic.
 //! 3. **Accuracy on serving-engine physics.** TTFT and TPOT of a batching engine are close
 //!    to linear in the right features: prefill time ∝ uncached prompt tokens, waiting
 //!    ahead ∝ tokens and requests in flight, each slowed by the decode batch sharing the
-//!    step (the `running × tokens` interactions); TPOT ∝ batch size and KV footprint.
+//!    step (the `running × tokens` interactions), and each waiting request holds the queue
+//!    for steps whose length grows with the batch (`waiting × running`); TPOT ∝ batch size
+//!    and KV footprint.
 //!    Engineering those products once gives a linear model the shape trees would have to
 //!    discover from data.
 //! 4. **Relative error.** The fit minimises squared *relative* error (weights `1/y²`,
@@ -36,6 +38,9 @@
 //! p90 mode multiplies each group's prediction by the 0.9 quantile of its training ratios
 //! `actual / predicted` (residual quantiles in relative terms, so they scale with load).
 
+// Small dense linear algebra reads best with explicit indices.
+#![allow(clippy::needless_range_loop)]
+
 use crate::features::{ClassId, Features, PodRole};
 
 /// What a prediction estimates.
@@ -51,7 +56,7 @@ pub enum Objective {
     },
 }
 
-pub(crate) const TTFT_P: usize = 12;
+pub(crate) const TTFT_P: usize = 13;
 pub(crate) const TPOT_P: usize = 10;
 
 /// Engineered TTFT features. Token counts are in thousands so the raw coefficients stay
@@ -76,6 +81,7 @@ pub(crate) fn ttft_design(f: &Features) -> [f64; TTFT_P] {
         running * eff,
         running * tif,
         waiting * eff,
+        waiting * running,
         eff * eff,
         queued,
     ]
@@ -91,7 +97,18 @@ pub(crate) fn tpot_design(f: &Features) -> [f64; TPOT_P] {
     let running = f64::from(f.running);
     let generated = f64::from(f.tokens_generated) * 1e-3;
     let queued = if f.waiting > 0 { 1.0 } else { 0.0 };
-    [1.0, running, kv, tif, waiting, input, running * kv, running * running, queued, generated]
+    [
+        1.0,
+        running,
+        kv,
+        tif,
+        waiting,
+        input,
+        running * kv,
+        running * running,
+        queued,
+        generated,
+    ]
 }
 
 /// The model slot of a (class, role) pair.
@@ -223,7 +240,12 @@ pub(crate) fn fit_model<'a>(
 ) -> Option<Model> {
     let ttft = fit_target::<TTFT_P>(params, ttft_rows, ttft_design)?;
     let tpot = fit_target::<TPOT_P>(params, tpot_rows, tpot_design);
-    Some(Model { version, objective: params.objective, ttft, tpot })
+    Some(Model {
+        version,
+        objective: params.objective,
+        ttft,
+        tpot,
+    })
 }
 
 /// Latencies below this (ms) are treated as this in relative weights, so a bogus
@@ -245,7 +267,11 @@ fn fit_target<'a, const P: usize>(
     rows: impl Iterator<Item = (&'a Features, f64)>,
     design: fn(&Features) -> [f64; P],
 ) -> Option<TargetModel<P>> {
-    let mut data = Rows { x: Vec::new(), y: Vec::new(), group: Vec::new() };
+    let mut data = Rows {
+        x: Vec::new(),
+        y: Vec::new(),
+        group: Vec::new(),
+    };
     for (f, y) in rows {
         if !(y.is_finite() && y > 0.0) {
             continue;
@@ -263,7 +289,11 @@ fn fit_target<'a, const P: usize>(
 
     // Pass 1 weights by the observation, pass 2 by pass 1's prediction: weighting by a noisy
     // observation favours samples that came out fast and biases the fit low.
-    let mut weights: Vec<f64> = data.y.iter().map(|y| 1.0 / y.max(Y_FLOOR_MS).powi(2)).collect();
+    let mut weights: Vec<f64> = data
+        .y
+        .iter()
+        .map(|y| 1.0 / y.max(Y_FLOOR_MS).powi(2))
+        .collect();
     let mut fitted = None;
     for _pass in 0..2 {
         let (shared, groups) = solve_all(params, &data, &weights, group_slots)?;
@@ -293,18 +323,24 @@ fn fit_target<'a, const P: usize>(
             Objective::Mean => 1.0,
             Objective::Quantile { q } => quantile(&mut ratios, q).unwrap_or(1.0),
         };
-        Linear { coef, multiplier, floor: 0.5 * min_y, samples: ratios.len() }
+        Linear {
+            coef,
+            multiplier,
+            floor: 0.5 * min_y,
+            samples: ratios.len(),
+        }
     };
 
     let shared_model = finish(shared, &mut (0..n));
     let group_models = groups
         .into_iter()
         .enumerate()
-        .map(|(g, coef)| {
-            coef.map(|c| finish(c, &mut (0..n).filter(|&i| data.group[i] == g)))
-        })
+        .map(|(g, coef)| coef.map(|c| finish(c, &mut (0..n).filter(|&i| data.group[i] == g))))
         .collect();
-    Some(TargetModel { shared: shared_model, groups: group_models })
+    Some(TargetModel {
+        shared: shared_model,
+        groups: group_models,
+    })
 }
 
 type Coefs<const P: usize> = [f64; P];
@@ -328,7 +364,11 @@ fn solve_all<const P: usize>(
         }
     }
     for s in scale.iter_mut() {
-        *s = if wsum > 0.0 && *s > 0.0 { (*s / wsum).sqrt() } else { 1.0 };
+        *s = if wsum > 0.0 && *s > 0.0 {
+            (*s / wsum).sqrt()
+        } else {
+            1.0
+        };
     }
     scale[0] = 1.0;
 
@@ -378,7 +418,14 @@ fn solve_all<const P: usize>(
             if counts[g] < params.min_group_samples.max(1) {
                 return None;
             }
-            let z = ridge_solve(&a[g], &b[g], counts[g], params.prior_strength, &shared_z, true)?;
+            let z = ridge_solve(
+                &a[g],
+                &b[g],
+                counts[g],
+                params.prior_strength,
+                &shared_z,
+                true,
+            )?;
             Some(unscale(&z, &scale))
         })
         .collect();
@@ -416,13 +463,15 @@ fn ridge_solve<const P: usize>(
             m[j][j] += lambda;
             rhs[j] += lambda * prior[j];
         }
-        if let Some(x) = cholesky_solve(m, rhs) {
-            if x.iter().all(|v| v.is_finite()) {
-                return Some(x);
-            }
+        if let Some(x) = cholesky_solve(m, rhs)
+            && x.iter().all(|v| v.is_finite())
+        {
+            return Some(x);
         }
         // Numerically singular (for example every sample identical): regularise harder.
-        lambda = (lambda * 100.0).max(per_sample * 1e-6).max(f64::MIN_POSITIVE);
+        lambda = (lambda * 100.0)
+            .max(per_sample * 1e-6)
+            .max(f64::MIN_POSITIVE);
     }
     None
 }
@@ -500,7 +549,8 @@ mod tests {
                 ..Features::default()
             })
             .collect();
-        let truth = |f: &Features| 20.0 + 0.05 * f64::from(f.input_tokens) + 3.0 * f64::from(f.running);
+        let truth =
+            |f: &Features| 20.0 + 0.05 * f64::from(f.input_tokens) + 3.0 * f64::from(f.running);
         let rows: Vec<(&Features, f64)> = fs.iter().map(|f| (f, truth(f))).collect();
         let params = FitParams {
             objective: Objective::Mean,
@@ -511,7 +561,12 @@ mod tests {
         let m = fit_model(1, params, rows.iter().copied(), std::iter::empty()).unwrap();
         for f in &fs {
             let p = m.predict(f);
-            assert!((p.ttft_ms - truth(f)).abs() / truth(f) < 0.01, "{} vs {}", p.ttft_ms, truth(f));
+            assert!(
+                (p.ttft_ms - truth(f)).abs() / truth(f) < 0.01,
+                "{} vs {}",
+                p.ttft_ms,
+                truth(f)
+            );
             assert_eq!(p.tpot_ms, None);
         }
     }
@@ -531,7 +586,10 @@ mod tests {
 
     #[test]
     fn identical_samples_still_fit() {
-        let f = Features { input_tokens: 500, ..Features::default() };
+        let f = Features {
+            input_tokens: 500,
+            ..Features::default()
+        };
         let rows = vec![(&f, 42.0); 50];
         let params = FitParams {
             objective: Objective::Mean,

@@ -73,7 +73,11 @@ impl Store {
     /// nothing to evict (cannot happen with `max_total >= 1`, kept for safety).
     fn evict_from_fullest(&mut self, incoming: u64) -> bool {
         // The incoming bucket evicts from itself when it is full anyway.
-        if self.buckets.get(&incoming).is_some_and(|b| b.len() >= self.per_bucket) {
+        if self
+            .buckets
+            .get(&incoming)
+            .is_some_and(|b| b.len() >= self.per_bucket)
+        {
             return true;
         }
         let Some((&key, _)) = self.buckets.iter().max_by_key(|(_, b)| b.len()) else {
@@ -94,7 +98,9 @@ impl Store {
     }
 
     pub(crate) fn rows(&self) -> impl Iterator<Item = (&Features, f64)> + Clone {
-        self.buckets.values().flat_map(|b| b.iter().map(|r| (&r.features, r.y)))
+        self.buckets
+            .values()
+            .flat_map(|b| b.iter().map(|r| (&r.features, r.y)))
     }
 }
 
@@ -117,7 +123,10 @@ mod tests {
     #[test]
     fn rare_regimes_survive_a_flood_of_common_ones() {
         let mut s = Store::new(50, 1000);
-        let deep_queue = Features { waiting: 20, ..Features::default() };
+        let deep_queue = Features {
+            waiting: 20,
+            ..Features::default()
+        };
         for _ in 0..10 {
             s.push(deep_queue, 500.0);
         }

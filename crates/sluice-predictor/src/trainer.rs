@@ -132,6 +132,12 @@ pub struct InProcessPredictor {
 impl InProcessPredictor {
     /// Starts the trainer thread. Returns an error only if the OS refuses a thread.
     pub fn spawn(config: PredictorConfig) -> std::io::Result<Self> {
+        Self::spawn_gated(config, None)
+    }
+
+    /// `gate`: the worker waits for it before consuming anything (lets tests fill the
+    /// queue deterministically).
+    fn spawn_gated(config: PredictorConfig, gate: Option<Receiver<()>>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
         let model = Arc::new(RwLock::new(None));
         let counters = Arc::new(Counters::default());
@@ -145,8 +151,19 @@ impl InProcessPredictor {
         };
         let thread = std::thread::Builder::new()
             .name("sluice-predictor-trainer".into())
-            .spawn(move || worker.run(rx))?;
-        Ok(InProcessPredictor { model, tx: Some(tx), thread: Some(thread), counters, classes })
+            .spawn(move || {
+                if let Some(gate) = gate {
+                    let _ = gate.recv();
+                }
+                worker.run(rx)
+            })?;
+        Ok(InProcessPredictor {
+            model,
+            tx: Some(tx),
+            thread: Some(thread),
+            counters,
+            classes,
+        })
     }
 
     /// The current model version, if any. Cheap: one `Arc` clone under a read lock.
@@ -165,11 +182,18 @@ impl InProcessPredictor {
     /// Queues a training sample without blocking; a full queue drops it (counted in
     /// [`PredictorStats::samples_dropped`]).
     pub fn record_sample(&self, sample: TrainingSample) {
-        let sent = self.tx.as_ref().is_some_and(|tx| match tx.try_send(Msg::Sample(sample)) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-        });
-        let counter = if sent { &self.counters.queued } else { &self.counters.dropped };
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| match tx.try_send(Msg::Sample(sample)) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            });
+        let counter = if sent {
+            &self.counters.queued
+        } else {
+            &self.counters.dropped
+        };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -255,7 +279,9 @@ impl Worker {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            let Some(iv) = self.retrain_interval else { continue };
+            let Some(iv) = self.retrain_interval else {
+                continue;
+            };
             // The first model is fit as soon as there is enough data, not a full interval
             // later: until then every request falls back to the composite score.
             let first = !have_model && self.trainer.sample_counts().0 >= self.min_samples;
@@ -272,5 +298,35 @@ impl Worker {
         *self.model.write() = Some(model);
         self.counters.published.fetch_add(1, Ordering::Relaxed);
         Some(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let cfg = PredictorConfig {
+            queue_capacity: 8,
+            retrain_interval: None,
+            ..PredictorConfig::default()
+        };
+        let (open, gate) = mpsc::sync_channel(1);
+        let p = InProcessPredictor::spawn_gated(cfg, Some(gate)).unwrap();
+        let s = TrainingSample {
+            features_at_dispatch: Features::default(),
+            ttft_ms: Some(10.0),
+            tpot_ms: None,
+        };
+        for _ in 0..20 {
+            p.record(s);
+        }
+        let stats = p.stats();
+        assert_eq!(stats.samples_queued, 8);
+        assert_eq!(stats.samples_dropped, 12);
+        open.send(()).unwrap();
+        // The 8 queued samples were kept: below min_samples, so still no model.
+        assert_eq!(p.train_now(), None);
     }
 }

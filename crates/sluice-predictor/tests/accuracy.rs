@@ -1,0 +1,124 @@
+//! Accuracy of the in-process model on a known latency function with noise, on a
+// Test helpers outside #[test] fns: a failed setup should fail the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! heterogeneous two-class fleet.
+
+mod common;
+
+use common::*;
+use sluice_predictor::{ClassId, Features, Objective, PredictorConfig, Trainer};
+
+fn trained(config: PredictorConfig, n: usize, sigma: f64, seed: u64) -> sluice_predictor::Model {
+    let mut r = rng(seed);
+    let mut t = Trainer::new(config);
+    for _ in 0..n {
+        t.add(&sample(&mut r, sigma));
+    }
+    t.fit().expect("enough samples for a model")
+}
+
+fn report(model: &sluice_predictor::Model, sigma: f64, label: &str) -> (f64, f64, f64, f64) {
+    let mut r = rng(999);
+    let test: Vec<(Features, f64, f64, f64, f64)> = (0..5000)
+        .map(|_| {
+            let f = features(&mut r);
+            let (t, p) = truth(&f);
+            (f, t, p, noisy(&mut r, t, sigma), noisy(&mut r, p, sigma))
+        })
+        .collect();
+    let preds: Vec<_> = test.iter().map(|(f, ..)| model.predict(f)).collect();
+    let ttft_truth = mape(test.iter().zip(&preds).map(|(t, p)| (p.ttft_ms, t.1)));
+    let tpot_truth = mape(
+        test.iter()
+            .zip(&preds)
+            .map(|(t, p)| (p.tpot_ms.unwrap(), t.2)),
+    );
+    let ttft_obs = mape(test.iter().zip(&preds).map(|(t, p)| (p.ttft_ms, t.3)));
+    let tpot_obs = mape(
+        test.iter()
+            .zip(&preds)
+            .map(|(t, p)| (p.tpot_ms.unwrap(), t.4)),
+    );
+    eprintln!(
+        "{label}: MAPE vs truth TTFT {ttft_truth:.2}% TPOT {tpot_truth:.2}%; \
+         vs noisy observations TTFT {ttft_obs:.2}% TPOT {tpot_obs:.2}%"
+    );
+    (ttft_truth, tpot_truth, ttft_obs, tpot_obs)
+}
+
+#[test]
+fn mape_after_warm_up_is_within_ten_percent_on_a_heterogeneous_fleet() {
+    let model = trained(PredictorConfig::default(), 20_000, 0.08, 1);
+    let (ttft, tpot, ..) = report(&model, 0.08, "20k samples, 8% noise");
+    assert!(ttft <= 10.0, "TTFT MAPE {ttft:.2}% vs truth");
+    assert!(tpot <= 10.0, "TPOT MAPE {tpot:.2}% vs truth");
+    assert_eq!(model.info().ttft_groups, 2, "one model per hardware class");
+}
+
+#[test]
+fn per_class_models_beat_one_pooled_model() {
+    // Hide the class: every sample looks like the shared fallback class.
+    let mut r = rng(2);
+    let mut pooled = Trainer::new(PredictorConfig::default());
+    for _ in 0..20_000 {
+        let mut s = sample(&mut r, 0.08);
+        // Keep the physics of the real class but drop the label the model sees.
+        let (t, p) = truth(&s.features_at_dispatch);
+        s.ttft_ms = Some(t);
+        s.tpot_ms = Some(p);
+        s.features_at_dispatch.class = ClassId::UNKNOWN;
+        pooled.add(&s);
+    }
+    let pooled = pooled.fit().unwrap();
+    let classed = trained(PredictorConfig::default(), 20_000, 0.0, 2);
+    let mut r = rng(7);
+    let test: Vec<Features> = (0..3000).map(|_| features(&mut r)).collect();
+    let err = |m: &sluice_predictor::Model, hide: bool| {
+        mape(test.iter().map(|f| {
+            let mut g = *f;
+            if hide {
+                g.class = ClassId::UNKNOWN;
+            }
+            (m.predict(&g).ttft_ms, truth(f).0)
+        }))
+    };
+    let (e_pooled, e_classed) = (err(&pooled, true), err(&classed, false));
+    eprintln!("TTFT MAPE pooled {e_pooled:.2}% vs per-class {e_classed:.2}%");
+    assert!(
+        e_classed * 2.0 < e_pooled,
+        "per-class {e_classed:.2}% vs pooled {e_pooled:.2}%"
+    );
+}
+
+#[test]
+fn little_data_still_gives_usable_predictions() {
+    let model = trained(PredictorConfig::default(), 300, 0.08, 3);
+    let (ttft, tpot, ..) = report(&model, 0.08, "300 samples");
+    assert!(ttft <= 20.0, "TTFT MAPE {ttft:.2}% with 300 samples");
+    assert!(tpot <= 20.0, "TPOT MAPE {tpot:.2}% with 300 samples");
+}
+
+#[test]
+fn p90_mode_covers_about_ninety_percent_of_observations() {
+    let cfg = PredictorConfig {
+        objective: Objective::Quantile { q: 0.9 },
+        ..PredictorConfig::default()
+    };
+    let model = trained(cfg, 20_000, 0.10, 4);
+    let mut r = rng(5);
+    let (mut covered_ttft, mut covered_tpot, n) = (0, 0, 5000);
+    for _ in 0..n {
+        let f = features(&mut r);
+        let (t, p) = truth(&f);
+        let pred = model.predict(&f);
+        covered_ttft += usize::from(noisy(&mut r, t, 0.10) <= pred.ttft_ms);
+        covered_tpot += usize::from(noisy(&mut r, p, 0.10) <= pred.tpot_ms.unwrap());
+    }
+    let (ct, cp) = (
+        covered_ttft as f64 / n as f64,
+        covered_tpot as f64 / n as f64,
+    );
+    eprintln!("p90 coverage TTFT {ct:.3} TPOT {cp:.3}");
+    assert!((0.85..=0.95).contains(&ct), "TTFT coverage {ct}");
+    assert!((0.85..=0.95).contains(&cp), "TPOT coverage {cp}");
+}
