@@ -1,0 +1,307 @@
+//! The values that flow through a scheduling cycle: the request, the candidate endpoints and
+//! what the scheduler decides.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_core::{Endpoint, EndpointMetrics};
+
+/// One inference request as the scheduler sees it (upstream's `LLMRequest`).
+///
+/// The picker builds it after parsing the body and applying model rewrites. Header names are
+/// compared case-insensitively, so the picker may pass them as received.
+#[derive(Clone, Debug, Default)]
+pub struct LlmRequest {
+    /// The request id (`x-request-id`); plugins that keep per-request state key it by this.
+    pub request_id: String,
+    /// The model the request targets after rewrite.
+    pub target_model: String,
+    /// The bytes the prefix-cache producer hashes (for chat completions, the JSON of
+    /// `messages`; for completions, the prompt text). Empty disables prefix matching.
+    pub prompt: Bytes,
+    /// The request's `cache_salt`, which seeds the prefix hash chain so that tenants that
+    /// salt their prompts never share cache entries.
+    pub cache_salt: Option<String>,
+    /// The request headers plugins may consult (for example `test-epp-endpoint-selection`,
+    /// `x-session-token`, the SLO headers).
+    pub headers: Vec<(String, String)>,
+    /// The InferenceObjective's priority (0 when none); negative means sheddable.
+    pub priority: i32,
+    /// Estimated prompt length in tokens (used by token-based load accounting).
+    pub prompt_tokens: u32,
+}
+
+impl LlmRequest {
+    /// The first value of a header, matched case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Requests and prompt tokens the picker has sent to one endpoint and not yet seen finish.
+///
+/// The scheduler updates these itself (in `pre_request` and `complete`); the picker creates one
+/// per endpoint, keeps it for the endpoint's lifetime and hands the same `Arc` in every
+/// [`Candidate`] so that counting needs no map lookup on the hot path.
+#[derive(Debug, Default)]
+pub struct InFlightCounters {
+    requests: AtomicU32,
+    tokens: AtomicU64,
+}
+
+impl InFlightCounters {
+    /// Counters starting at the given values (useful in tests and simulations).
+    pub fn with_values(requests: u32, tokens: u64) -> Self {
+        InFlightCounters {
+            requests: AtomicU32::new(requests),
+            tokens: AtomicU64::new(tokens),
+        }
+    }
+
+    /// Requests in flight.
+    pub fn requests(&self) -> u32 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Uncached prompt tokens in flight.
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more request carrying `tokens` uncached prompt tokens.
+    pub fn add(&self, tokens: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Undoes one [`add`](Self::add); saturates at zero so that a bug elsewhere can never wrap
+    /// the counters into enormous values that would mark the endpoint saturated forever.
+    pub fn remove(&self, tokens: u64) {
+        let _ = self
+            .requests
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(1))
+            });
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(tokens))
+            });
+    }
+}
+
+/// One endpoint the request may be sent to, with what is known about it right now.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// The endpoint.
+    pub endpoint: Arc<Endpoint>,
+    /// Its latest scraped metrics; `None` when never scraped successfully.
+    pub metrics: Option<Arc<EndpointMetrics>>,
+    /// How old `metrics` is.
+    pub metrics_age: Duration,
+    /// The picker's in-flight counters for this endpoint.
+    pub in_flight: Arc<InFlightCounters>,
+}
+
+/// Zero metrics stand in for missing ones in scorers, as upstream's zero-valued metrics struct
+/// does for a pod that has not been scraped yet.
+static ZERO_METRICS: EndpointMetrics = EndpointMetrics {
+    waiting_queue_size: 0,
+    running_requests_size: 0,
+    kv_cache_usage: 0.0,
+    active_models: Vec::new(),
+    waiting_models: Vec::new(),
+    max_active_models: 0,
+    cache_block_size: 0,
+    cache_num_blocks: 0,
+};
+
+impl Candidate {
+    /// A candidate with fresh metrics and its own zeroed in-flight counters.
+    pub fn new(endpoint: Arc<Endpoint>, metrics: EndpointMetrics) -> Self {
+        Candidate {
+            endpoint,
+            metrics: Some(Arc::new(metrics)),
+            metrics_age: Duration::ZERO,
+            in_flight: Arc::new(InFlightCounters::default()),
+        }
+    }
+
+    /// The metrics, or all-zero metrics when none were scraped yet.
+    pub fn metrics_or_zero(&self) -> &EndpointMetrics {
+        self.metrics.as_deref().unwrap_or(&ZERO_METRICS)
+    }
+}
+
+/// A candidate (by index into the candidate slice) and its weighted total score in a profile.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScoredEndpoint {
+    /// Index into the candidate slice given to `schedule`.
+    pub index: usize,
+    /// The weighted sum of the profile's scorers.
+    pub score: f64,
+}
+
+/// One scorer's raw (clamped, unweighted) scores, recorded when
+/// [`SchedulerOptions::record_scores`](crate::SchedulerOptions::record_scores) is on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScorerScores {
+    /// The scorer's instance name.
+    pub scorer: Arc<str>,
+    /// The weight the profile gives it.
+    pub weight: f64,
+    /// Score per endpoint, parallel to [`ProfileRunResult::scored`].
+    pub scores: Vec<f64>,
+}
+
+/// What one profile decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileRunResult {
+    /// The profile's name.
+    pub profile: Arc<str>,
+    /// Chosen candidates (indices into the candidate slice), best first.
+    pub targets: Vec<usize>,
+    /// The chosen candidates themselves, parallel to `targets`, so that hooks running after
+    /// the candidate slice is gone (PreRequest, response hooks) can see them.
+    pub target_candidates: Vec<Candidate>,
+    /// Every endpoint that passed the filters, with its total score, in candidate order.
+    pub scored: Vec<ScoredEndpoint>,
+    /// Per-scorer scores, only when recording is on.
+    pub scorer_scores: Vec<ScorerScores>,
+}
+
+/// Why a profile produced no result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileFailure {
+    /// The profile's name.
+    pub profile: Arc<str>,
+    /// What went wrong, for example which filter removed every endpoint.
+    pub reason: String,
+}
+
+/// The outcome of a scheduling cycle (upstream's `SchedulingResult`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedulingResult {
+    /// The profile whose targets the request goes to.
+    pub primary_profile: Arc<str>,
+    /// Every profile that ran, successful or not, in the order they ran.
+    pub profile_results: Vec<Result<ProfileRunResult, ProfileFailure>>,
+    /// The primary profile's targets: the pick first, then fallbacks in order.
+    pub targets: Vec<Candidate>,
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.endpoint == other.endpoint
+    }
+}
+
+impl SchedulingResult {
+    /// The result of the named profile, when it ran and succeeded.
+    pub fn profile(&self, name: &str) -> Option<&ProfileRunResult> {
+        self.profile_results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .find(|r| &*r.profile == name)
+    }
+
+    /// The primary profile's result.
+    pub fn primary(&self) -> Option<&ProfileRunResult> {
+        self.profile(&self.primary_profile)
+    }
+
+    /// The value of `x-gateway-destination-endpoint`: every target's `ip:port`, joined with
+    /// `,` (IPv6 addresses bracketed).
+    pub fn destination_header(&self) -> String {
+        let mut out = String::with_capacity(self.targets.len() * 22);
+        for (i, t) in self.targets.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&t.endpoint.address.to_string());
+        }
+        out
+    }
+}
+
+/// How a request ended, told to response plugins exactly once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The model server answered and the response was delivered in full.
+    Success,
+    /// The request failed after dispatch: the model server or the proxy returned an error, or
+    /// the stream broke.
+    Failed {
+        /// What failed (an HTTP status, a gRPC error); for logs and training filters.
+        reason: String,
+    },
+    /// The client went away before the response was complete. Upstream cannot tell this from
+    /// a failure; sluice can, so that latency training can drop such samples.
+    ClientDisconnected,
+}
+
+/// A response chunk as response plugins see it.
+#[derive(Clone, Copy, Debug)]
+pub struct ResponseChunk<'a> {
+    /// The chunk's bytes.
+    pub data: &'a [u8],
+    /// Whether this is the last chunk.
+    pub end_of_stream: bool,
+}
+
+/// Why `schedule` produced no destination. Each variant maps to one HTTP status.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// The pool has no candidate endpoints for this request (HTTP 503).
+    #[error("no candidate endpoints for the request")]
+    NoCandidates,
+    /// Every profile's filters removed every endpoint (HTTP 503).
+    #[error("no endpoints available for the request: {reason}")]
+    AllFiltered {
+        /// Which profile and filter removed the last endpoint.
+        reason: String,
+    },
+    /// A plugin chose to shed the request (HTTP 429).
+    #[error("request shed by {plugin}: {reason}")]
+    Shed {
+        /// The plugin's instance name.
+        plugin: String,
+        /// Why, as the plugin says it.
+        reason: String,
+    },
+    /// A plugin or profile handler failed in a way the request cannot be blamed for (HTTP 500).
+    #[error("scheduling failed in {plugin}: {message}")]
+    Internal {
+        /// The plugin's instance name.
+        plugin: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl ScheduleError {
+    /// The HTTP status the picker answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ScheduleError::NoCandidates | ScheduleError::AllFiltered { .. } => 503,
+            ScheduleError::Shed { .. } => 429,
+            ScheduleError::Internal { .. } => 500,
+        }
+    }
+}
+
+/// What a plugin returns when it cannot do its work.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// Refuse the request (HTTP 429), for example because no endpoint can meet its SLO.
+    #[error("shed: {0}")]
+    Shed(String),
+    /// Something went wrong inside the plugin.
+    #[error("{0}")]
+    Internal(String),
+}
