@@ -1,0 +1,1 @@
+//! Kubernetes mode: kube-runtime watchers feeding the index.

@@ -1,0 +1,1 @@
+//! Status conditions and Events, written by the Lease holder only.
