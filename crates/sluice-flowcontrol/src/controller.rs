@@ -452,10 +452,11 @@ impl Inner {
         }
         let mut next = st.queues.next_expiry().map(|(t, _)| t);
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if !has_endpoints && !ne_ttl.is_zero() {
-            if let Some((_, enqueued)) = st.queues.oldest() {
-                consider(enqueued + ne_ttl);
-            }
+        if !has_endpoints
+            && !ne_ttl.is_zero()
+            && let Some((_, enqueued)) = st.queues.oldest()
+        {
+            consider(enqueued + ne_ttl);
         }
         if st.queues.len > 0 && (blocked || !has_endpoints) {
             consider(now + self.config.recheck_interval);

@@ -125,17 +125,14 @@ impl<S: Snapshot> std::fmt::Debug for ScrapeCollector<S> {
     }
 }
 
-fn gauge_family<
-    L: prometheus_client::encoding::EncodeLabelSet,
-    V: prometheus_client::encoding::EncodeGaugeValue,
->(
+fn gauge_family<L: prometheus_client::encoding::EncodeLabelSet, V>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     rows: &[(L, V)],
 ) -> Result<(), std::fmt::Error>
 where
-    V: Copy,
+    V: Copy + prometheus_client::encoding::EncodeGaugeValue,
     ConstGauge<V>: EncodeMetric,
 {
     let mut metric = encoder.encode_descriptor(
