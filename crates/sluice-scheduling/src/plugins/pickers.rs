@@ -13,7 +13,7 @@ use crate::types::ScoredEndpoint;
 
 /// Parameters shared by the pickers.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PickerParams {
     /// How many endpoints to return: the pick and then fallbacks (default 1; ≤ 0 means 1).
     pub max_num_of_endpoints: i64,

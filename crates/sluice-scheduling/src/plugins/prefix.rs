@@ -25,7 +25,7 @@ pub const CHARS_PER_TOKEN: usize = 4;
 
 /// Parameters of the prefix plugins, with upstream's names and defaults.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PrefixParams {
     /// Take the block size and LRU size from the endpoints' metrics when they report them.
     pub auto_tune: bool,

@@ -38,7 +38,7 @@ pub struct MetricScorer {
 
 /// `token-load-scorer` parameters.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct TokenLoadParams {
     /// In-flight tokens at which the score reaches 0 (default 4194304).
     pub queue_threshold_tokens: f64,
