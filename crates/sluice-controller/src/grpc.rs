@@ -81,7 +81,7 @@ impl ConfigDistribution for ConfigService {
             last_hash = hello.last_applied_hash, "picker subscribed");
 
         let hub = self.hub.clone();
-        let mut snapshots = hub.subscribe(&pool, &picker_id);
+        let mut snapshots = hub.subscribe(&pool, &picker_id, hello.last_applied_version, hello.last_applied_hash);
         let (tx, rx) = mpsc::channel::<Result<pb::PoolConfig, Status>>(1);
         let mut shutdown = self.shutdown.clone();
         let controller_id = self.controller_id.clone();

@@ -85,10 +85,29 @@ impl Hub {
         self.inner.lock().iter().filter(|(_, e)| e.tx.borrow().is_some()).map(|(p, _)| p.clone()).collect()
     }
 
-    /// Subscribes a picker to a pool (which need not exist yet).
-    pub fn subscribe(&self, pool: &PoolRef, picker_id: &str) -> watch::Receiver<Option<Arc<PoolSnapshot>>> {
+    /// Subscribes a picker to a pool (which need not exist yet). `last_version` is what the
+    /// picker runs: versions handed out from now on exceed it, so that a picker coming from
+    /// another (or an earlier) controller replica, whose counter was ahead, does not see the
+    /// next snapshot as stale.
+    pub fn subscribe(
+        &self,
+        pool: &PoolRef,
+        picker_id: &str,
+        last_version: u64,
+        last_hash: u64,
+    ) -> watch::Receiver<Option<Arc<PoolSnapshot>>> {
         let mut pools = self.inner.lock();
         let entry = pools.entry(pool.clone()).or_insert_with(PoolEntry::new);
+        if last_version > 0 && entry.version <= last_version {
+            entry.version = last_version;
+            let current = entry.tx.borrow().clone();
+            if let Some(current) = current.filter(|c| c.content_hash != last_hash) {
+                entry.version += 1;
+                let mut restamped = (*current).clone();
+                restamped.version = entry.version;
+                entry.tx.send_replace(Some(Arc::new(restamped)));
+            }
+        }
         entry.pickers.insert(picker_id.to_owned(), PickerState { version: 0, accepted: false, error: None });
         let rx = entry.tx.subscribe();
         drop(pools);
@@ -190,7 +209,7 @@ mod tests {
     #[test]
     fn a_slow_subscriber_sees_only_the_latest_snapshot() {
         let hub = Hub::new();
-        let mut rx = hub.subscribe(&pool(), "picker-a");
+        let mut rx = hub.subscribe(&pool(), "picker-a", 0, 0);
         for port in 1..=50 {
             hub.publish(snap(port));
         }
@@ -201,10 +220,19 @@ mod tests {
     }
 
     #[test]
+    fn versions_jump_past_what_a_resuming_picker_runs() {
+        let hub = Hub::new();
+        hub.publish(snap(1));
+        let rx = hub.subscribe(&pool(), "from-another-replica", 40, 0);
+        assert_eq!(rx.borrow().as_ref().unwrap().version, 41, "current content is restamped");
+        assert_eq!(hub.publish(snap(2)), 42);
+    }
+
+    #[test]
     fn counts_track_acks_and_nacks() {
         let hub = Hub::new();
-        let _a = hub.subscribe(&pool(), "a");
-        let _b = hub.subscribe(&pool(), "b");
+        let _a = hub.subscribe(&pool(), "a", 0, 0);
+        let _b = hub.subscribe(&pool(), "b", 0, 0);
         let v = hub.publish(snap(1));
         hub.record_ack(&pool(), "a", v, true, None);
         hub.record_ack(&pool(), "b", v, false, Some("bad".into()));
