@@ -148,8 +148,36 @@ pub fn parse_config_text(text: &str) -> Result<EndpointPickerConfig, ConfigError
     } else {
         value
     };
-    EndpointPickerConfig::from_document(value)
-        .map_err(|e| ConfigError::single(ProblemKind::Syntax, "", e.to_string()))
+    if let Some(plugins) = value.get("plugins").and_then(|p| p.as_array()) {
+        let missing: Vec<ConfigProblem> = plugins
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.is_object() && p.get("type").is_none_or(|t| !t.is_string()))
+            .map(|(i, _)| ConfigProblem {
+                kind: ProblemKind::MissingPluginType,
+                location: format!("plugins[{i}]"),
+                message: "plugin has no `type`; expected a registered plugin type such as \"queue-scorer\"".to_owned(),
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(ConfigError { problems: missing });
+        }
+    }
+    EndpointPickerConfig::from_document(value.clone()).map_err(|e| {
+        // serde names the problem but not where; find the top-level key that fails alone.
+        let location = value
+            .as_object()
+            .and_then(|m| {
+                m.iter().find(|(k, v)| {
+                    let mut one = serde_json::Map::new();
+                    one.insert((*k).clone(), (*v).clone());
+                    EndpointPickerConfig::from_document(serde_json::Value::Object(one)).is_err()
+                })
+            })
+            .map(|(k, _)| k.clone())
+            .unwrap_or_default();
+        ConfigError::single(ProblemKind::Syntax, location, e.to_string())
+    })
 }
 
 /// The configuration upstream uses when none is supplied: `queue-scorer` (weight 2),
