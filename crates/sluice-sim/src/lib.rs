@@ -9,11 +9,16 @@
 //! See `docs/simulator.md` at the repository root.
 
 pub mod api;
+pub mod bench;
 pub mod engine;
+pub mod fleet;
 mod kv;
+pub mod load;
 pub mod metrics;
 pub mod preset;
+pub mod server;
 pub mod tokenizer;
+pub mod workload;
 
 pub use engine::{Engine, EngineConfig};
 pub use preset::Preset;

@@ -5,6 +5,7 @@
 //! vLLM's `vllm/v1/metrics/loggers.py` (v0.10 era) and are mapped to the other engines'
 //! closest equivalents.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -312,110 +313,114 @@ pub fn render(page: &MetricsPage<'_>) -> String {
     w.out
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use std::collections::{HashMap, HashSet};
+/// Samples by name: `(raw label text, value)` pairs.
+pub type ParsedSamples = HashMap<String, Vec<(String, f64)>>;
 
-    /// A strict reading of the text format: every sample belongs to a family announced by
-    /// HELP and TYPE lines before it, names are valid, label values are quoted and escaped,
-    /// values parse as floats, and no family is announced twice.
-    pub(crate) fn parse_strict(text: &str) -> Result<HashMap<String, Vec<(String, f64)>>, String> {
-        let mut types: HashMap<String, String> = HashMap::new();
-        let mut helped: HashSet<String> = HashSet::new();
-        let mut samples: HashMap<String, Vec<(String, f64)>> = HashMap::new();
-        let valid_name = |n: &str| {
-            !n.is_empty()
-                && n.chars().enumerate().all(|(i, c)| {
-                    c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
-                })
-        };
-        for (ln, line) in text.lines().enumerate() {
-            if let Some(rest) = line.strip_prefix("# HELP ") {
-                let name = rest.split(' ').next().unwrap_or("");
-                if !helped.insert(name.to_owned()) {
-                    return Err(format!("line {ln}: second HELP for {name}"));
-                }
-                continue;
+/// A strict reading of the text format: every sample belongs to a family announced by
+/// HELP and TYPE lines before it, names are valid, label values are quoted and escaped,
+/// values parse as floats, and no family is announced twice. Returns samples by name as
+/// `(raw label text, value)`; the error names the offending line.
+pub fn parse_strict(text: &str) -> Result<ParsedSamples, String> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut helped: HashSet<String> = HashSet::new();
+    let mut samples: HashMap<String, Vec<(String, f64)>> = HashMap::new();
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    for (ln, line) in text.lines().enumerate() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or("");
+            if !helped.insert(name.to_owned()) {
+                return Err(format!("line {ln}: second HELP for {name}"));
             }
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let mut it = rest.split(' ');
-                let name = it.next().unwrap_or("");
-                let kind = it.next().unwrap_or("");
-                if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
-                    return Err(format!("line {ln}: bad type {kind}"));
-                }
-                if types.insert(name.to_owned(), kind.to_owned()).is_some() {
-                    return Err(format!("line {ln}: second TYPE for {name}"));
-                }
-                continue;
-            }
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (name, rest) = match line.find('{') {
-                Some(i) => (&line[..i], &line[i..]),
-                None => line.split_once(' ').ok_or(format!("line {ln}: no value"))?,
-            };
-            if !valid_name(name) {
-                return Err(format!("line {ln}: bad name {name}"));
-            }
-            let (labels, value) = if let Some(r) = rest.strip_prefix('{') {
-                let end = r.rfind("} ").ok_or(format!("line {ln}: unclosed labels"))?;
-                (&r[..end], r[end + 2..].trim())
-            } else {
-                ("", rest.trim())
-            };
-            // Labels: name="value" pairs, comma separated, value escapes only \\ \" \n.
-            let mut chars = labels.chars().peekable();
-            while chars.peek().is_some() {
-                let lname: String = chars.by_ref().take_while(|c| *c != '=').collect();
-                if !valid_name(&lname) || lname.contains(':') {
-                    return Err(format!("line {ln}: bad label name {lname}"));
-                }
-                if chars.next() != Some('"') {
-                    return Err(format!("line {ln}: unquoted label {lname}"));
-                }
-                loop {
-                    match chars.next() {
-                        Some('\\') => match chars.next() {
-                            Some('\\' | '"' | 'n') => {}
-                            _ => return Err(format!("line {ln}: bad escape")),
-                        },
-                        Some('"') => break,
-                        Some(_) => {}
-                        None => return Err(format!("line {ln}: unterminated label value")),
-                    }
-                }
-                match chars.next() {
-                    Some(',') | None => {}
-                    Some(c) => return Err(format!("line {ln}: unexpected {c}")),
-                }
-            }
-            let v: f64 = match value {
-                "+Inf" => f64::INFINITY,
-                "-Inf" => f64::NEG_INFINITY,
-                v => v.parse().map_err(|_| format!("line {ln}: bad value {v}"))?,
-            };
-            let family = types
-                .keys()
-                .filter(|f| {
-                    let kind = &types[*f];
-                    name == f.as_str()
-                        || (kind == "counter" && name == format!("{f}_total"))
-                        || (kind == "histogram"
-                            && [format!("{f}_bucket"), format!("{f}_sum"), format!("{f}_count")]
-                                .contains(&name.to_owned()))
-                })
-                .max_by_key(|f| f.len())
-                .ok_or(format!("line {ln}: sample {name} has no TYPE before it"))?;
-            if !helped.contains(family) {
-                return Err(format!("line {ln}: family {family} has no HELP"));
-            }
-            samples.entry(name.to_owned()).or_default().push((labels.to_owned(), v));
+            continue;
         }
-        Ok(samples)
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let name = it.next().unwrap_or("");
+            let kind = it.next().unwrap_or("");
+            if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                return Err(format!("line {ln}: bad type {kind}"));
+            }
+            if types.insert(name.to_owned(), kind.to_owned()).is_some() {
+                return Err(format!("line {ln}: second TYPE for {name}"));
+            }
+            continue;
+        }
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, rest) = match line.find('{') {
+            Some(i) => (&line[..i], &line[i..]),
+            None => line.split_once(' ').ok_or(format!("line {ln}: no value"))?,
+        };
+        if !valid_name(name) {
+            return Err(format!("line {ln}: bad name {name}"));
+        }
+        let (labels, value) = if let Some(r) = rest.strip_prefix('{') {
+            let end = r.rfind("} ").ok_or(format!("line {ln}: unclosed labels"))?;
+            (&r[..end], r[end + 2..].trim())
+        } else {
+            ("", rest.trim())
+        };
+        // Labels: name="value" pairs, comma separated, value escapes only \\ \" \n.
+        let mut chars = labels.chars().peekable();
+        while chars.peek().is_some() {
+            let lname: String = chars.by_ref().take_while(|c| *c != '=').collect();
+            if !valid_name(&lname) || lname.contains(':') {
+                return Err(format!("line {ln}: bad label name {lname}"));
+            }
+            if chars.next() != Some('"') {
+                return Err(format!("line {ln}: unquoted label {lname}"));
+            }
+            loop {
+                match chars.next() {
+                    Some('\\') => match chars.next() {
+                        Some('\\' | '"' | 'n') => {}
+                        _ => return Err(format!("line {ln}: bad escape")),
+                    },
+                    Some('"') => break,
+                    Some(_) => {}
+                    None => return Err(format!("line {ln}: unterminated label value")),
+                }
+            }
+            match chars.next() {
+                Some(',') | None => {}
+                Some(c) => return Err(format!("line {ln}: unexpected {c}")),
+            }
+        }
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().map_err(|_| format!("line {ln}: bad value {v}"))?,
+        };
+        let family = types
+            .keys()
+            .filter(|f| {
+                let kind = &types[*f];
+                name == f.as_str()
+                    || (kind == "counter" && name == format!("{f}_total"))
+                    || (kind == "histogram"
+                        && [format!("{f}_bucket"), format!("{f}_sum"), format!("{f}_count")]
+                            .contains(&name.to_owned()))
+            })
+            .max_by_key(|f| f.len())
+            .ok_or(format!("line {ln}: sample {name} has no TYPE before it"))?;
+        if !helped.contains(family) {
+            return Err(format!("line {ln}: family {family} has no HELP"));
+        }
+        samples.entry(name.to_owned()).or_default().push((labels.to_owned(), v));
     }
+    Ok(samples)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn page_for(flavor: EngineFlavor) -> String {
         let snapshot = EngineSnapshot {

@@ -210,3 +210,49 @@ impl std::str::FromStr for Preset {
         })
     }
 }
+
+/// Engine settings to change on top of a preset (command-line flags, fleet-wide settings).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Overrides {
+    /// Served model name (every server of a pool serves the same name).
+    pub model: Option<String>,
+    /// KV blocks.
+    pub num_gpu_blocks: Option<u32>,
+    /// `max_num_seqs`.
+    pub max_num_seqs: Option<u32>,
+    /// `max_num_batched_tokens`.
+    pub max_num_batched_tokens: Option<u32>,
+    /// `max_loras`.
+    pub max_loras: Option<u32>,
+    /// LoRA adapters served.
+    pub lora_adapters: Option<Vec<String>>,
+    /// Turn automatic prefix caching off.
+    pub no_prefix_caching: bool,
+}
+
+impl Overrides {
+    /// Applies the set fields to `e`.
+    pub fn apply(&self, e: &mut EngineConfig) {
+        if let Some(m) = &self.model {
+            e.model.clone_from(m);
+        }
+        if let Some(v) = self.num_gpu_blocks {
+            e.num_gpu_blocks = v;
+        }
+        if let Some(v) = self.max_num_seqs {
+            e.max_num_seqs = v;
+        }
+        if let Some(v) = self.max_num_batched_tokens {
+            e.max_num_batched_tokens = v;
+        }
+        if let Some(v) = self.max_loras {
+            e.max_loras = v;
+        }
+        if let Some(v) = &self.lora_adapters {
+            e.lora_adapters.clone_from(v);
+        }
+        if self.no_prefix_caching {
+            e.enable_prefix_caching = false;
+        }
+    }
+}

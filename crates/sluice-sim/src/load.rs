@@ -1,0 +1,645 @@
+//! The load generator: open-loop (Poisson, constant, rate ladders) or closed-loop arrivals
+//! against one or more base URLs, per-request records, and a summary with goodput.
+//!
+//! Measurements (all converted to simulated time by multiplying by `time_scale`):
+//! - TTFT: request sent → first SSE chunk carrying text (for non-streamed requests there is no
+//!   TTFT; the TTFT SLO is judged on e2e, as the EPP does when it is not streaming).
+//! - TPOT: mean gap between text chunks after the first, `(t_last − t_first) / (chunks − 1)`,
+//!   the vLLM inter-token-latency sense (one token per chunk, which vLLM and the simulator send).
+//! - e2e: request sent → end of body.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::api::Api;
+use crate::server::SERVER_HEADER;
+use crate::workload::{Planned, Workload, text_of};
+
+/// Largest response body or SSE event the generator buffers.
+const MAX_BODY: usize = 4 << 20;
+
+/// How to run a load.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Base URLs (`http://host:port`); requests are spread round-robin (use one URL — the
+    /// gateway — to test a router).
+    pub targets: Vec<String>,
+    /// The workload.
+    pub workload: Workload,
+    /// Model name when neither the workload nor the class names one.
+    pub default_model: String,
+    /// Simulated seconds per wall second of the target (1 for real servers).
+    pub time_scale: f64,
+    /// In-flight requests beyond which an open-loop arrival is dropped (recorded as an error).
+    pub max_in_flight: usize,
+    /// Per-request timeout, wall-clock.
+    pub timeout: Duration,
+    /// Write one JSON line per request here.
+    pub output: Option<PathBuf>,
+}
+
+impl LoadConfig {
+    /// Defaults: real time, 10,000 in flight, 120 s timeout, no output file.
+    pub fn new(targets: Vec<String>, workload: Workload) -> Self {
+        Self {
+            targets,
+            workload,
+            default_model: "meta-llama/Llama-3.1-8B-Instruct".into(),
+            time_scale: 1.0,
+            max_in_flight: 10_000,
+            timeout: Duration::from_secs(120),
+            output: None,
+        }
+    }
+}
+
+/// What happened to one request.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Record {
+    /// Sequence number.
+    pub id: u64,
+    /// Class name.
+    pub class: String,
+    /// Model asked for.
+    pub model: String,
+    /// Send time since the start of the run, ms (simulated).
+    pub start_ms: f64,
+    /// HTTP status; 0 when there was no response (connection error, timeout, dropped).
+    pub status: u16,
+    /// Error text, if any.
+    pub error: Option<String>,
+    /// `x-sim-server` of the answer.
+    pub server: Option<String>,
+    /// Streamed.
+    pub stream: bool,
+    /// Time to first token, ms.
+    pub ttft_ms: Option<f64>,
+    /// Mean inter-token latency after the first token, ms.
+    pub tpot_ms: Option<f64>,
+    /// End to end, ms.
+    pub e2e_ms: f64,
+    /// Prompt tokens (from `usage`, else as planned).
+    pub prompt_tokens: u32,
+    /// Output tokens (from `usage`, else text chunks).
+    pub output_tokens: u32,
+    /// TTFT SLO carried, ms.
+    pub slo_ttft_ms: Option<f64>,
+    /// TPOT SLO carried, ms.
+    pub slo_tpot_ms: Option<f64>,
+    /// Succeeded and met every SLO it carried.
+    pub good: bool,
+}
+
+impl Record {
+    /// A 2xx answer that completed without a transport or stream error.
+    pub fn succeeded(&self) -> bool {
+        (200..300).contains(&self.status) && self.error.is_none()
+    }
+}
+
+/// p50 / p90 / p99 and mean.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Mean.
+    pub mean: f64,
+    /// Samples.
+    pub n: usize,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `v`.
+    pub fn of(mut v: Vec<f64>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Self {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            n: v.len(),
+        }
+    }
+}
+
+/// Per-class results.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ClassSummary {
+    /// Requests sent.
+    pub requests: u64,
+    /// 2xx answers that completed.
+    pub ok: u64,
+    /// Share of requests that were good (successful and within SLO).
+    pub slo_attainment: f64,
+    /// TTFT.
+    pub ttft_ms: Percentiles,
+    /// TPOT.
+    pub tpot_ms: Percentiles,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Summary {
+    /// Workload name.
+    pub workload: String,
+    /// Simulated seconds from the first send to the last answer.
+    pub duration_s: f64,
+    /// Requests sent (or dropped by the in-flight limit).
+    pub requests: u64,
+    /// Successful requests.
+    pub ok: u64,
+    /// Successful requests per simulated second.
+    pub throughput_rps: f64,
+    /// Output tokens per simulated second.
+    pub output_tokens_per_s: f64,
+    /// Requests per simulated second that succeeded and met every SLO they carried.
+    pub goodput_rps: f64,
+    /// Good requests / all requests.
+    pub slo_attainment: f64,
+    /// TTFT (streamed requests), ms.
+    pub ttft_ms: Percentiles,
+    /// TPOT (streamed requests with ≥ 2 tokens), ms.
+    pub tpot_ms: Percentiles,
+    /// End to end (successful requests), ms.
+    pub e2e_ms: Percentiles,
+    /// Failures by status (`"0"` for transport errors).
+    pub errors_by_status: BTreeMap<String, u64>,
+    /// Answers by `x-sim-server`.
+    pub per_server: BTreeMap<String, u64>,
+    /// Per class.
+    pub per_class: BTreeMap<String, ClassSummary>,
+    /// Wall-clock seconds the run took.
+    pub wall_s: f64,
+}
+
+impl Summary {
+    /// Builds the summary from records.
+    pub fn from_records(workload: &str, records: &[Record], wall_s: f64) -> Self {
+        let ok: Vec<&Record> = records.iter().filter(|r| r.succeeded()).collect();
+        let first = records.iter().map(|r| r.start_ms).fold(f64::INFINITY, f64::min);
+        let last = records.iter().map(|r| r.start_ms + r.e2e_ms).fold(0.0, f64::max);
+        let duration_s = if records.is_empty() { 0.0 } else { ((last - first) / 1e3).max(1e-9) };
+        let per_s = |n: f64| if duration_s > 0.0 { n / duration_s } else { 0.0 };
+        let good = records.iter().filter(|r| r.good).count() as f64;
+        let mut errors_by_status = BTreeMap::new();
+        let mut per_server = BTreeMap::new();
+        for r in records {
+            if !r.succeeded() {
+                *errors_by_status.entry(r.status.to_string()).or_insert(0) += 1;
+            }
+            if let Some(s) = &r.server {
+                *per_server.entry(s.clone()).or_insert(0) += 1;
+            }
+        }
+        let mut per_class: BTreeMap<String, ClassSummary> = BTreeMap::new();
+        for r in records {
+            let c = per_class.entry(r.class.clone()).or_default();
+            c.requests += 1;
+            if r.succeeded() {
+                c.ok += 1;
+            }
+        }
+        for (name, c) in &mut per_class {
+            let rs: Vec<&Record> = records.iter().filter(|r| &r.class == name).collect();
+            c.slo_attainment = rs.iter().filter(|r| r.good).count() as f64 / rs.len().max(1) as f64;
+            c.ttft_ms = Percentiles::of(rs.iter().filter_map(|r| r.ttft_ms).collect());
+            c.tpot_ms = Percentiles::of(rs.iter().filter_map(|r| r.tpot_ms).collect());
+        }
+        Self {
+            workload: workload.to_owned(),
+            duration_s,
+            requests: records.len() as u64,
+            ok: ok.len() as u64,
+            throughput_rps: per_s(ok.len() as f64),
+            output_tokens_per_s: per_s(ok.iter().map(|r| f64::from(r.output_tokens)).sum()),
+            goodput_rps: per_s(good),
+            slo_attainment: good / (records.len().max(1) as f64),
+            ttft_ms: Percentiles::of(ok.iter().filter_map(|r| r.ttft_ms).collect()),
+            tpot_ms: Percentiles::of(ok.iter().filter_map(|r| r.tpot_ms).collect()),
+            e2e_ms: Percentiles::of(ok.iter().map(|r| r.e2e_ms).collect()),
+            errors_by_status,
+            per_server,
+            per_class,
+            wall_s,
+        }
+    }
+
+    /// A human-readable report.
+    pub fn render(&self) -> String {
+        let p = |n: &str, x: &Percentiles| {
+            format!("  {n:<5} p50 {:>9.1}  p90 {:>9.1}  p99 {:>9.1}  mean {:>9.1}  (n={})\n", x.p50, x.p90, x.p99, x.mean, x.n)
+        };
+        let mut s = format!(
+            "workload {}: {} requests, {} ok in {:.1} s simulated ({:.1} s wall)\n  throughput {:.1} req/s, {:.0} output tok/s\n  goodput {:.1} req/s, SLO attainment {:.1} %\nlatency (ms):\n",
+            self.workload,
+            self.requests,
+            self.ok,
+            self.duration_s,
+            self.wall_s,
+            self.throughput_rps,
+            self.output_tokens_per_s,
+            self.goodput_rps,
+            self.slo_attainment * 100.0
+        );
+        s += &p("TTFT", &self.ttft_ms);
+        s += &p("TPOT", &self.tpot_ms);
+        s += &p("e2e", &self.e2e_ms);
+        if !self.errors_by_status.is_empty() {
+            s += &format!("errors by status: {:?}\n", self.errors_by_status);
+        }
+        for (name, c) in &self.per_class {
+            s += &format!(
+                "class {name}: {} requests, {} ok, SLO attainment {:.1} %, TTFT p90 {:.1} ms, TPOT p90 {:.1} ms\n",
+                c.requests,
+                c.ok,
+                c.slo_attainment * 100.0,
+                c.ttft_ms.p90,
+                c.tpot_ms.p90
+            );
+        }
+        if self.per_server.len() > 1 {
+            let counts: Vec<String> = self.per_server.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            s += &format!("per server: {}\n", counts.join(" "));
+        }
+        s
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+struct Ctx {
+    cfg: LoadConfig,
+    client: HttpClient,
+    start: Instant,
+    records: Mutex<Vec<Record>>,
+    prefixes: Vec<Vec<String>>,
+}
+
+/// Runs the workload and returns the summary (and writes records if asked).
+pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
+    if cfg.targets.is_empty() {
+        anyhow::bail!("load: at least one target base URL is required");
+    }
+    if !(cfg.time_scale.is_finite() && cfg.time_scale > 0.0) {
+        anyhow::bail!("load: time_scale must be a positive number, got {}", cfg.time_scale);
+    }
+    cfg.workload.validate().map_err(|e| anyhow::anyhow!("workload {}: {e}", cfg.workload.name))?;
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(4096)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(http);
+    let w = &cfg.workload;
+    // Shared prefixes are generated once per (class, group).
+    let prefixes = w
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(ci, c)| match &c.shared_prefix {
+            Some(p) => (0..p.groups)
+                .map(|g| text_of(p.prefix_tokens, w.seed ^ ((ci as u64) << 32) ^ u64::from(g).wrapping_mul(0x9e37_79b9)))
+                .collect(),
+            None => Vec::new(),
+        })
+        .collect();
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        client,
+        start: Instant::now(),
+        records: Mutex::new(Vec::new()),
+        prefixes,
+    });
+    let mut rng = SmallRng::seed_from_u64(w.seed);
+    let scale = cfg.time_scale;
+    match &w.arrival {
+        crate::workload::Arrival::Closed { concurrency } => {
+            let end = ctx.start + Duration::from_secs_f64(w.total_duration_s() / scale);
+            let mut tasks = Vec::with_capacity(*concurrency);
+            for u in 0..*concurrency {
+                let ctx = ctx.clone();
+                let mut urng = SmallRng::seed_from_u64(w.seed.wrapping_add(1 + u as u64));
+                tasks.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < end {
+                        let plan = ctx.cfg.workload.draw(&mut urng);
+                        let id = ((u as u64) << 32) | n;
+                        n += 1;
+                        one(&ctx, id, plan).await;
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        _ => {
+            let times = w.arrival_times(&mut rng);
+            let sem = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, t) in times.into_iter().enumerate() {
+                let plan = w.draw(&mut rng);
+                let at = ctx.start + Duration::from_secs_f64(t / scale);
+                tokio::time::sleep_until(at.into()).await;
+                let Ok(permit) = sem.clone().try_acquire_owned() else {
+                    ctx.records.lock().push(dropped(&ctx, i as u64, &plan));
+                    continue;
+                };
+                let ctx = ctx.clone();
+                tasks.spawn(async move {
+                    one(&ctx, i as u64, plan).await;
+                    drop(permit);
+                });
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+    let wall_s = ctx.start.elapsed().as_secs_f64();
+    let mut records = std::mem::take(&mut *ctx.records.lock());
+    records.sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
+    if let Some(path) = &cfg.output {
+        let f = std::fs::File::create(path)
+            .map_err(|e| anyhow::anyhow!("cannot write records to {}: {e}", path.display()))?;
+        let mut f = std::io::BufWriter::new(f);
+        for r in &records {
+            serde_json::to_writer(&mut f, r)?;
+            f.write_all(b"\n")?;
+        }
+        f.flush()?;
+    }
+    Ok(Summary::from_records(&w.name, &records, wall_s))
+}
+
+fn model_of(ctx: &Ctx, plan: &Planned) -> String {
+    let c = &ctx.cfg.workload.classes[plan.class];
+    if let (Some(l), Some(i)) = (&c.lora, plan.lora) {
+        return l.adapters[i].clone();
+    }
+    c.model
+        .clone()
+        .or_else(|| ctx.cfg.workload.model.clone())
+        .unwrap_or_else(|| ctx.cfg.default_model.clone())
+}
+
+fn dropped(ctx: &Ctx, id: u64, plan: &Planned) -> Record {
+    let c = &ctx.cfg.workload.classes[plan.class];
+    Record {
+        id,
+        class: c.name.clone(),
+        model: model_of(ctx, plan),
+        start_ms: ctx.start.elapsed().as_secs_f64() * 1e3 * ctx.cfg.time_scale,
+        status: 0,
+        error: Some(format!("load generator: in-flight limit {} reached", ctx.cfg.max_in_flight)),
+        server: None,
+        stream: c.stream,
+        ttft_ms: None,
+        tpot_ms: None,
+        e2e_ms: 0.0,
+        prompt_tokens: 0,
+        output_tokens: 0,
+        slo_ttft_ms: c.slo.ttft_ms,
+        slo_tpot_ms: c.slo.tpot_ms,
+        good: false,
+    }
+}
+
+/// Sends one request and records the outcome.
+async fn one(ctx: &Ctx, id: u64, plan: Planned) {
+    let w = &ctx.cfg.workload;
+    let c = &w.classes[plan.class];
+    let model = model_of(ctx, &plan);
+    let mut prompt = match plan.group {
+        Some(g) => ctx.prefixes[plan.class][g as usize].clone(),
+        None => String::new(),
+    };
+    prompt.push_str(&text_of(plan.prompt_tokens, plan.text_seed));
+    let api: Api = c.api.into();
+    let mut body = match api {
+        Api::Chat => json!({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": plan.max_tokens}),
+        Api::Completions => json!({"model": model, "prompt": prompt, "max_tokens": plan.max_tokens}),
+    };
+    if c.ignore_eos {
+        body["ignore_eos"] = json!(true);
+    }
+    if c.stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let target = &ctx.cfg.targets[(id as usize) % ctx.cfg.targets.len()];
+    let path = match api {
+        Api::Chat => "/v1/chat/completions",
+        Api::Completions => "/v1/completions",
+    };
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}{path}", target.trim_end_matches('/')))
+        .header("content-type", "application/json");
+    if let Some(t) = c.slo.ttft_ms {
+        req = req.header("x-slo-ttft-ms", t.to_string());
+    }
+    if let Some(t) = c.slo.tpot_ms {
+        req = req.header("x-slo-tpot-ms", t.to_string());
+    }
+    if let Some(o) = &c.objective {
+        req = req.header("x-gateway-inference-objective", o);
+    }
+    if let Some(wc) = &c.workload {
+        req = req.header("x-workload-context", serde_json::to_string(wc).unwrap_or_default());
+    }
+    for (k, v) in &c.headers {
+        req = req.header(k, v);
+    }
+    let scale = ctx.cfg.time_scale;
+    let t0 = Instant::now();
+    let mut rec = Record {
+        id,
+        class: c.name.clone(),
+        model,
+        start_ms: t0.duration_since(ctx.start).as_secs_f64() * 1e3 * scale,
+        status: 0,
+        error: None,
+        server: None,
+        stream: c.stream,
+        ttft_ms: None,
+        tpot_ms: None,
+        e2e_ms: 0.0,
+        prompt_tokens: plan.prompt_tokens + c.shared_prefix.as_ref().map_or(0, |p| p.prefix_tokens),
+        output_tokens: 0,
+        slo_ttft_ms: c.slo.ttft_ms,
+        slo_tpot_ms: c.slo.tpot_ms,
+        good: false,
+    };
+    let outcome = match req.body(Full::new(Bytes::from(body.to_string()))) {
+        Ok(req) => tokio::time::timeout(ctx.cfg.timeout, exchange(&ctx.client, req, c.stream, t0)).await,
+        Err(e) => Ok(Err(format!("cannot build request: {e}"))),
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3 * scale;
+    rec.e2e_ms = ms(t0.elapsed());
+    match outcome {
+        Err(_) => rec.error = Some(format!("timed out after {:?}", ctx.cfg.timeout)),
+        Ok(Err(e)) => rec.error = Some(e),
+        Ok(Ok(x)) => {
+            rec.status = x.status;
+            rec.server = x.server;
+            rec.error = x.error;
+            if let Some(p) = x.prompt_tokens {
+                rec.prompt_tokens = p;
+            }
+            rec.output_tokens = x.completion_tokens.unwrap_or(x.chunks);
+            if c.stream {
+                rec.ttft_ms = x.first.map(ms);
+                if let (Some(f), Some(l)) = (x.first, x.last) {
+                    if x.chunks > 1 {
+                        rec.tpot_ms = Some(ms(l - f) / f64::from(x.chunks - 1));
+                    }
+                }
+            }
+        }
+    }
+    let success = rec.succeeded();
+    // Without streaming there is no first-token time: the TTFT objective is judged on e2e.
+    let ttft_for_slo = rec.ttft_ms.unwrap_or(rec.e2e_ms);
+    let ttft_ok = c.slo.ttft_ms.is_none_or(|s| ttft_for_slo <= s);
+    let tpot_ok = c.slo.tpot_ms.is_none_or(|s| !c.stream || rec.tpot_ms.is_none_or(|t| t <= s));
+    rec.good = success && ttft_ok && tpot_ok;
+    ctx.records.lock().push(rec);
+}
+
+struct Exchange {
+    status: u16,
+    server: Option<String>,
+    error: Option<String>,
+    first: Option<Duration>,
+    last: Option<Duration>,
+    chunks: u32,
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+    saw_done: bool,
+}
+
+async fn exchange(client: &HttpClient, req: http::Request<Full<Bytes>>, stream: bool, t0: Instant) -> Result<Exchange, String> {
+    let resp = client.request(req).await.map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status().as_u16();
+    let server = resp
+        .headers()
+        .get(SERVER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut x = Exchange {
+        status,
+        server,
+        error: None,
+        first: None,
+        last: None,
+        chunks: 0,
+        prompt_tokens: None,
+        completion_tokens: None,
+        saw_done: false,
+    };
+    let mut body = resp.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    let ok = (200..300).contains(&status);
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                x.error = Some(format!("response body broken after {} chunks: {e}", x.chunks));
+                return Ok(x);
+            }
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        if stream && ok {
+            // Split complete SSE events off the front of the buffer.
+            while let Some(pos) = find(&buf, b"\n\n") {
+                let event: Vec<u8> = buf.drain(..pos + 2).collect();
+                sse_event(&event[..pos], &mut x, t0);
+            }
+        }
+        if buf.len() > MAX_BODY {
+            x.error = Some(format!("response larger than {MAX_BODY} bytes without an event boundary"));
+            return Ok(x);
+        }
+    }
+    if !ok {
+        let v: Value = serde_json::from_slice(&buf).unwrap_or(Value::Null);
+        let msg = v["error"]["message"]
+            .as_str()
+            .or(v["message"].as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| String::from_utf8_lossy(&buf[..buf.len().min(200)]).into_owned());
+        x.error = Some(format!("HTTP {status}: {msg}"));
+        return Ok(x);
+    }
+    if !stream {
+        let v: Value = serde_json::from_slice(&buf).map_err(|e| format!("response is not JSON: {e}"))?;
+        read_usage(&v, &mut x);
+        x.chunks = 1;
+    } else if x.error.is_none() && !x.saw_done {
+        x.error = Some(format!("stream ended after {} chunks without `data: [DONE]`", x.chunks));
+    }
+    Ok(x)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn sse_event(ev: &[u8], x: &mut Exchange, t0: Instant) {
+    for line in ev.split(|b| *b == b'\n') {
+        let Some(data) = line.strip_prefix(b"data:") else { continue };
+        let data = data.trim_ascii();
+        if data == b"[DONE]" {
+            x.saw_done = true;
+            continue;
+        }
+        // Cheap checks first: parsing every token chunk as JSON would dominate the CPU.
+        if find(data, b"\"usage\"").is_some() && find(data, b"\"choices\":[]").is_some() {
+            if let Ok(v) = serde_json::from_slice::<Value>(data) {
+                read_usage(&v, x);
+            }
+            continue;
+        }
+        if find(data, b"\"text\":\"\"").is_some() || find(data, b"\"content\":\"\"").is_some() {
+            continue; // an empty delta (role announcement, final marker)
+        }
+        let now = t0.elapsed();
+        x.first.get_or_insert(now);
+        x.last = Some(now);
+        x.chunks += 1;
+    }
+}
+
+fn read_usage(v: &Value, x: &mut Exchange) {
+    let u = &v["usage"];
+    if let Some(p) = u["prompt_tokens"].as_u64() {
+        x.prompt_tokens = u32::try_from(p).ok();
+    }
+    if let Some(c) = u["completion_tokens"].as_u64() {
+        x.completion_tokens = u32::try_from(c).ok();
+    }
+}
