@@ -1,0 +1,239 @@
+//! Command-line flags (upstream's names where the concept exists) and start-up.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use sluice_core::PoolRef;
+
+use crate::extproc::ServerOptions;
+use crate::metrics::Metrics;
+use crate::scrape::ScrapeSettings;
+use crate::server::{ServeConfig, serve};
+use crate::standalone;
+use crate::state::PickerState;
+use crate::tls::PemIdentity;
+
+/// sluice-picker: an Envoy ext_proc endpoint picker for inference pools.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sluice-picker", version, about, long_about = None)]
+pub struct Args {
+    /// ext_proc gRPC port.
+    #[arg(long, default_value_t = 9002)]
+    pub grpc_port: u16,
+    /// gRPC health port (grpc.health.v1).
+    #[arg(long, default_value_t = 9003)]
+    pub grpc_health_port: u16,
+    /// Prometheus /metrics port.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Address every port binds to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+    /// Serve ext_proc over TLS (HTTP/2); self-signed unless --cert-path is given. Turn off
+    /// (`--secure-serving=false`) only for loopback tests.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub secure_serving: bool,
+    /// Directory with tls.crt and tls.key for --secure-serving.
+    #[arg(long)]
+    pub cert_path: Option<PathBuf>,
+    /// Also register the health service on the ext_proc port.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub health_checking: bool,
+    /// Model-server metrics scrape period (e.g. 50ms, 1s).
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub refresh_metrics_interval: Duration,
+    /// Endpoints whose metrics are older than this are left out of pool gauges.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub metrics_staleness_threshold: Duration,
+    /// Limit on one metrics scrape.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub scrape_timeout: Duration,
+    /// Path of the model servers' metrics page.
+    #[arg(long, default_value = "/metrics")]
+    pub model_server_metrics_path: String,
+    /// Engine assumed for endpoints without an engine label (vllm, sglang, trtllm-serve,
+    /// triton-tensorrt-llm).
+    #[arg(long, default_value = "vllm")]
+    pub default_engine: String,
+    /// Standalone mode: the pool's endpoints, `HOST:PORT,...`.
+    #[arg(long, conflicts_with = "endpoints_file")]
+    pub endpoints: Option<String>,
+    /// Standalone mode: a file with one `HOST:PORT [engine=NAME] [metrics=HOST:PORT]` per line.
+    #[arg(long)]
+    pub endpoints_file: Option<PathBuf>,
+    /// EndpointPickerConfig file (YAML or JSON).
+    #[arg(long, conflicts_with = "config_text")]
+    pub config_file: Option<PathBuf>,
+    /// EndpointPickerConfig text.
+    #[arg(long)]
+    pub config_text: Option<String>,
+    /// The sluice controller's config gRPC address (controller mode).
+    #[arg(long)]
+    pub controller_address: Option<String>,
+    /// The pool's namespace.
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
+    pub pool_namespace: String,
+    /// The pool's name.
+    #[arg(long, default_value = "standalone")]
+    pub pool_name: String,
+    /// Largest request body accepted (413 above).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_request_body_bytes: usize,
+    /// Ignore the data plane's subset hint.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub disable_endpoint_subset_filter: bool,
+    /// Request body mode assumed when Envoy does not announce its processing mode:
+    /// full-duplex or buffered.
+    #[arg(long, default_value = "full-duplex")]
+    pub default_body_mode: String,
+    /// Log as JSON lines.
+    #[arg(long, default_value_t = false)]
+    pub log_json: bool,
+}
+
+/// Parses `50ms`, `2s`, `1m`, `1.5s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 50ms, 2s or 1m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "us" | "µs" => n / 1e6,
+        _ => return Err(format!("{s:?} has unknown unit {unit:?}; use ms, s or m")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Args {
+    fn body_mode(&self) -> Result<i32> {
+        match self.default_body_mode.as_str() {
+            "full-duplex" | "FULL_DUPLEX_STREAMED" => Ok(4),
+            "buffered" | "BUFFERED" => Ok(2),
+            other => bail!("--default-body-mode {other:?} is not full-duplex or buffered"),
+        }
+    }
+}
+
+/// Runs the picker until SIGINT/SIGTERM.
+pub async fn run(args: Args) -> Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let scrape = ScrapeSettings {
+        interval: args.refresh_metrics_interval.max(Duration::from_millis(1)),
+        timeout: args.scrape_timeout,
+        path: args.model_server_metrics_path.clone(),
+        default_engine: args.default_engine.clone(),
+    };
+    let pool = PoolRef { namespace: args.pool_namespace.clone(), name: args.pool_name.clone() };
+    let state = PickerState::new(metrics, Some(scrape), Some(pool.to_string()));
+
+    let config = match (&args.config_file, &args.config_text) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading --config-file {}", path.display()))?;
+            standalone::config_from_text(&text).with_context(|| format!("in --config-file {}", path.display()))?
+        }
+        (None, Some(text)) => standalone::config_from_text(text).context("in --config-text")?,
+        (None, None) => Default::default(),
+    };
+    let endpoints = match (&args.endpoints, &args.endpoints_file) {
+        (Some(list), _) => Some(standalone::endpoints_from_list(list, &args.pool_namespace)?),
+        (None, Some(path)) => Some(standalone::endpoints_from_file(path, &args.pool_namespace)?),
+        (None, None) => None,
+    };
+    match (endpoints, &args.controller_address) {
+        (Some(eps), None) => {
+            let snap = standalone::snapshot(pool, 1, eps, config);
+            state.apply_snapshot(snap).context("applying the standalone configuration")?;
+        }
+        (Some(_), Some(_)) => bail!("--endpoints/--endpoints-file (standalone) and --controller-address are exclusive"),
+        (None, Some(addr)) => {
+            // The controller client (config_client.rs) subscribes and calls
+            // PickerState::apply_snapshot; until it is wired the picker cannot serve.
+            bail!("--controller-address {addr}: controller mode is not available in this build; use --endpoints")
+        }
+        (None, None) => bail!("no endpoints: give --endpoints HOST:PORT,..., --endpoints-file, or --controller-address"),
+    }
+
+    let tls = if args.secure_serving {
+        Some(match &args.cert_path {
+            Some(dir) => PemIdentity::load(dir)?,
+            None => PemIdentity::self_signed()?,
+        })
+    } else {
+        None
+    };
+    let addr = |port| SocketAddr::new(args.bind_address, port);
+    let cfg = ServeConfig {
+        grpc_addr: addr(args.grpc_port),
+        health_addr: addr(args.grpc_health_port),
+        metrics_addr: addr(args.metrics_port),
+        tls,
+        health_on_grpc_port: args.health_checking,
+        metrics_staleness: args.metrics_staleness_threshold,
+        server: ServerOptions {
+            max_request_body_bytes: args.max_request_body_bytes,
+            disable_subset_filter: args.disable_endpoint_subset_filter,
+            default_request_body_mode: args.body_mode()?,
+            ..Default::default()
+        },
+    };
+    serve(cfg, state, shutdown_signal(), |_| {}).await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("50ms"), Ok(Duration::from_millis(50)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn upstream_flag_defaults() {
+        let a = Args::try_parse_from(["sluice-picker", "--endpoints", "127.0.0.1:1"]).unwrap();
+        assert_eq!((a.grpc_port, a.grpc_health_port, a.metrics_port), (9002, 9003, 9090));
+        assert!(a.secure_serving);
+        assert_eq!(a.refresh_metrics_interval, Duration::from_millis(50));
+        assert_eq!(a.metrics_staleness_threshold, Duration::from_secs(2));
+        let b = Args::try_parse_from(["sluice-picker", "--secure-serving=false"]).unwrap();
+        assert!(!b.secure_serving);
+        assert!(Args::try_parse_from(["sluice-picker", "--config-file", "a", "--config-text", "b"]).is_err());
+    }
+}

@@ -1,0 +1,343 @@
+//! The picker's own Prometheus metrics: upstream EPP's core series (same names, labels and
+//! buckets, so existing dashboards work) plus sluice's metric age per endpoint and picker
+//! decision latency.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// General latency buckets (seconds).
+const G: &[f64] = &[
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
+    10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0,
+    1200.0, 1800.0, 2700.0, 3600.0,
+];
+/// Scheduler / plugin latency buckets (seconds).
+const S: &[f64] = &[0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
+/// Token-count buckets (`32778` is upstream's value, kept for compatibility).
+const TOK: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+    32778.0, 65536.0, 131072.0, 262144.0, 524288.0, 1048576.0,
+];
+const OUT_TOK: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+];
+const REQ_SIZE: &[f64] = &[
+    64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
+    131072.0, 262144.0, 524288.0, 1048576.0, 2097152.0, 4194304.0, 8388608.0, 16777216.0,
+    33554432.0, 67108864.0, 134217728.0, 268435456.0, 536870912.0, 1073741824.0,
+];
+const RESP_SIZE: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+    32778.0, 65536.0,
+];
+const NTPOT: &[f64] = &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+const AGE: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
+
+/// `model_name`, `target_model_name`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// The model the client asked for.
+    pub model_name: String,
+    /// The model after rewrite.
+    pub target_model_name: String,
+}
+
+/// Model labels plus `priority`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PriorityLabels {
+    /// The model the client asked for.
+    pub model_name: String,
+    /// The model after rewrite.
+    pub target_model_name: String,
+    /// The objective's priority.
+    pub priority: String,
+}
+
+/// Model labels plus `error_code`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The model the client asked for.
+    pub model_name: String,
+    /// The model after rewrite.
+    pub target_model_name: String,
+    /// Upstream's error code name (`BadRequest`, `ModelServerError`, ...).
+    pub error_code: String,
+}
+
+/// `model_name` only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelNameLabel {
+    /// The model the client asked for.
+    pub model_name: String,
+}
+
+/// `name` (the pool).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    /// The pool's name.
+    pub name: String,
+}
+
+/// `name`, `model_server_pod`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PerPodLabels {
+    /// The pool's name.
+    pub name: String,
+    /// `<pod>-rank-<idx>`.
+    pub model_server_pod: String,
+}
+
+/// `pod_name`, `namespace`, `port`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// The pod.
+    pub pod_name: String,
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The endpoint's port.
+    pub port: String,
+}
+
+/// `status` + target model + endpoint labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// `success` or `failure`.
+    pub status: String,
+    /// The model after rewrite.
+    pub target_model_name: String,
+    /// The picked pod (empty on failure).
+    pub pod_name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its port.
+    pub port: String,
+}
+
+/// `extension_point`, `plugin_type`, `plugin_name`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// Upstream's extension-point name (`Filter`, `Scorer`, ...).
+    pub extension_point: String,
+    /// The plugin type.
+    pub plugin_type: String,
+    /// The plugin instance name.
+    pub plugin_name: String,
+}
+
+/// `model_rewrite_name`, `model_name`, `target_model`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RewriteLabels {
+    /// The rewrite resource.
+    pub model_rewrite_name: String,
+    /// The incoming model.
+    pub model_name: String,
+    /// The chosen target.
+    pub target_model: String,
+}
+
+/// `commit`, `build_ref`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InfoLabels {
+    /// Source revision.
+    pub commit: String,
+    /// Build reference (the crate version).
+    pub build_ref: String,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type GaugeF = Gauge<f64, AtomicU64>;
+
+macro_rules! hist_ctor {
+    ($b:expr) => {{
+        fn make() -> Histogram {
+            Histogram::new($b.iter().copied())
+        }
+        make as fn() -> Histogram
+    }};
+}
+
+/// Every series the picker exports, registered in one registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `inference_objective_request_total`.
+    pub request_total: Family<PriorityLabels, Counter>,
+    /// `inference_objective_request_error_total`.
+    pub request_error_total: Family<ErrorLabels, Counter>,
+    /// `inference_objective_request_duration_seconds`.
+    pub request_duration: HistFamily<ModelLabels>,
+    /// `inference_objective_request_sizes`.
+    pub request_sizes: HistFamily<ModelLabels>,
+    /// `inference_objective_response_sizes`.
+    pub response_sizes: HistFamily<ModelLabels>,
+    /// `inference_objective_input_tokens`.
+    pub input_tokens: HistFamily<ModelLabels>,
+    /// `inference_objective_output_tokens`.
+    pub output_tokens: HistFamily<ModelLabels>,
+    /// `inference_objective_prompt_cached_tokens`.
+    pub prompt_cached_tokens: HistFamily<ModelLabels>,
+    /// `inference_objective_running_requests`.
+    pub running_requests: Family<ModelNameLabel, Gauge>,
+    /// `inference_objective_normalized_time_per_output_token_seconds`.
+    pub normalized_tpot: HistFamily<ModelLabels>,
+    /// `inference_pool_average_kv_cache_utilization`.
+    pub pool_avg_kv: Family<PoolLabel, GaugeF>,
+    /// `inference_pool_average_queue_size`.
+    pub pool_avg_queue: Family<PoolLabel, GaugeF>,
+    /// `inference_pool_average_running_requests`.
+    pub pool_avg_running: Family<PoolLabel, GaugeF>,
+    /// `inference_pool_ready_pods`.
+    pub pool_ready_pods: Family<PoolLabel, Gauge>,
+    /// `inference_pool_per_pod_queue_size`.
+    pub pool_per_pod_queue: Family<PerPodLabels, Gauge>,
+    /// `inference_extension_scheduler_e2e_duration_seconds`.
+    pub scheduler_e2e: Histogram,
+    /// `inference_extension_scheduler_attempts_total`.
+    pub scheduler_attempts: Family<AttemptLabels, Counter>,
+    /// `inference_extension_plugin_duration_seconds`.
+    pub plugin_duration: HistFamily<PluginLabels>,
+    /// `inference_extension_model_rewrite_decisions_total`.
+    pub rewrite_decisions: Family<RewriteLabels, Counter>,
+    /// `inference_extension_info`.
+    pub info: Family<InfoLabels, Gauge>,
+    /// `sluice_picker_endpoint_metrics_age_seconds`: time since the endpoint's last
+    /// successful scrape (absent when never scraped).
+    pub endpoint_metrics_age: Family<EndpointLabels, GaugeF>,
+    /// `sluice_picker_scrape_errors_total`.
+    pub scrape_errors: Family<EndpointLabels, Counter>,
+    /// `sluice_picker_decision_duration_seconds`: from the end of the request body to the
+    /// routing answer (parse, rewrite, schedule, response build).
+    pub decision_duration: Histogram,
+    /// `sluice_picker_metrics_age_at_decision_seconds`: age of the picked endpoint's
+    /// metrics when the decision was made.
+    pub metrics_age_at_decision: Histogram,
+    /// `sluice_picker_in_flight_requests`: requests the picker routed to the endpoint and
+    /// has not seen finish.
+    pub endpoint_in_flight: Family<EndpointLabels, Gauge>,
+    /// `sluice_picker_config_version`: version of the applied snapshot.
+    pub config_version: Gauge,
+    /// `sluice_picker_config_rejected_total`: snapshots that failed validation.
+    pub config_rejected: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every series.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            request_total: Family::default(),
+            request_error_total: Family::default(),
+            request_duration: Family::new_with_constructor(hist_ctor!(G)),
+            request_sizes: Family::new_with_constructor(hist_ctor!(REQ_SIZE)),
+            response_sizes: Family::new_with_constructor(hist_ctor!(RESP_SIZE)),
+            input_tokens: Family::new_with_constructor(hist_ctor!(TOK)),
+            output_tokens: Family::new_with_constructor(hist_ctor!(OUT_TOK)),
+            prompt_cached_tokens: Family::new_with_constructor(hist_ctor!(TOK)),
+            running_requests: Family::default(),
+            normalized_tpot: Family::new_with_constructor(hist_ctor!(NTPOT)),
+            pool_avg_kv: Family::default(),
+            pool_avg_queue: Family::default(),
+            pool_avg_running: Family::default(),
+            pool_ready_pods: Family::default(),
+            pool_per_pod_queue: Family::default(),
+            scheduler_e2e: Histogram::new(S.iter().copied()),
+            scheduler_attempts: Family::default(),
+            plugin_duration: Family::new_with_constructor(hist_ctor!(S)),
+            rewrite_decisions: Family::default(),
+            info: Family::default(),
+            endpoint_metrics_age: Family::default(),
+            scrape_errors: Family::default(),
+            decision_duration: Histogram::new(S.iter().copied()),
+            metrics_age_at_decision: Histogram::new(AGE.iter().copied()),
+            endpoint_in_flight: Family::default(),
+            config_version: Gauge::default(),
+            config_rejected: Counter::default(),
+            registry: Registry::default(),
+        };
+        // Counters get `_total` appended by the encoder.
+        r.register("inference_objective_request", "[ALPHA] Counter of inference objective requests broken out for each model and target model.", m.request_total.clone());
+        r.register("inference_objective_request_error", "[ALPHA] Counter of inference objective requests errors broken out for each model and target model.", m.request_error_total.clone());
+        r.register("inference_objective_request_duration_seconds", "[ALPHA] Inference objective response latency distribution in seconds for each model and target model.", m.request_duration.clone());
+        r.register("inference_objective_request_sizes", "[ALPHA] Inference objective requests size distribution in bytes for each model and target model.", m.request_sizes.clone());
+        r.register("inference_objective_response_sizes", "[ALPHA] Inference objective responses size distribution in bytes for each model and target model.", m.response_sizes.clone());
+        r.register("inference_objective_input_tokens", "[ALPHA] Inference objective input token count distribution for requests in each model.", m.input_tokens.clone());
+        r.register("inference_objective_output_tokens", "[ALPHA] Inference objective output token count distribution for requests in each model.", m.output_tokens.clone());
+        r.register("inference_objective_prompt_cached_tokens", "[ALPHA] Inference objective prompt cached token count distribution for requests in each model.", m.prompt_cached_tokens.clone());
+        r.register("inference_objective_running_requests", "[ALPHA] Inference objective number of running requests in each model.", m.running_requests.clone());
+        r.register("inference_objective_normalized_time_per_output_token_seconds", "[ALPHA] Inference objective latency divided by number of output tokens in seconds for each model and target model.", m.normalized_tpot.clone());
+        r.register("inference_pool_average_kv_cache_utilization", "[ALPHA] The average kv cache utilization for an inference server pool.", m.pool_avg_kv.clone());
+        r.register("inference_pool_average_queue_size", "[ALPHA] The average number of requests pending in the model server queue.", m.pool_avg_queue.clone());
+        r.register("inference_pool_average_running_requests", "[ALPHA] The average number of requests currently being processed.", m.pool_avg_running.clone());
+        r.register("inference_pool_ready_pods", "[ALPHA] The number of ready pods in the inference server pool.", m.pool_ready_pods.clone());
+        r.register("inference_pool_per_pod_queue_size", "[ALPHA] The total number of requests pending in the model server queue for each underlying pod.", m.pool_per_pod_queue.clone());
+        r.register("inference_extension_scheduler_e2e_duration_seconds", "[ALPHA] End-to-end scheduling latency distribution in seconds.", m.scheduler_e2e.clone());
+        r.register("inference_extension_scheduler_attempts", "[ALPHA] Total number of scheduling attempts.", m.scheduler_attempts.clone());
+        r.register("inference_extension_plugin_duration_seconds", "[ALPHA] Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name.", m.plugin_duration.clone());
+        r.register("inference_extension_model_rewrite_decisions", "[ALPHA] Total number of model rewrite decisions.", m.rewrite_decisions.clone());
+        r.register("inference_extension_info", "[ALPHA] General information of the current build of Inference Extension.", m.info.clone());
+        r.register("sluice_picker_endpoint_metrics_age_seconds", "Seconds since the endpoint's model-server metrics were last scraped successfully.", m.endpoint_metrics_age.clone());
+        r.register("sluice_picker_scrape_errors", "Failed model-server metric scrapes per endpoint.", m.scrape_errors.clone());
+        r.register("sluice_picker_decision_duration_seconds", "Picker decision latency: end of request body to routing answer.", m.decision_duration.clone());
+        r.register("sluice_picker_metrics_age_at_decision_seconds", "Age of the picked endpoint's metrics when it was picked.", m.metrics_age_at_decision.clone());
+        r.register("sluice_picker_in_flight_requests", "Requests routed to the endpoint by this picker and not yet finished.", m.endpoint_in_flight.clone());
+        r.register("sluice_picker_config_version", "Version of the applied pool snapshot.", m.config_version.clone());
+        r.register("sluice_picker_config_rejected", "Pool snapshots rejected by validation.", m.config_rejected.clone());
+        m.info
+            .get_or_create(&InfoLabels {
+                commit: option_env!("SLUICE_COMMIT").unwrap_or("unknown").to_string(),
+                build_ref: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        Metrics { registry: r, ..m }
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_names_are_exported() {
+        let m = Metrics::new();
+        m.request_total
+            .get_or_create(&PriorityLabels {
+                model_name: "my-model".into(),
+                target_model_name: "my-model-12345".into(),
+                priority: "2".into(),
+            })
+            .inc();
+        m.scheduler_e2e.observe(0.0003);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"inference_objective_request_total{model_name="my-model",target_model_name="my-model-12345",priority="2"} 1"#),
+            "{text}"
+        );
+        for name in [
+            "inference_extension_scheduler_e2e_duration_seconds_bucket{le=\"0.0005\"} 1",
+            "# TYPE inference_objective_request_error counter",
+            "# TYPE inference_pool_ready_pods gauge",
+            "inference_extension_info{commit=",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

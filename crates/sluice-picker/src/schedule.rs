@@ -1,0 +1,70 @@
+//! The one place the picker calls into `sluice-scheduling`.
+//!
+//! [`Router`] wraps the configured [`Scheduler`]; the ext_proc session calls
+//! [`Router::schedule`], then the lifecycle hooks on the returned [`Scheduled`].
+
+use std::sync::Arc;
+
+use rand::Rng;
+use sluice_core::EndpointPickerConfig;
+use sluice_scheduling::{Candidate, LlmRequest, Outcome, ResponseChunk, Scheduled, ScheduleError, Scheduler};
+
+use crate::state::EndpointRuntime;
+
+/// The scheduler a snapshot's configuration builds. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Router {
+    scheduler: Scheduler,
+}
+
+impl Router {
+    /// Validates `cfg` and builds its plugins (an empty config means upstream's default
+    /// profile: queue 2, KV cache 2, prefix cache 3, max-score picker).
+    pub fn build(cfg: &EndpointPickerConfig) -> Result<Router, String> {
+        Scheduler::from_config(cfg).map(|scheduler| Router { scheduler }).map_err(|e| e.to_string())
+    }
+
+    /// Tells plugins with per-endpoint state which endpoints remain.
+    pub fn set_endpoints(&self, endpoints: &[Arc<EndpointRuntime>]) {
+        let keys: std::collections::HashSet<_> = endpoints.iter().map(|e| e.endpoint.key.clone()).collect();
+        self.scheduler.retain_endpoints(&|k| keys.contains(k));
+    }
+
+    /// Admission (legacy: sheddable requests are refused when the pool is saturated), then
+    /// the scheduling cycle, then the PreRequest hooks (which count the request in flight).
+    pub fn schedule(&self, request: &LlmRequest, candidates: &[Candidate]) -> Result<Scheduled, ScheduleError> {
+        self.scheduler.legacy_admit(request, candidates)?;
+        let mut scheduled = self.scheduler.schedule(request, candidates)?;
+        self.scheduler.pre_request(request, &mut scheduled);
+        Ok(scheduled)
+    }
+
+    /// Response headers arrived; returns headers plugins want added to the response.
+    pub fn response_headers(
+        &self,
+        request: &LlmRequest,
+        scheduled: &mut Scheduled,
+        headers: &[(String, String)],
+    ) -> Vec<(String, String)> {
+        self.scheduler.response_headers(request, scheduled, headers)
+    }
+
+    /// One response body chunk.
+    pub fn response_chunk(&self, request: &LlmRequest, scheduled: &mut Scheduled, chunk: ResponseChunk<'_>) {
+        self.scheduler.response_chunk(request, scheduled, chunk);
+    }
+
+    /// The request ended (only the first call counts).
+    pub fn complete(&self, request: &LlmRequest, scheduled: &mut Scheduled, outcome: Outcome) {
+        self.scheduler.complete(request, scheduled, outcome);
+    }
+
+    /// The pick for a request without a body (a plain GET): upstream picks uniformly at
+    /// random without scheduling; sluice picks the endpoint with the fewest requests in
+    /// flight from this picker, ties broken at random, so probes do not pile onto one pod.
+    pub fn pick_bodiless(candidates: &[Candidate], rng: &mut impl Rng) -> Option<Candidate> {
+        let min = candidates.iter().map(|c| c.in_flight.requests()).min()?;
+        let best: Vec<&Candidate> = candidates.iter().filter(|c| c.in_flight.requests() == min).collect();
+        best.get(rng.random_range(0..best.len())).map(|c| (*c).clone())
+    }
+}

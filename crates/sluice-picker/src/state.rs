@@ -1,0 +1,334 @@
+//! The picker's configuration state: the current pool snapshot, the scheduler built from it
+//! and the per-endpoint runtime (scraped metrics, in-flight counters), swapped atomically.
+//!
+//! Requests load the current [`Loaded`] once, at the start of routing, and keep that `Arc`
+//! until they finish: a new snapshot never blocks or changes a request in flight. Applying a
+//! snapshot validates it and builds the scheduler first; only a fully built state is swapped
+//! in, so a bad snapshot leaves the old one serving.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
+use sluice_core::{Endpoint, EndpointKey, EndpointMetrics, PoolSnapshot};
+use sluice_scheduling::{Candidate, InFlightCounters};
+use tokio::sync::watch;
+
+use crate::metrics::{EndpointLabels, Metrics};
+use crate::schedule::Router;
+use crate::scrape::{ScrapeSettings, Scraper};
+
+/// One endpoint while it is in the pool: what the scraper last saw and what this picker has
+/// in flight there. Kept across snapshots as long as the endpoint (key and addresses) stays.
+#[derive(Debug)]
+pub struct EndpointRuntime {
+    /// The endpoint.
+    pub endpoint: Arc<Endpoint>,
+    /// Requests and prompt tokens routed there and not yet finished.
+    pub in_flight: Arc<InFlightCounters>,
+    /// Labels for the per-endpoint metric series.
+    pub labels: EndpointLabels,
+    scraped: Mutex<Option<(Arc<EndpointMetrics>, Instant)>>,
+}
+
+impl EndpointRuntime {
+    /// A runtime with no metrics yet.
+    pub fn new(endpoint: Endpoint) -> Self {
+        let labels = EndpointLabels {
+            pod_name: endpoint.key.pod.to_string(),
+            namespace: endpoint.key.namespace.to_string(),
+            port: endpoint.address.port().to_string(),
+        };
+        EndpointRuntime {
+            endpoint: Arc::new(endpoint),
+            in_flight: Arc::new(InFlightCounters::default()),
+            labels,
+            scraped: Mutex::new(None),
+        }
+    }
+
+    /// Stores the result of a successful scrape taken at `at`.
+    pub fn record_scrape(&self, metrics: EndpointMetrics, at: Instant) {
+        *self.scraped.lock() = Some((Arc::new(metrics), at));
+    }
+
+    /// The latest metrics and their age at `now`.
+    pub fn metrics(&self, now: Instant) -> Option<(Arc<EndpointMetrics>, Duration)> {
+        let guard = self.scraped.lock();
+        guard.as_ref().map(|(m, at)| (Arc::clone(m), now.saturating_duration_since(*at)))
+    }
+
+    /// The endpoint as a scheduling candidate at `now`.
+    pub fn candidate(&self, now: Instant) -> Candidate {
+        let (metrics, metrics_age) = match self.metrics(now) {
+            Some((m, age)) => (Some(m), age),
+            None => (None, Duration::MAX),
+        };
+        Candidate {
+            endpoint: Arc::clone(&self.endpoint),
+            metrics,
+            metrics_age,
+            in_flight: Arc::clone(&self.in_flight),
+        }
+    }
+
+    fn same_target(&self, other: &Endpoint) -> bool {
+        self.endpoint.key == other.key
+            && self.endpoint.address == other.address
+            && self.endpoint.metrics_address == other.metrics_address
+            && self.endpoint.labels == other.labels
+    }
+}
+
+/// A snapshot with everything built from it.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The snapshot.
+    pub snapshot: Arc<PoolSnapshot>,
+    /// The scheduler built from `snapshot.picker_config`.
+    pub router: Router,
+    /// The endpoints, in snapshot order.
+    pub endpoints: Vec<Arc<EndpointRuntime>>,
+    by_address: HashMap<SocketAddr, usize>,
+    by_key: HashMap<EndpointKey, usize>,
+}
+
+impl Loaded {
+    /// All endpoints as scheduling candidates at `now`.
+    pub fn candidates(&self, now: Instant) -> Vec<Candidate> {
+        self.endpoints.iter().map(|e| e.candidate(now)).collect()
+    }
+
+    /// The endpoint serving at `address`.
+    pub fn endpoint_at(&self, address: SocketAddr) -> Option<&Arc<EndpointRuntime>> {
+        self.by_address.get(&address).and_then(|&i| self.endpoints.get(i))
+    }
+
+    /// The endpoint with this key.
+    pub fn endpoint(&self, key: &EndpointKey) -> Option<&Arc<EndpointRuntime>> {
+        self.by_key.get(key).and_then(|&i| self.endpoints.get(i))
+    }
+}
+
+/// Why a snapshot was not applied. The previous snapshot keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The snapshot is for another pool than the one this picker serves.
+    #[error("snapshot is for pool {got}, but this picker serves {expected}")]
+    WrongPool {
+        /// The pool this picker serves.
+        expected: String,
+        /// The snapshot's pool.
+        got: String,
+    },
+    /// Older than (or the same version as) what is applied.
+    #[error("snapshot version {got} is not newer than the applied version {current}")]
+    Stale {
+        /// The applied version.
+        current: u64,
+        /// The offered version.
+        got: u64,
+    },
+    /// Two endpoints share an address.
+    #[error("endpoints {first} and {second} both use address {address}; addresses must be unique")]
+    DuplicateAddress {
+        /// The address.
+        address: SocketAddr,
+        /// One endpoint.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// The picker configuration does not validate or a plugin could not be built.
+    #[error("invalid EndpointPickerConfig in snapshot version {version}: {message}")]
+    Config {
+        /// The offered version.
+        version: u64,
+        /// What the scheduler's validation said.
+        message: String,
+    },
+}
+
+/// What applying a snapshot did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The snapshot is now serving.
+    Swapped,
+    /// Same content as what is serving; only the version was recorded.
+    Unchanged,
+}
+
+/// The shared state handle: cheap to clone, safe to use from any task.
+///
+/// The controller's config client and standalone mode both feed it through
+/// [`PickerState::apply_snapshot`]. Request handling calls [`PickerState::current`].
+#[derive(Debug, Clone)]
+pub struct PickerState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    current: ArcSwapOption<Loaded>,
+    /// Serialises appliers so that version checks and endpoint reuse see a stable state.
+    apply_lock: Mutex<()>,
+    metrics: Arc<Metrics>,
+    scraper: Option<Scraper>,
+    pool_name: Option<String>,
+    version_tx: watch::Sender<u64>,
+}
+
+impl PickerState {
+    /// A state with nothing loaded. `scrape` starts a scraper per endpoint (needs a Tokio
+    /// runtime at apply time); `None` disables scraping (tests inject metrics directly).
+    /// `pool` restricts snapshots to one pool (`namespace/name`); `None` accepts any.
+    pub fn new(metrics: Arc<Metrics>, scrape: Option<ScrapeSettings>, pool: Option<String>) -> Self {
+        let (version_tx, _) = watch::channel(0);
+        PickerState {
+            inner: Arc::new(Inner {
+                current: ArcSwapOption::empty(),
+                apply_lock: Mutex::new(()),
+                scraper: scrape.map(|s| Scraper::new(s, Arc::clone(&metrics))),
+                metrics,
+                pool_name: pool,
+                version_tx,
+            }),
+        }
+    }
+
+    /// The metrics registry shared by everything in this picker.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The state requests route with, or `None` before the first snapshot.
+    pub fn current(&self) -> Option<Arc<Loaded>> {
+        self.inner.current.load_full()
+    }
+
+    /// Whether a snapshot is loaded (the health service reports SERVING from then on).
+    pub fn is_ready(&self) -> bool {
+        self.inner.current.load().is_some()
+    }
+
+    /// Watches the applied snapshot version (0 = none yet).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.version_tx.subscribe()
+    }
+
+    /// Validates `snapshot`, builds its scheduler and endpoints, and swaps it in. On error
+    /// the previous snapshot keeps serving and the error says why.
+    pub fn apply_snapshot(&self, snapshot: PoolSnapshot) -> Result<Applied, ApplyError> {
+        let _guard = self.inner.apply_lock.lock();
+        let result = self.apply_locked(snapshot);
+        if result.is_err() {
+            self.inner.metrics.config_rejected.inc();
+        }
+        result
+    }
+
+    fn apply_locked(&self, snapshot: PoolSnapshot) -> Result<Applied, ApplyError> {
+        if let Some(expected) = &self.inner.pool_name {
+            let got = snapshot.pool.to_string();
+            if &got != expected {
+                return Err(ApplyError::WrongPool { expected: expected.clone(), got });
+            }
+        }
+        let old = self.inner.current.load_full();
+        if let Some(old) = &old {
+            if snapshot.version <= old.snapshot.version && snapshot.pool == old.snapshot.pool {
+                return Err(ApplyError::Stale { current: old.snapshot.version, got: snapshot.version });
+            }
+            if snapshot.content_hash == old.snapshot.content_hash && snapshot.compute_hash() == snapshot.content_hash {
+                // Same content: keep the built scheduler (and its learned state) serving.
+                self.inner.version_tx.send_replace(snapshot.version);
+                return Ok(Applied::Unchanged);
+            }
+        }
+        let mut by_address: HashMap<SocketAddr, usize> = HashMap::with_capacity(snapshot.endpoints.len());
+        let mut by_key = HashMap::with_capacity(snapshot.endpoints.len());
+        for (i, ep) in snapshot.endpoints.iter().enumerate() {
+            if let Some(&j) = by_address.get(&ep.address) {
+                return Err(ApplyError::DuplicateAddress {
+                    address: ep.address,
+                    first: snapshot.endpoints[j].key.to_string(),
+                    second: ep.key.to_string(),
+                });
+            }
+            by_address.insert(ep.address, i);
+            by_key.insert(ep.key.clone(), i);
+        }
+        // An unchanged picker config keeps the built scheduler, so plugin state (the prefix
+        // index, latency trackers) survives endpoint churn.
+        let router = match old.as_ref().filter(|o| o.snapshot.picker_config == snapshot.picker_config) {
+            Some(o) => o.router.clone(),
+            None => Router::build(&snapshot.picker_config)
+                .map_err(|message| ApplyError::Config { version: snapshot.version, message })?,
+        };
+        let endpoints: Vec<Arc<EndpointRuntime>> = snapshot
+            .endpoints
+            .iter()
+            .map(|ep| {
+                old.as_ref()
+                    .and_then(|o| o.endpoint(&ep.key))
+                    .filter(|rt| rt.same_target(ep))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        let rt = Arc::new(EndpointRuntime::new(ep.clone()));
+                        if let Some(s) = &self.inner.scraper {
+                            s.start(&rt);
+                        }
+                        rt
+                    })
+            })
+            .collect();
+        router.set_endpoints(&endpoints);
+        let version = snapshot.version;
+        let loaded = Loaded { snapshot: Arc::new(snapshot), router, endpoints, by_address, by_key };
+        self.inner.current.store(Some(Arc::new(loaded)));
+        self.inner.metrics.config_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.inner.version_tx.send_replace(version);
+        Ok(Applied::Swapped)
+    }
+
+    /// Refreshes the pool-level gauges (ready pods, averages, per-pod queue) and per-endpoint
+    /// metric age, counting only endpoints whose metrics are younger than `staleness`.
+    pub fn refresh_pool_gauges(&self, staleness: Duration) {
+        let m = &self.inner.metrics;
+        let Some(loaded) = self.current() else { return };
+        let now = Instant::now();
+        let pool = crate::metrics::PoolLabel { name: loaded.snapshot.pool.name.clone() };
+        m.pool_per_pod_queue.clear();
+        m.endpoint_metrics_age.clear();
+        m.endpoint_in_flight.clear();
+        let (mut n, mut kv, mut queue, mut running) = (0u32, 0.0, 0.0, 0.0);
+        for ep in &loaded.endpoints {
+            m.endpoint_in_flight
+                .get_or_create(&ep.labels)
+                .set(i64::from(ep.in_flight.requests()));
+            let Some((metrics, age)) = ep.metrics(now) else { continue };
+            m.endpoint_metrics_age.get_or_create(&ep.labels).set(age.as_secs_f64());
+            if age > staleness {
+                continue;
+            }
+            n += 1;
+            kv += metrics.kv_cache_usage;
+            queue += f64::from(metrics.waiting_queue_size);
+            running += f64::from(metrics.running_requests_size);
+            m.pool_per_pod_queue
+                .get_or_create(&crate::metrics::PerPodLabels {
+                    name: pool.name.clone(),
+                    model_server_pod: format!("{}-rank-{}", ep.endpoint.key.pod, ep.endpoint.key.rank),
+                })
+                .set(i64::from(metrics.waiting_queue_size));
+        }
+        m.pool_ready_pods.get_or_create(&pool).set(i64::from(n));
+        let avg = |x: f64| if n == 0 { 0.0 } else { x / f64::from(n) };
+        m.pool_avg_kv.get_or_create(&pool).set(avg(kv));
+        m.pool_avg_queue.get_or_create(&pool).set(avg(queue));
+        m.pool_avg_running.get_or_create(&pool).set(avg(running));
+    }
+}
