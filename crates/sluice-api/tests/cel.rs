@@ -4,6 +4,9 @@
 //! after the schema's defaults are applied, as the API server does; enums and bounds are
 //! checked by the OpenAPI value checker in `common`.
 
+// Helpers outside #[test] fns are test code too: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use kube_core::cel::{Validator, apply_defaults, compile_schema};
@@ -32,9 +35,15 @@ fn valid_pool() -> Value {
 fn admit(schema: &Value, object: &Value) -> Vec<String> {
     let mut errors: Vec<String> = match Validator::new().validate(schema, object, None) {
         Ok(()) => Vec::new(),
-        Err(errs) => errs.iter().map(|e| format!("{}: {}", e.field_path, e.message)).collect(),
+        Err(errs) => errs
+            .iter()
+            .map(|e| format!("{}: {}", e.field_path, e.message))
+            .collect(),
     };
-    errors.extend(common::check_openapi(schema, &apply_defaults(schema, object)));
+    errors.extend(common::check_openapi(
+        schema,
+        &apply_defaults(schema, object),
+    ));
     errors
 }
 
@@ -48,7 +57,11 @@ fn pool_with(mutate: impl FnOnce(&mut Value)) -> Vec<String> {
 fn the_generated_pool_schema_carries_both_upstream_rules_and_they_compile() {
     let schema = pool_schema();
     let rules = |ptr: &str| {
-        schema.pointer(ptr).and_then(Value::as_array).cloned().unwrap_or_default()
+        schema
+            .pointer(ptr)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
     };
     assert_eq!(
         rules("/properties/spec/properties/targetPorts/x-kubernetes-validations"),
@@ -65,7 +78,11 @@ fn the_generated_pool_schema_carries_both_upstream_rules_and_they_compile() {
         })]
     );
     let compiled = compile_schema(&schema);
-    assert!(!compiled.has_errors(), "{:?}", compiled.compilation_errors());
+    assert!(
+        !compiled.has_errors(),
+        "{:?}",
+        compiled.compilation_errors()
+    );
 }
 
 #[test]
@@ -94,11 +111,17 @@ fn valid_pool_with_every_field_is_accepted() {
 #[test]
 fn app_protocol_accepts_http_and_h2c_only() {
     for ok in ["http", "kubernetes.io/h2c"] {
-        assert_eq!(pool_with(|p| p["spec"]["appProtocol"] = json!(ok)), Vec::<String>::new());
+        assert_eq!(
+            pool_with(|p| p["spec"]["appProtocol"] = json!(ok)),
+            Vec::<String>::new()
+        );
     }
     let errors = pool_with(|p| p["spec"]["appProtocol"] = json!("h2c"));
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].starts_with("spec.appProtocol: Unsupported value: \"h2c\""), "{errors:?}");
+    assert!(
+        errors[0].starts_with("spec.appProtocol: Unsupported value: \"h2c\""),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -157,23 +180,38 @@ fn target_port_bounds_are_enforced() {
     assert_eq!(errors, vec!["spec.targetPorts: must have at most 8 items"]);
 
     let errors = pool_with(|p| p["spec"]["targetPorts"] = json!([]));
-    assert_eq!(errors, vec!["spec.targetPorts: should have at least 1 items"]);
+    assert_eq!(
+        errors,
+        vec!["spec.targetPorts: should have at least 1 items"]
+    );
 
     let errors = pool_with(|p| p["spec"]["targetPorts"] = json!([{"number": 0}]));
-    assert_eq!(errors, vec!["spec.targetPorts[0].number: should be greater than or equal to 1"]);
+    assert_eq!(
+        errors,
+        vec!["spec.targetPorts[0].number: should be greater than or equal to 1"]
+    );
 
     let errors = pool_with(|p| p["spec"]["targetPorts"] = json!([{"number": 65536}]));
-    assert_eq!(errors, vec!["spec.targetPorts[0].number: should be less than or equal to 65535"]);
+    assert_eq!(
+        errors,
+        vec!["spec.targetPorts[0].number: should be less than or equal to 65535"]
+    );
 }
 
 #[test]
 fn selector_needs_labels_with_valid_values() {
     let errors = pool_with(|p| p["spec"]["selector"]["matchLabels"] = json!({}));
-    assert_eq!(errors, vec!["spec.selector.matchLabels: should have at least 1 properties"]);
+    assert_eq!(
+        errors,
+        vec!["spec.selector.matchLabels: should have at least 1 properties"]
+    );
 
     let errors = pool_with(|p| p["spec"]["selector"]["matchLabels"] = json!({"app": "-bad"}));
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].starts_with("spec.selector.matchLabels[app]: should match"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("spec.selector.matchLabels[app]: should match"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -192,7 +230,10 @@ fn schema_defaults_agree_with_rust_defaults() {
     assert_eq!(defaulted["spec"]["appProtocol"], "http");
     assert_eq!(defaulted["spec"]["endpointPickerRef"]["kind"], "Service");
     assert_eq!(defaulted["spec"]["endpointPickerRef"]["group"], "");
-    assert_eq!(defaulted["spec"]["endpointPickerRef"]["failureMode"], "FailClose");
+    assert_eq!(
+        defaulted["spec"]["endpointPickerRef"]["failureMode"],
+        "FailClose"
+    );
     let from_server: sluice_api::InferencePool = serde_json::from_value(defaulted).unwrap();
     let from_raw: sluice_api::InferencePool = serde_json::from_value(valid_pool()).unwrap();
     assert_eq!(from_server.spec, from_raw.spec);
@@ -211,7 +252,10 @@ fn alpha_defaults_agree_with_rust_defaults() {
     .clone();
     assert_eq!(admit(&schema, &objective), Vec::<String>::new());
     let defaulted = apply_defaults(&schema, &objective);
-    assert_eq!(defaulted["spec"]["poolRef"]["group"], "inference.networking.k8s.io");
+    assert_eq!(
+        defaulted["spec"]["poolRef"]["group"],
+        "inference.networking.k8s.io"
+    );
     assert_eq!(defaulted["spec"]["poolRef"]["kind"], "InferencePool");
     let a: InferenceObjective = serde_json::from_value(defaulted).unwrap();
     let b: InferenceObjective = serde_json::from_value(objective).unwrap();
@@ -232,7 +276,10 @@ fn alpha_defaults_agree_with_rust_defaults() {
     .clone();
     assert_eq!(admit(&schema, &rewrite), Vec::<String>::new());
     let defaulted = apply_defaults(&schema, &rewrite);
-    assert_eq!(defaulted["spec"]["rules"][0]["matches"][0]["model"]["type"], "Exact");
+    assert_eq!(
+        defaulted["spec"]["rules"][0]["matches"][0]["model"]["type"],
+        "Exact"
+    );
     let a: InferenceModelRewrite = serde_json::from_value(defaulted).unwrap();
     let b: InferenceModelRewrite = serde_json::from_value(rewrite.clone()).unwrap();
     assert_eq!(a.spec, b.spec);

@@ -4,14 +4,20 @@
 //! Descriptions are not compared. Every difference must be explained in [`ALLOWED`]; an entry
 //! there that no longer matches a difference is itself a failure.
 
+// Helpers outside #[test] fns are test code too: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 
+/// `(upstream file, path, what, why)`.
+type Allowed = (&'static str, &'static str, &'static str, &'static str);
+
 /// `(upstream file, path, what, why)`: differences we keep on purpose.
-const ALLOWED: &[(&str, &str, &str, &str)] = &[
+const ALLOWED: &[Allowed] = &[
     // The Go field is an int32 in both groups; llm-d.ai's CRD carries `format: int32`, GIE's
     // v1.5.0 CRD lost it. One Rust type serves both groups, so ours says int32 in both; the
     // API server accepts the same values either way (the int32 range is enforced by decoding).
@@ -64,8 +70,14 @@ const PAIRS: &[(&str, &str)] = &[
         "inference.networking.x-k8s.io_inferencemodelrewrites.yaml",
         "inference.networking.x-k8s.io_inferencemodelrewrites.yaml",
     ),
-    ("llm-d.ai_inferenceobjectives.yaml", "llm-d.ai_inferenceobjectives.yaml"),
-    ("llm-d.ai_inferencemodelrewrites.yaml", "llm-d.ai_inferencemodelrewrites.yaml"),
+    (
+        "llm-d.ai_inferenceobjectives.yaml",
+        "llm-d.ai_inferenceobjectives.yaml",
+    ),
+    (
+        "llm-d.ai_inferencemodelrewrites.yaml",
+        "llm-d.ai_inferencemodelrewrites.yaml",
+    ),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -100,7 +112,10 @@ fn crd_facts(crd: &Value) -> Facts {
         ("conversion", "/spec/conversion"),
         ("preserveUnknownFields", "/spec/preserveUnknownFields"),
     ] {
-        top.insert(what.into(), crd.pointer(ptr).cloned().unwrap_or(Value::Null));
+        top.insert(
+            what.into(),
+            crd.pointer(ptr).cloned().unwrap_or(Value::Null),
+        );
     }
     let versions = crd
         .pointer("/spec/versions")
@@ -138,7 +153,11 @@ fn schema_facts(node: &Value, path: &str, facts: &mut Facts) {
     let Some(obj) = node.as_object() else {
         return;
     };
-    let here = if path.is_empty() { "<root>".to_owned() } else { path.to_owned() };
+    let here = if path.is_empty() {
+        "<root>".to_owned()
+    } else {
+        path.to_owned()
+    };
     let entry = facts.entry(here).or_default();
     for (key, value) in obj {
         match key.as_str() {
@@ -146,12 +165,12 @@ fn schema_facts(node: &Value, path: &str, facts: &mut Facts) {
             "additionalProperties" if value.is_object() => {}
             "required" => {
                 let mut names: Vec<Value> = value.as_array().cloned().unwrap_or_default();
-                names.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+                names.sort_by_key(|a| a.to_string());
                 entry.insert(key.clone(), Value::Array(names));
             }
             "x-kubernetes-validations" => {
                 let mut rules: Vec<Value> = value.as_array().cloned().unwrap_or_default();
-                rules.sort_by(|a, b| a["rule"].to_string().cmp(&b["rule"].to_string()));
+                rules.sort_by_key(|a| a["rule"].to_string());
                 entry.insert(key.clone(), Value::Array(rules));
             }
             _ => {
@@ -160,7 +179,11 @@ fn schema_facts(node: &Value, path: &str, facts: &mut Facts) {
         }
     }
     let child = |suffix: &str| {
-        if path.is_empty() { suffix.trim_start_matches('.').to_owned() } else { format!("{path}{suffix}") }
+        if path.is_empty() {
+            suffix.trim_start_matches('.').to_owned()
+        } else {
+            format!("{path}{suffix}")
+        }
     };
     if let Some(props) = obj.get("properties").and_then(Value::as_object) {
         for (name, schema) in props {
@@ -245,7 +268,7 @@ fn all_differences() -> Vec<Difference> {
 
 /// Splits differences into unexplained ones and returns them together with the allow-list
 /// entries that matched nothing.
-fn judge(diffs: &[Difference]) -> (Vec<&Difference>, Vec<&(&str, &str, &str, &str)>) {
+fn judge(diffs: &[Difference]) -> (Vec<&Difference>, Vec<&Allowed>) {
     let allowed = |d: &Difference| {
         ALLOWED
             .iter()
@@ -255,13 +278,15 @@ fn judge(diffs: &[Difference]) -> (Vec<&Difference>, Vec<&(&str, &str, &str, &st
     let stale = ALLOWED
         .iter()
         .filter(|(crd, path, what, _)| {
-            !diffs.iter().any(|d| d.crd == *crd && d.path == *path && d.what == *what)
+            !diffs
+                .iter()
+                .any(|d| d.crd == *crd && d.path == *path && d.what == *what)
         })
         .collect();
     (unexplained, stale)
 }
 
-fn report(unexplained: &[&Difference], stale: &[&(&str, &str, &str, &str)]) -> String {
+fn report(unexplained: &[&Difference], stale: &[&Allowed]) -> String {
     let mut out = String::new();
     for d in unexplained {
         out.push_str(&format!(
@@ -293,7 +318,10 @@ fn generated_crds_match_upstream_field_by_field() {
 #[test]
 fn every_allow_list_entry_says_why() {
     for (crd, path, what, why) in ALLOWED {
-        assert!(why.len() > 10, "{crd} {path} {what}: explain the difference");
+        assert!(
+            why.len() > 10,
+            "{crd} {path} {what}: explain the difference"
+        );
     }
 }
 
@@ -303,7 +331,10 @@ fn pool_mutated(mutate: impl FnOnce(&mut Value)) -> Vec<String> {
     mutate(&mut mine);
     let diffs = compare(file, &mine, &common::read_upstream(file));
     let (unexplained, _) = judge(&diffs);
-    unexplained.iter().map(|d| format!("{} [{}]", d.path, d.what)).collect()
+    unexplained
+        .iter()
+        .map(|d| format!("{} [{}]", d.path, d.what))
+        .collect()
 }
 
 const TARGET_PORTS: &str =
@@ -359,7 +390,10 @@ fn an_extra_or_missing_field_is_reported() {
         spec.remove("appProtocol");
         spec.insert("extra".into(), json!({"type": "string"}));
     });
-    assert_eq!(found, vec!["spec.appProtocol [presence]", "spec.extra [presence]"]);
+    assert_eq!(
+        found,
+        vec!["spec.appProtocol [presence]", "spec.extra [presence]"]
+    );
 }
 
 #[test]
@@ -374,5 +408,8 @@ fn descriptions_are_not_compared() {
 fn a_missing_upstream_file_fails_loudly() {
     let result = std::panic::catch_unwind(|| common::read_upstream("no-such-crd.yaml"));
     let message = *result.unwrap_err().downcast::<String>().unwrap();
-    assert!(message.contains("upstream CRD") && message.contains("no-such-crd.yaml"), "{message}");
+    assert!(
+        message.contains("upstream CRD") && message.contains("no-such-crd.yaml"),
+        "{message}"
+    );
 }

@@ -2,7 +2,9 @@
 //! and a small OpenAPI v3 value checker (types, enums, bounds, patterns, required fields) for
 //! the parts of validation that are not CEL.
 
-#![allow(dead_code)]
+// Test helpers: a failed expectation here is a failed test, and not every test file uses
+// every helper.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 
@@ -11,8 +13,8 @@ use serde_json::Value;
 /// The workspace root (symlinks resolved, so the shared reference directory next to it is
 /// found even when the crate is built through a linked workspace).
 pub fn workspace_root() -> PathBuf {
-    let manifest = std::fs::canonicalize(env!("CARGO_MANIFEST_DIR"))
-        .expect("CARGO_MANIFEST_DIR exists");
+    let manifest =
+        std::fs::canonicalize(env!("CARGO_MANIFEST_DIR")).expect("CARGO_MANIFEST_DIR exists");
     manifest
         .parent()
         .and_then(|p| p.parent())
@@ -129,7 +131,9 @@ fn check_node(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
         && !allowed.contains(value)
     {
-        errors.push(format!("{at}: Unsupported value: {value}: supported values: {allowed:?}"));
+        errors.push(format!(
+            "{at}: Unsupported value: {value}: supported values: {allowed:?}"
+        ));
     }
     if let Some(n) = value.as_f64() {
         if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
