@@ -59,14 +59,6 @@ pub enum PredictError {
         /// What went wrong.
         reason: String,
     },
-    /// A feature row cannot be sent (the remote API rejects it).
-    #[error("feature row {index} is invalid: {reason}")]
-    InvalidFeatures {
-        /// Position in the batch.
-        index: usize,
-        /// What was wrong and what is expected.
-        reason: String,
-    },
 }
 
 /// The result of [`LatencyPredictor::predict_batch`]: one prediction per input row, in
