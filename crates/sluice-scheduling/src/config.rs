@@ -148,6 +148,10 @@ pub fn parse_config_text(text: &str) -> Result<EndpointPickerConfig, ConfigError
     } else {
         value
     };
+    let unknown = unknown_keys(&value);
+    if !unknown.is_empty() {
+        return Err(ConfigError { problems: unknown });
+    }
     if let Some(plugins) = value.get("plugins").and_then(|p| p.as_array()) {
         let missing: Vec<ConfigProblem> = plugins
             .iter()
@@ -178,6 +182,72 @@ pub fn parse_config_text(text: &str) -> Result<EndpointPickerConfig, ConfigError
             .unwrap_or_default();
         ConfigError::single(ProblemKind::Syntax, location, e.to_string())
     })
+}
+
+/// Keys serde would silently ignore: a misplaced `weight` on a plugin, a typo in
+/// `schedulingProfiles`. Reported as problems so that the user learns the setting has no
+/// effect.
+fn unknown_keys(doc: &serde_json::Value) -> Vec<ConfigProblem> {
+    const TOP: &[&str] = &[
+        "apiVersion",
+        "kind",
+        "featureGates",
+        "plugins",
+        "schedulingProfiles",
+        "saturationDetector",
+        "dataLayer",
+        "flowControl",
+        "parser",
+    ];
+    const PLUGIN: &[&str] = &["name", "type", "parameters"];
+    const PROFILE: &[&str] = &["name", "plugins"];
+    const REF: &[&str] = &["pluginRef", "weight"];
+    let mut out = Vec::new();
+    let mut check = |v: &serde_json::Value, allowed: &[&str], location: String, hint: &str| {
+        if let Some(m) = v.as_object() {
+            for k in m.keys().filter(|k| !allowed.contains(&k.as_str())) {
+                out.push(ConfigProblem {
+                    kind: ProblemKind::Syntax,
+                    location: location.clone(),
+                    message: format!("unknown key `{k}`; expected one of {allowed:?}{hint}"),
+                });
+            }
+        }
+    };
+    check(doc, TOP, String::new(), "");
+    for (i, p) in doc
+        .get("plugins")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let hint = if p.get("weight").is_some() {
+            " (a scorer's weight goes on its pluginRef in a profile)"
+        } else {
+            ""
+        };
+        check(p, PLUGIN, format!("plugins[{i}]"), hint);
+    }
+    for (i, p) in doc
+        .get("schedulingProfiles")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        check(p, PROFILE, format!("schedulingProfiles[{i}]"), "");
+        for (j, r) in p
+            .get("plugins")
+            .and_then(|p| p.as_array())
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            check(r, REF, format!("schedulingProfiles[{i}].plugins[{j}]"), "");
+        }
+    }
+    out
 }
 
 /// The configuration upstream uses when none is supplied: `queue-scorer` (weight 2),

@@ -5,6 +5,7 @@
 //! run with its `default-config.yaml`: queue, KV, prefix and LoRA scorers, weight 1 each; pod
 //! i is 192.168.1.(i+1)). Expected scores below are the formulas of `scheduling.md` §5
 //! worked by hand.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The config loader: every example of `api.md` §7 loads, defaulting matches upstream's, and
 //! each invalid case is rejected with a message naming the plugin/field and the expectation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
 
@@ -389,6 +390,25 @@ fn every_invalid_case_is_rejected_with_an_actionable_message() {
             &["plugins"],
         ),
         ("plugins: [unterminated", ProblemKind::Syntax, &["YAML"]),
+        (
+            "plugins: [{type: queue-scorer, weight: 2}]",
+            ProblemKind::Syntax,
+            &[
+                "plugins[0]",
+                "unknown key `weight`",
+                "goes on its pluginRef",
+            ],
+        ),
+        (
+            "schedulingProfile: []",
+            ProblemKind::Syntax,
+            &["unknown key `schedulingProfile`", "schedulingProfiles"],
+        ),
+        (
+            "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: [{pluginRef: queue-scorer, wieght: 2}]}]",
+            ProblemKind::Syntax,
+            &["schedulingProfiles[0].plugins[0]", "unknown key `wieght`"],
+        ),
     ];
     let mut registry = Registry::with_builtins();
     // A second profile handler type, to exercise the multi-handler rules.
