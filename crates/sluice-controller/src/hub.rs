@@ -171,6 +171,12 @@ impl Hub {
         }
     }
 
+    /// Signals a change that is not a publish (a config verdict changed), so that status
+    /// writers look again.
+    pub fn touch(&self) {
+        self.bump();
+    }
+
     fn bump(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }

@@ -20,6 +20,7 @@ pub mod grpc;
 pub mod hub;
 pub mod index;
 pub mod k8s;
+pub mod leader;
 pub mod runtime;
 pub mod status;
 

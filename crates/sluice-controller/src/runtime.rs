@@ -66,6 +66,9 @@ impl SharedIndex {
     /// Compiles and publishes every dirty pool now.
     pub fn compile_once(&self, hub: &Hub) {
         let results = self.inner.lock().compile_dirty();
+        if results.is_empty() {
+            return;
+        }
         for (pool, compiled) in results {
             match compiled {
                 Compiled::Publish(snapshot) => {
@@ -84,6 +87,7 @@ impl SharedIndex {
                 }
             }
         }
+        hub.touch();
     }
 }
 
