@@ -153,6 +153,52 @@ pub struct TargetModel {
     pub weight: Option<i32>,
 }
 
+/// Converts a rewrite resource's rules to the picker's form.
+///
+/// Weights keep upstream's pick semantics (`rand.Intn(sum)` walked over the targets): when no
+/// target sets a weight every target gets 1 (a uniform pick); when some do, an unset weight is
+/// 0, so that target is never picked, as upstream. A rule with no targets is dropped (it can
+/// rewrite nothing; the schema's `minItems: 1` rejects an empty list but an omitted one passes).
+pub fn to_core_rules(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    rules: &[InferenceModelRewriteRule],
+) -> Vec<sluice_core::ModelRewriteRule> {
+    let source = format!(
+        "{}/{}",
+        metadata.namespace.as_deref().unwrap_or_default(),
+        metadata.name.as_deref().unwrap_or_default()
+    );
+    let created = metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    rules
+        .iter()
+        .filter(|rule| !rule.targets.is_empty())
+        .map(|rule| {
+            let any_weight = rule.targets.iter().any(|t| t.weight.is_some());
+            sluice_core::ModelRewriteRule {
+                source: source.clone(),
+                created: created.clone(),
+                matches: rule.matches.iter().map(|m| m.model.value.clone()).collect(),
+                targets: rule
+                    .targets
+                    .iter()
+                    .map(|t| sluice_core::RewriteTarget {
+                        model_rewrite: t.model_rewrite.clone(),
+                        weight: match t.weight {
+                            Some(w) => u32::try_from(w).unwrap_or(0),
+                            None if any_weight => 0,
+                            None => 1,
+                        },
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
 /// Stamps out the InferenceObjective and InferenceModelRewrite resources for one API group.
 macro_rules! alpha_resources {
     ($group:literal, $bundle_key:literal, $bundle_version:literal) => {
@@ -208,6 +254,25 @@ macro_rules! alpha_resources {
             /// The priority after upstream's defaulting (unset = 0).
             pub fn effective_priority(&self) -> i32 {
                 self.priority.unwrap_or(0)
+            }
+        }
+
+        impl InferenceObjective {
+            /// The objective as the picker uses it: named by `metadata.name` (what the
+            /// `x-gateway-inference-objective` header carries), priority defaulted to 0.
+            pub fn to_objective(&self) -> sluice_core::Objective {
+                sluice_core::Objective {
+                    name: self.metadata.name.clone().unwrap_or_default(),
+                    priority: self.spec.effective_priority(),
+                }
+            }
+        }
+
+        impl InferenceModelRewrite {
+            /// The rules as the picker applies them, in order, tagged with this resource's
+            /// `namespace/name` and creation time (see [`crate::alpha::to_core_rules`]).
+            pub fn to_rules(&self) -> Vec<sluice_core::ModelRewriteRule> {
+                crate::alpha::to_core_rules(&self.metadata, &self.spec.rules)
             }
         }
 
@@ -287,5 +352,75 @@ impl From<x_k8s::InferenceModelRewriteSpec> for llm_d::InferenceModelRewriteSpec
             pool_ref: s.pool_ref,
             rules: s.rules,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rewrite(rules: serde_json::Value) -> x_k8s::InferenceModelRewrite {
+        serde_json::from_value(json!({
+            "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+            "kind": "InferenceModelRewrite",
+            "metadata": {"name": "rw", "namespace": "ns",
+                         "creationTimestamp": "2026-01-02T03:04:05Z"},
+            "spec": {"poolRef": {"name": "pool"}, "rules": rules}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn rewrite_rules_convert_with_source_time_and_matches() {
+        let rules = rewrite(json!([
+            {"matches": [{"model": {"value": "a"}}, {"model": {"value": "b"}}],
+             "targets": [{"modelRewrite": "a-v2"}]},
+            {"targets": [{"modelRewrite": "fallback"}]},
+            {"matches": [{"model": {"value": "c"}}]}
+        ]))
+        .to_rules();
+        assert_eq!(rules.len(), 2, "a rule without targets rewrites nothing");
+        assert_eq!(rules[0].source, "ns/rw");
+        assert_eq!(rules[0].created, "2026-01-02T03:04:05Z");
+        assert_eq!(rules[0].matches, vec!["a", "b"]);
+        assert!(rules[1].matches.is_empty(), "no matches = every model");
+    }
+
+    #[test]
+    fn unset_weights_keep_upstream_pick_semantics() {
+        let weights = |targets: serde_json::Value| -> Vec<u32> {
+            rewrite(json!([{"targets": targets}])).to_rules()[0]
+                .targets
+                .iter()
+                .map(|t| t.weight)
+                .collect()
+        };
+        assert_eq!(
+            weights(json!([{"modelRewrite": "x"}, {"modelRewrite": "y"}])),
+            vec![1, 1]
+        );
+        assert_eq!(
+            weights(json!([{"modelRewrite": "x", "weight": 30}, {"modelRewrite": "y"}])),
+            vec![30, 0]
+        );
+    }
+
+    #[test]
+    fn objective_converts_with_default_priority() {
+        let o: llm_d::InferenceObjective = serde_json::from_value(json!({
+            "apiVersion": "llm-d.ai/v1alpha2", "kind": "InferenceObjective",
+            "metadata": {"name": "batch"}, "spec": {"poolRef": {"name": "pool"}}
+        }))
+        .unwrap();
+        assert_eq!(
+            o.to_objective(),
+            sluice_core::Objective {
+                name: "batch".into(),
+                priority: 0
+            }
+        );
+        let x: x_k8s::InferenceObjectiveSpec = o.spec.clone().into();
+        assert_eq!(x.pool_ref, o.spec.pool_ref);
     }
 }

@@ -196,6 +196,19 @@ impl Condition {
     }
 }
 
+impl From<Condition> for k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    fn from(c: Condition) -> Self {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            last_transition_time: c.last_transition_time,
+            message: c.message,
+            observed_generation: c.observed_generation,
+            reason: c.reason,
+            status: c.status.as_str().to_owned(),
+            type_: c.type_,
+        }
+    }
+}
+
 fn truncate_on_char_boundary(s: &mut String, max: usize) {
     if s.len() <= max {
         return;

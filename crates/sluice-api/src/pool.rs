@@ -308,6 +308,16 @@ fn default_gateway_kind() -> String {
     "Gateway".to_owned()
 }
 
+impl InferencePool {
+    /// The pool's namespace and name.
+    pub fn pool_ref(&self) -> sluice_core::PoolRef {
+        sluice_core::PoolRef {
+            namespace: self.metadata.namespace.clone().unwrap_or_default(),
+            name: self.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 impl InferencePoolSpec {
     /// The distinct target port numbers, in the order listed (the API server rejects duplicates,
     /// but a pool read from a file has not been through it).
