@@ -601,7 +601,11 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
             drop(c);
             return json_error(&s, StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", &format!("server overloaded: {} requests pending (limit {})", s.max_pending, s.max_pending));
         }
-        let now = s.clock.now_sim();
+        // When the driver runs behind the wall clock (timer granularity at high time scales,
+        // or a busy CPU), an arrival is stamped no later than the engine's own time, so no
+        // request gets its first token "before" it arrived.
+        let wall = s.clock.now_sim();
+        let now = if c.was_busy { wall.min(c.busy_until) } else { wall };
         let submitted = c.engine.submit(
             SimRequest {
                 prompt_tokens: tp.tokens,

@@ -368,14 +368,16 @@ impl Workload {
         for s in &ladder {
             let end = stage_start + s.duration_s;
             let mut t = stage_start;
+            let mut k = 0u64;
             loop {
-                let gap = if poisson {
-                    -(1.0 - rng.random::<f64>()).ln() / s.rate
+                // Constant gaps are computed from the index so rounding never adds an arrival.
+                t = if poisson {
+                    t - (1.0 - rng.random::<f64>()).ln() / s.rate
                 } else {
-                    1.0 / s.rate
+                    k += 1;
+                    stage_start + k as f64 / s.rate
                 };
-                t += gap;
-                if t >= end {
+                if t >= end - 1e-9 {
                     break;
                 }
                 out.push(t);
