@@ -94,10 +94,17 @@ pub struct InferencePoolSpec {
 
     /// EndpointPickerRef is a reference to the Endpoint Picker extension and its associated
     /// configuration.
+    //
+    // Required by the CRD we install (as in GIE v1.5.0) but optional in Rust: GIE `main` made
+    // it optional (PR #2898), so a cluster with that CRD may hold pools without it and the
+    // controller must still read them. No `serde(default)`: with it schemars would drop the
+    // field from `required` (serde reads a missing Option as None anyway).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(required)]
     #[schemars(extend(
         "x-kubernetes-validations" = [{"rule": RULE_SERVICE_NEEDS_PORT, "message": MESSAGE_SERVICE_NEEDS_PORT}],
     ))]
-    pub endpoint_picker_ref: EndpointPickerRef,
+    pub endpoint_picker_ref: Option<EndpointPickerRef>,
 }
 
 /// LabelSelector selects Pods by labels: every pair must match.
@@ -332,5 +339,58 @@ impl InferencePoolSpec {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pool(spec: serde_json::Value) -> InferencePool {
+        serde_json::from_value(json!({
+            "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+            "metadata": {"name": "p", "namespace": "ns"}, "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pool_without_endpoint_picker_ref_from_gie_main_is_readable() {
+        let p = pool(json!({
+            "selector": {"matchLabels": {"app": "x"}}, "targetPorts": [{"number": 8000}]
+        }));
+        assert_eq!(p.spec.endpoint_picker_ref, None);
+        assert_eq!(p.spec.app_protocol, AppProtocol::Http);
+        assert_eq!(p.pool_ref().to_string(), "ns/p");
+        let back = serde_json::to_value(&p.spec).unwrap();
+        assert!(back.get("endpointPickerRef").is_none());
+    }
+
+    #[test]
+    fn endpoint_picker_ref_defaults_match_upstream() {
+        let p = pool(json!({
+            "selector": {"matchLabels": {"app": "x"}}, "targetPorts": [{"number": 8000}],
+            "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}
+        }));
+        let epp = p.spec.endpoint_picker_ref.unwrap();
+        assert_eq!((epp.group.as_str(), epp.kind.as_str()), ("", "Service"));
+        assert_eq!(epp.failure_mode, FailureMode::FailClose);
+        assert_eq!(epp.port, Some(Port { number: 9002 }));
+    }
+
+    #[test]
+    fn port_numbers_skip_duplicates_and_out_of_range_values() {
+        let p = pool(json!({
+            "selector": {"matchLabels": {"app": "x"}},
+            "targetPorts": [{"number": 8000}, {"number": 0}, {"number": 8001},
+                            {"number": 8000}, {"number": 70000}],
+            "appProtocol": "kubernetes.io/h2c"
+        }));
+        assert_eq!(p.spec.port_numbers(), vec![8000, 8001]);
+        assert_eq!(
+            sluice_core::snapshot::AppProtocol::from(p.spec.app_protocol),
+            sluice_core::snapshot::AppProtocol::H2c
+        );
     }
 }
