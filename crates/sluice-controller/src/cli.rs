@@ -144,7 +144,8 @@ impl Args {
                 lease_duration_secs,
                 stop.clone(),
             )
-            .await?;
+            .await?
+            .leader;
             tokio::spawn(crate::status::run(
                 client.clone(),
                 identity.clone(),
