@@ -92,7 +92,11 @@ pub fn parse(api: Api, body: &[u8]) -> Result<ParsedRequest, BadRequest> {
         Some(v) => Some(
             v.as_u64()
                 .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| bad(format!("`max_tokens` must be a non-negative integer, got {v}.")))?,
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`max_tokens` must be a non-negative integer, got {v}."
+                    ))
+                })?,
         ),
     };
     let max_tokens = match (api, max_tokens) {
@@ -107,12 +111,17 @@ pub fn parse(api: Api, body: &[u8]) -> Result<ParsedRequest, BadRequest> {
     };
     let include_usage = match raw.stream_options {
         None | Some(Value::Null) => false,
-        Some(Value::Object(o)) => flag(o.get("include_usage").cloned(), "stream_options.include_usage")?,
+        Some(Value::Object(o)) => flag(
+            o.get("include_usage").cloned(),
+            "stream_options.include_usage",
+        )?,
         Some(_) => return Err(bad("`stream_options` must be an object.")),
     };
     let stream = flag(raw.stream, "stream")?;
     if include_usage && !stream {
-        return Err(bad("Stream options can only be defined when `stream=True`."));
+        return Err(bad(
+            "Stream options can only be defined when `stream=True`.",
+        ));
     }
     Ok(ParsedRequest {
         model,
@@ -139,9 +148,13 @@ fn parse_prompt(v: Option<Value>) -> Result<Prompt, BadRequest> {
                 .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
                 .collect::<Option<Vec<u32>>>()
                 .map(Prompt::Ids)
-                .ok_or_else(|| bad("`prompt` must be a string, a list of strings or a list of token ids."))
+                .ok_or_else(|| {
+                    bad("`prompt` must be a string, a list of strings or a list of token ids.")
+                })
         }
-        Some(_) => Err(bad("`prompt` must be a string, a list of strings or a list of token ids.")),
+        Some(_) => Err(bad(
+            "`prompt` must be a string, a list of strings or a list of token ids.",
+        )),
         None => Err(bad("Field `prompt` is required.")),
     }
 }
@@ -157,10 +170,11 @@ fn render_chat(v: Option<Value>) -> Result<String, BadRequest> {
     }
     let mut out = String::new();
     for (i, m) in msgs.iter().enumerate() {
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("messages[{i}].role is required and must be a string.")))?;
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+            bad(format!(
+                "messages[{i}].role is required and must be a string."
+            ))
+        })?;
         out.push_str("<|");
         out.push_str(role);
         out.push_str("|>\n");
@@ -175,7 +189,9 @@ fn render_chat(v: Option<Value>) -> Result<String, BadRequest> {
             }
             None | Some(Value::Null) => {}
             Some(_) => {
-                return Err(bad(format!("messages[{i}].content must be a string or a list of parts.")));
+                return Err(bad(format!(
+                    "messages[{i}].content must be a string or a list of parts."
+                )));
             }
         }
         out.push('\n');
@@ -186,7 +202,9 @@ fn render_chat(v: Option<Value>) -> Result<String, BadRequest> {
 
 /// The text of generated token `i` (every token is 4 bytes, matching the tokenizer).
 pub fn token_text(i: u32) -> &'static str {
-    const WORDS: [&str; 8] = [" the", " sim", " ran", " all", " day", " and", " now", " ok."];
+    const WORDS: [&str; 8] = [
+        " the", " sim", " ran", " all", " day", " and", " now", " ok.",
+    ];
     WORDS[(i % 8) as usize]
 }
 
@@ -206,7 +224,14 @@ pub fn usage(prompt: u32, completion: u32, cached: u32) -> Value {
 }
 
 /// One streamed chunk carrying `text` (and `finish_reason` on the last).
-pub fn stream_chunk(api: Api, id: &str, model: &str, created: u64, text: &str, finish: Option<&str>) -> Value {
+pub fn stream_chunk(
+    api: Api,
+    id: &str,
+    model: &str,
+    created: u64,
+    text: &str,
+    finish: Option<&str>,
+) -> Value {
     match api {
         Api::Completions => json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
@@ -229,7 +254,15 @@ pub fn usage_chunk(api: Api, id: &str, model: &str, created: u64, usage: Value) 
 }
 
 /// A whole (non-streamed) response.
-pub fn full_response(api: Api, id: &str, model: &str, created: u64, text: &str, finish: &str, usage: Value) -> Value {
+pub fn full_response(
+    api: Api,
+    id: &str,
+    model: &str,
+    created: u64,
+    text: &str,
+    finish: &str,
+    usage: Value,
+) -> Value {
     match api {
         Api::Completions => json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
@@ -253,7 +286,11 @@ mod tests {
         let p = parse(Api::Completions, br#"{"model":"m","prompt":"hello"}"#).unwrap();
         assert_eq!(p.max_tokens, Some(16));
         assert!(!p.stream);
-        let p = parse(Api::Completions, br#"{"model":"m","prompt":[1,2,3],"max_tokens":5,"ignore_eos":true}"#).unwrap();
+        let p = parse(
+            Api::Completions,
+            br#"{"model":"m","prompt":[1,2,3],"max_tokens":5,"ignore_eos":true}"#,
+        )
+        .unwrap();
         assert_eq!(p.prompt, Prompt::Ids(vec![1, 2, 3]));
         assert!(p.ignore_eos);
     }
@@ -265,7 +302,10 @@ mod tests {
             br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":7}"#,
         )
         .unwrap();
-        assert_eq!(p.prompt, Prompt::Text("<|user|>\nhi\n<|assistant|>\n".into()));
+        assert_eq!(
+            p.prompt,
+            Prompt::Text("<|user|>\nhi\n<|assistant|>\n".into())
+        );
         assert!(p.stream && p.include_usage);
         assert_eq!(p.max_tokens, Some(7));
     }
@@ -274,7 +314,11 @@ mod tests {
     fn bad_requests_say_what_is_wrong() {
         let e = parse(Api::Chat, br#"{"model":"m"}"#).unwrap_err();
         assert!(e.0.contains("messages"), "{}", e.0);
-        let e = parse(Api::Completions, br#"{"model":"m","prompt":"x","max_tokens":-1}"#).unwrap_err();
+        let e = parse(
+            Api::Completions,
+            br#"{"model":"m","prompt":"x","max_tokens":-1}"#,
+        )
+        .unwrap_err();
         assert!(e.0.contains("max_tokens"), "{}", e.0);
         let e = parse(Api::Completions, b"not json").unwrap_err();
         assert!(e.0.contains("JSON"));

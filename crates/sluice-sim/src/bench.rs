@@ -3,7 +3,7 @@
 
 use crate::fleet::{self, FleetConfig};
 use crate::load::{self, LoadConfig, Summary};
-use crate::workload::{Arrival, ApiKind, Class, Dist, Slo, Workload};
+use crate::workload::{ApiKind, Arrival, Class, Dist, Slo, Workload};
 
 /// Runs `rate` requests per simulated second for `duration_s` simulated seconds against a
 /// fleet built from `cfg`, and returns the load summary (`wall_s` tells how long it took).
@@ -20,7 +20,14 @@ pub async fn run(
     let model = cfg
         .overrides
         .model
-        .get_or_insert_with(|| cfg.presets.first().copied().unwrap_or(crate::Preset::H100Llama8b).config().model)
+        .get_or_insert_with(|| {
+            cfg.presets
+                .first()
+                .copied()
+                .unwrap_or(crate::Preset::H100Llama8b)
+                .config()
+                .model
+        })
         .clone();
     let handles = fleet::spawn_with(&cfg).await?;
     let workload = Workload {
@@ -28,15 +35,22 @@ pub async fn run(
         seed: cfg.seed,
         model: None,
         duration_s,
-        arrival: Arrival::Poisson { rate, stages: Vec::new() },
+        arrival: Arrival::Poisson {
+            rate,
+            stages: Vec::new(),
+        },
         classes: vec![Class {
             name: "bench".into(),
             weight: 1.0,
             api: ApiKind::Completions,
             stream,
             ignore_eos: true,
-            prompt: Dist::Fixed { value: prompt_tokens },
-            output: Dist::Fixed { value: output_tokens },
+            prompt: Dist::Fixed {
+                value: prompt_tokens,
+            },
+            output: Dist::Fixed {
+                value: output_tokens,
+            },
             shared_prefix: None,
             lora: None,
             model: None,

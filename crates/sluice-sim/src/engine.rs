@@ -323,7 +323,11 @@ impl Engine {
             Req {
                 arrival: now,
                 prompt: req.prompt_tokens,
-                hashes: if self.cfg.enable_prefix_caching { req.block_hashes } else { Vec::new() },
+                hashes: if self.cfg.enable_prefix_caching {
+                    req.block_hashes
+                } else {
+                    Vec::new()
+                },
                 target,
                 stop_reason,
                 lora,
@@ -382,7 +386,9 @@ impl Engine {
                 continue;
             };
             let num_new = (r.seq_len() - r.computed).min(budget);
-            let need = self.blocks_for(r.computed + num_new).saturating_sub(r.blocks.len() as u32);
+            let need = self
+                .blocks_for(r.computed + num_new)
+                .saturating_sub(r.blocks.len() as u32);
             let mut scheduled = true;
             while !self.kv.allocate(need) {
                 let Some(victim) = self.running.pop() else {
@@ -400,7 +406,8 @@ impl Engine {
                 break;
             }
             if let Some(r) = self.reqs.get_mut(&id) {
-                r.blocks.extend(std::iter::repeat_n(Block::Private, need as usize));
+                r.blocks
+                    .extend(std::iter::repeat_n(Block::Private, need as usize));
             }
             self.step.push((id, num_new));
             budget -= num_new;
@@ -424,7 +431,8 @@ impl Engine {
         let loads = self.pending_lora_loads;
         self.pending_lora_loads = 0;
         let t = c.step_overhead_us
-            + c.weights_read_us.max(c.compute_us_per_token * tokens as f64)
+            + c.weights_read_us
+                .max(c.compute_us_per_token * tokens as f64)
             + c.kv_read_us_per_token * context as f64
             + c.per_seq_us * self.step.len() as f64
             + c.lora_load_us * f64::from(loads);
@@ -503,7 +511,8 @@ impl Engine {
             let arrival = r.arrival;
             if let Some(r) = self.reqs.get_mut(&id) {
                 r.blocks = hashes.into_iter().map(Block::Cached).collect();
-                r.blocks.extend(std::iter::repeat_n(Block::Private, need as usize));
+                r.blocks
+                    .extend(std::iter::repeat_n(Block::Private, need as usize));
                 r.computed = start;
                 r.scheduled_once = true;
                 if r.cached_tokens.is_none() {
@@ -528,7 +537,9 @@ impl Engine {
                     self.stats.prefix_queries += u64::from(prompt);
                     self.stats.prefix_hits += u64::from(start.min(prompt));
                 }
-                self.stats.queue.observe(now.saturating_sub(arrival) as f64 / 1e6);
+                self.stats
+                    .queue
+                    .observe(now.saturating_sub(arrival) as f64 / 1e6);
             }
             self.waiting.remove(idx);
             self.running.push(id);
@@ -617,9 +628,14 @@ impl Engine {
             match r.first_token {
                 None => {
                     r.first_token = Some(at);
-                    self.stats.ttft.observe(at.saturating_sub(r.arrival) as f64 / 1e6);
+                    self.stats
+                        .ttft
+                        .observe(at.saturating_sub(r.arrival) as f64 / 1e6);
                 }
-                Some(_) => self.stats.itl.observe(at.saturating_sub(r.last_token) as f64 / 1e6),
+                Some(_) => self
+                    .stats
+                    .itl
+                    .observe(at.saturating_sub(r.last_token) as f64 / 1e6),
             }
             r.last_token = at;
             let finished = (r.output >= r.target).then(|| RequestStats {
@@ -634,7 +650,9 @@ impl Engine {
             });
             if let Some(s) = &finished {
                 done.push(id);
-                self.stats.e2e.observe(at.saturating_sub(s.arrival) as f64 / 1e6);
+                self.stats
+                    .e2e
+                    .observe(at.saturating_sub(s.arrival) as f64 / 1e6);
                 match s.reason {
                     FinishReason::Length => self.stats.finished_length += 1,
                     FinishReason::Stop => self.stats.finished_stop += 1,
@@ -659,7 +677,9 @@ impl Engine {
     /// Gauges for `/metrics`.
     pub fn snapshot(&self) -> EngineSnapshot {
         let names = |ids: &mut dyn Iterator<Item = &ReqId>| {
-            let mut v: Vec<u32> = ids.filter_map(|id| self.reqs.get(id).and_then(|r| r.lora)).collect();
+            let mut v: Vec<u32> = ids
+                .filter_map(|id| self.reqs.get(id).and_then(|r| r.lora))
+                .collect();
             v.sort_unstable();
             v.dedup();
             v.into_iter()
@@ -723,10 +743,10 @@ pub fn simulate(cfg: EngineConfig, seed: u64, arrivals: Vec<(Micros, SimRequest)
                 break;
             }
             let i = *i;
-            if let Some((_, (t, req))) = pending.next() {
-                if let Ok(id) = engine.submit(req, t) {
-                    ids.insert(id, i);
-                }
+            if let Some((_, (t, req))) = pending.next()
+                && let Ok(id) = engine.submit(req, t)
+            {
+                ids.insert(id, i);
             }
         }
         match engine.begin_step(now) {
@@ -797,9 +817,18 @@ mod tests {
     fn ttft_grows_with_prompt_length() {
         let short = simulate(h100(), 1, vec![(0, req("a", "", 128, 4))]);
         let long = simulate(h100(), 1, vec![(0, req("a", "", 8000, 4))]);
-        assert!(long[0].ttft_ms > 3.0 * short[0].ttft_ms, "{} vs {}", long[0].ttft_ms, short[0].ttft_ms);
+        assert!(
+            long[0].ttft_ms > 3.0 * short[0].ttft_ms,
+            "{} vs {}",
+            long[0].ttft_ms,
+            short[0].ttft_ms
+        );
         // 8,000 prompt tokens at ~32 µs each are about a quarter of a second of prefill.
-        assert!(long[0].ttft_ms > 200.0 && long[0].ttft_ms < 400.0, "{}", long[0].ttft_ms);
+        assert!(
+            long[0].ttft_ms > 200.0 && long[0].ttft_ms < 400.0,
+            "{}",
+            long[0].ttft_ms
+        );
     }
 
     #[test]
@@ -807,7 +836,9 @@ mod tests {
         let mut cfg = h100();
         cfg.max_num_seqs = 4;
         let ttft_behind = |depth: usize| {
-            let arrivals = (0..=depth).map(|i| (0, req("q", &uniq(i), 512, 64))).collect();
+            let arrivals = (0..=depth)
+                .map(|i| (0, req("q", &uniq(i), 512, 64)))
+                .collect();
             let out = simulate(cfg.clone(), 1, arrivals);
             out[depth].ttft_ms
         };
@@ -819,7 +850,9 @@ mod tests {
     #[test]
     fn tpot_grows_with_batch_size() {
         let mean_tpot = |batch: usize| {
-            let arrivals = (0..batch).map(|i| (0, req("b", &uniq(i), 1000, 200))).collect();
+            let arrivals = (0..batch)
+                .map(|i| (0, req("b", &uniq(i), 1000, 200)))
+                .collect();
             let out = simulate(h100(), 1, arrivals);
             out.iter().map(|o| o.tpot_ms).sum::<f64>() / batch as f64
         };
@@ -845,7 +878,11 @@ mod tests {
         let cached = run(true);
         let uncached = run(false);
         assert!(cached[1].ttft_ms < cached[0].ttft_ms / 5.0, "{:?}", cached);
-        assert!(cached[1].stats.cached_tokens >= 5900, "{:?}", cached[1].stats);
+        assert!(
+            cached[1].stats.cached_tokens >= 5900,
+            "{:?}",
+            cached[1].stats
+        );
         assert_eq!(uncached[1].stats.cached_tokens, 0);
         assert!(uncached[1].ttft_ms > uncached[0].ttft_ms * 0.8);
     }
@@ -870,7 +907,11 @@ mod tests {
                     kv_bound_queue_steps += 1;
                 }
                 now += d;
-                finished += e.finish_step().iter().filter(|ev| ev.finished.is_some()).count();
+                finished += e
+                    .finish_step()
+                    .iter()
+                    .filter(|ev| ev.finished.is_some())
+                    .count();
             }
             assert_eq!(finished, 6);
             assert_eq!(e.snapshot().kv_usage, 0.0);
@@ -924,7 +965,11 @@ mod tests {
         let (hit, miss) = (out[1].ttft_ms, out[2].ttft_ms);
         assert!(miss > hit + 45.0, "hit {hit} miss {miss}");
         // Base-model requests never pay the load.
-        let base = simulate(Preset::Tiny.config(), 1, vec![(0, req("l", &uniq(3), 64, 4))]);
+        let base = simulate(
+            Preset::Tiny.config(),
+            1,
+            vec![(0, req("l", &uniq(3), 64, 4))],
+        );
         assert!(base[0].ttft_ms < 10.0);
     }
 
@@ -1012,11 +1057,21 @@ mod tests {
     fn refuses_what_vllm_refuses() {
         let mut e = Engine::new(Preset::Tiny.config(), 1);
         let err = e.submit(req("x", "", 1000, 100), 0).unwrap_err();
-        assert!(err.to_string().contains("maximum context length is 1024 tokens"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("maximum context length is 1024 tokens"),
+            "{err}"
+        );
         let mut r = req("x", "", 10, 10);
         r.lora = Some("nope".into());
-        assert_eq!(e.submit(r, 0).unwrap_err(), SubmitError::UnknownAdapter("nope".into()));
-        assert_eq!(e.submit(req("x", "", 10, 0), 0).unwrap_err(), SubmitError::ZeroMaxTokens);
+        assert_eq!(
+            e.submit(r, 0).unwrap_err(),
+            SubmitError::UnknownAdapter("nope".into())
+        );
+        assert_eq!(
+            e.submit(req("x", "", 10, 0), 0).unwrap_err(),
+            SubmitError::ZeroMaxTokens
+        );
     }
 
     #[test]

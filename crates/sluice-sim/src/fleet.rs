@@ -35,7 +35,11 @@ impl FleetConfig {
     pub fn new(n: usize, presets: &[Preset]) -> Self {
         Self {
             n,
-            presets: if presets.is_empty() { vec![Preset::H100Llama8b] } else { presets.to_vec() },
+            presets: if presets.is_empty() {
+                vec![Preset::H100Llama8b]
+            } else {
+                presets.to_vec()
+            },
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             base_port: None,
             time_scale: 1.0,
@@ -54,8 +58,11 @@ impl FleetConfig {
         let mut c = ServerConfig::new(format!("sim-{i}"), engine);
         let port = match self.base_port {
             None => 0,
-            Some(p) => u16::try_from(usize::from(p) + i)
-                .map_err(|_| anyhow::anyhow!("port {p} + {i} is beyond 65535; lower --base-port or the fleet size"))?,
+            Some(p) => u16::try_from(usize::from(p) + i).map_err(|_| {
+                anyhow::anyhow!(
+                    "port {p} + {i} is beyond 65535; lower --base-port or the fleet size"
+                )
+            })?,
         };
         c.bind = SocketAddr::new(self.host, port);
         c.time_scale = self.time_scale;

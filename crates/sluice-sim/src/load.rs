@@ -199,10 +199,26 @@ impl Summary {
     /// Builds the summary from records.
     pub fn from_records(workload: &str, records: &[Record], wall_s: f64) -> Self {
         let ok: Vec<&Record> = records.iter().filter(|r| r.succeeded()).collect();
-        let first = records.iter().map(|r| r.start_ms).fold(f64::INFINITY, f64::min);
-        let last = records.iter().map(|r| r.start_ms + r.e2e_ms).fold(0.0, f64::max);
-        let duration_s = if records.is_empty() { 0.0 } else { ((last - first) / 1e3).max(1e-9) };
-        let per_s = |n: f64| if duration_s > 0.0 { n / duration_s } else { 0.0 };
+        let first = records
+            .iter()
+            .map(|r| r.start_ms)
+            .fold(f64::INFINITY, f64::min);
+        let last = records
+            .iter()
+            .map(|r| r.start_ms + r.e2e_ms)
+            .fold(0.0, f64::max);
+        let duration_s = if records.is_empty() {
+            0.0
+        } else {
+            ((last - first) / 1e3).max(1e-9)
+        };
+        let per_s = |n: f64| {
+            if duration_s > 0.0 {
+                n / duration_s
+            } else {
+                0.0
+            }
+        };
         let good = records.iter().filter(|r| r.good).count() as f64;
         let mut errors_by_status = BTreeMap::new();
         let mut per_server = BTreeMap::new();
@@ -250,7 +266,10 @@ impl Summary {
     /// A human-readable report.
     pub fn render(&self) -> String {
         let p = |n: &str, x: &Percentiles| {
-            format!("  {n:<5} p50 {:>9.1}  p90 {:>9.1}  p99 {:>9.1}  mean {:>9.1}  (n={})\n", x.p50, x.p90, x.p99, x.mean, x.n)
+            format!(
+                "  {n:<5} p50 {:>9.1}  p90 {:>9.1}  p99 {:>9.1}  mean {:>9.1}  (n={})\n",
+                x.p50, x.p90, x.p99, x.mean, x.n
+            )
         };
         let mut s = format!(
             "workload {}: {} requests, {} ok in {:.1} s simulated ({:.1} s wall)\n  throughput {:.1} req/s, {:.0} output tok/s\n  goodput {:.1} req/s, SLO attainment {:.1} %\nlatency (ms):\n",
@@ -281,7 +300,11 @@ impl Summary {
             );
         }
         if self.per_server.len() > 1 {
-            let counts: Vec<String> = self.per_server.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let counts: Vec<String> = self
+                .per_server
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             s += &format!("per server: {}\n", counts.join(" "));
         }
         s
@@ -304,9 +327,14 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
         anyhow::bail!("load: at least one target base URL is required");
     }
     if !(cfg.time_scale.is_finite() && cfg.time_scale > 0.0) {
-        anyhow::bail!("load: time_scale must be a positive number, got {}", cfg.time_scale);
+        anyhow::bail!(
+            "load: time_scale must be a positive number, got {}",
+            cfg.time_scale
+        );
     }
-    cfg.workload.validate().map_err(|e| anyhow::anyhow!("workload {}: {e}", cfg.workload.name))?;
+    cfg.workload
+        .validate()
+        .map_err(|e| anyhow::anyhow!("workload {}: {e}", cfg.workload.name))?;
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new())
@@ -321,7 +349,12 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
         .enumerate()
         .map(|(ci, c)| match &c.shared_prefix {
             Some(p) => (0..p.groups)
-                .map(|g| text_of(p.prefix_tokens, w.seed ^ ((ci as u64) << 32) ^ u64::from(g).wrapping_mul(0x9e37_79b9)))
+                .map(|g| {
+                    text_of(
+                        p.prefix_tokens,
+                        w.seed ^ ((ci as u64) << 32) ^ u64::from(g).wrapping_mul(0x9e37_79b9),
+                    )
+                })
                 .collect(),
             None => Vec::new(),
         })
@@ -413,7 +446,10 @@ fn dropped(ctx: &Ctx, id: u64, plan: &Planned) -> Record {
         model: model_of(ctx, plan),
         start_ms: ctx.start.elapsed().as_secs_f64() * 1e3 * ctx.cfg.time_scale,
         status: 0,
-        error: Some(format!("load generator: in-flight limit {} reached", ctx.cfg.max_in_flight)),
+        error: Some(format!(
+            "load generator: in-flight limit {} reached",
+            ctx.cfg.max_in_flight
+        )),
         server: None,
         stream: c.stream,
         ttft_ms: None,
@@ -439,8 +475,12 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
     prompt.push_str(&text_of(plan.prompt_tokens, plan.text_seed));
     let api: Api = c.api.into();
     let mut body = match api {
-        Api::Chat => json!({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": plan.max_tokens}),
-        Api::Completions => json!({"model": model, "prompt": prompt, "max_tokens": plan.max_tokens}),
+        Api::Chat => {
+            json!({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": plan.max_tokens})
+        }
+        Api::Completions => {
+            json!({"model": model, "prompt": prompt, "max_tokens": plan.max_tokens})
+        }
     };
     if c.ignore_eos {
         body["ignore_eos"] = json!(true);
@@ -468,7 +508,10 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
         req = req.header("x-gateway-inference-objective", o);
     }
     if let Some(wc) = &c.workload {
-        req = req.header("x-workload-context", serde_json::to_string(wc).unwrap_or_default());
+        req = req.header(
+            "x-workload-context",
+            serde_json::to_string(wc).unwrap_or_default(),
+        );
     }
     for (k, v) in &c.headers {
         req = req.header(k, v);
@@ -494,7 +537,9 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
         good: false,
     };
     let outcome = match req.body(Full::new(Bytes::from(body.to_string()))) {
-        Ok(req) => tokio::time::timeout(ctx.cfg.timeout, exchange(&ctx.client, req, c.stream, t0)).await,
+        Ok(req) => {
+            tokio::time::timeout(ctx.cfg.timeout, exchange(&ctx.client, req, c.stream, t0)).await
+        }
         Err(e) => Ok(Err(format!("cannot build request: {e}"))),
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3 * scale;
@@ -512,10 +557,10 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
             rec.output_tokens = x.completion_tokens.unwrap_or(x.chunks);
             if c.stream {
                 rec.ttft_ms = x.first.map(ms);
-                if let (Some(f), Some(l)) = (x.first, x.last) {
-                    if x.chunks > 1 {
-                        rec.tpot_ms = Some(ms(l - f) / f64::from(x.chunks - 1));
-                    }
+                if let (Some(f), Some(l)) = (x.first, x.last)
+                    && x.chunks > 1
+                {
+                    rec.tpot_ms = Some(ms(l - f) / f64::from(x.chunks - 1));
                 }
             }
         }
@@ -524,7 +569,10 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
     // Without streaming there is no first-token time: the TTFT objective is judged on e2e.
     let ttft_for_slo = rec.ttft_ms.unwrap_or(rec.e2e_ms);
     let ttft_ok = c.slo.ttft_ms.is_none_or(|s| ttft_for_slo <= s);
-    let tpot_ok = c.slo.tpot_ms.is_none_or(|s| !c.stream || rec.tpot_ms.is_none_or(|t| t <= s));
+    let tpot_ok = c
+        .slo
+        .tpot_ms
+        .is_none_or(|s| !c.stream || rec.tpot_ms.is_none_or(|t| t <= s));
     rec.good = success && ttft_ok && tpot_ok;
     ctx.records.lock().push(rec);
 }
@@ -541,8 +589,16 @@ struct Exchange {
     saw_done: bool,
 }
 
-async fn exchange(client: &HttpClient, req: http::Request<Full<Bytes>>, stream: bool, t0: Instant) -> Result<Exchange, String> {
-    let resp = client.request(req).await.map_err(|e| format!("request failed: {e}"))?;
+async fn exchange(
+    client: &HttpClient,
+    req: http::Request<Full<Bytes>>,
+    stream: bool,
+    t0: Instant,
+) -> Result<Exchange, String> {
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
     let status = resp.status().as_u16();
     let server = resp
         .headers()
@@ -567,11 +623,16 @@ async fn exchange(client: &HttpClient, req: http::Request<Full<Bytes>>, stream: 
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                x.error = Some(format!("response body broken after {} chunks: {e}", x.chunks));
+                x.error = Some(format!(
+                    "response body broken after {} chunks: {e}",
+                    x.chunks
+                ));
                 return Ok(x);
             }
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         buf.extend_from_slice(&data);
         if stream && ok {
             // Split complete SSE events off the front of the buffer.
@@ -581,7 +642,9 @@ async fn exchange(client: &HttpClient, req: http::Request<Full<Bytes>>, stream: 
             }
         }
         if buf.len() > MAX_BODY {
-            x.error = Some(format!("response larger than {MAX_BODY} bytes without an event boundary"));
+            x.error = Some(format!(
+                "response larger than {MAX_BODY} bytes without an event boundary"
+            ));
             return Ok(x);
         }
     }
@@ -596,11 +659,15 @@ async fn exchange(client: &HttpClient, req: http::Request<Full<Bytes>>, stream: 
         return Ok(x);
     }
     if !stream {
-        let v: Value = serde_json::from_slice(&buf).map_err(|e| format!("response is not JSON: {e}"))?;
+        let v: Value =
+            serde_json::from_slice(&buf).map_err(|e| format!("response is not JSON: {e}"))?;
         read_usage(&v, &mut x);
         x.chunks = 1;
     } else if x.error.is_none() && !x.saw_done {
-        x.error = Some(format!("stream ended after {} chunks without `data: [DONE]`", x.chunks));
+        x.error = Some(format!(
+            "stream ended after {} chunks without `data: [DONE]`",
+            x.chunks
+        ));
     }
     Ok(x)
 }
@@ -611,7 +678,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn sse_event(ev: &[u8], x: &mut Exchange, t0: Instant) {
     for line in ev.split(|b| *b == b'\n') {
-        let Some(data) = line.strip_prefix(b"data:") else { continue };
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
         let data = data.trim_ascii();
         if data == b"[DONE]" {
             x.saw_done = true;

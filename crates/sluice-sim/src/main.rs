@@ -15,7 +15,11 @@ use sluice_sim::workload::Workload;
 use sluice_sim::{EngineConfig, fleet};
 
 #[derive(Parser, Debug)]
-#[command(name = "sluice-sim", version, about = "Simulated vLLM servers and an OpenAI load generator")]
+#[command(
+    name = "sluice-sim",
+    version,
+    about = "Simulated vLLM servers and an OpenAI load generator"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -204,7 +208,13 @@ impl Common {
         }
     }
 
-    fn fleet(&self, n: usize, presets: &[Preset], host: IpAddr, base_port: Option<u16>) -> FleetConfig {
+    fn fleet(
+        &self,
+        n: usize,
+        presets: &[Preset],
+        host: IpAddr,
+        base_port: Option<u16>,
+    ) -> FleetConfig {
         let mut f = FleetConfig::new(n, presets);
         f.host = host;
         f.base_port = base_port;
@@ -226,7 +236,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(cli.cmd))
 }
 
@@ -258,10 +270,20 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             base_port,
             presets,
         } => {
-            let cfg = common.fleet(servers, &presets, host, (base_port != 0).then_some(base_port));
+            let cfg = common.fleet(
+                servers,
+                &presets,
+                host,
+                (base_port != 0).then_some(base_port),
+            );
             let hs = fleet::spawn_with(&cfg).await?;
             for (i, h) in hs.iter().enumerate() {
-                println!("{} {} {}", h.name, h.base_url(), cfg.presets[i % cfg.presets.len()]);
+                println!(
+                    "{} {} {}",
+                    h.name,
+                    h.base_url(),
+                    cfg.presets[i % cfg.presets.len()]
+                );
             }
             tokio::signal::ctrl_c().await?;
             for h in hs {
@@ -286,8 +308,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             cfg.default_model = model;
             cfg.output = output;
             cfg.max_in_flight = max_in_flight;
-            cfg.timeout = Duration::try_from_secs_f64(timeout_s)
-                .map_err(|_| anyhow::anyhow!("--timeout-s must be a positive number of seconds, got {timeout_s}"))?;
+            cfg.timeout = Duration::try_from_secs_f64(timeout_s).map_err(|_| {
+                anyhow::anyhow!("--timeout-s must be a positive number of seconds, got {timeout_s}")
+            })?;
             let s = load::run(cfg).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -307,7 +330,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             json,
         } => {
             let cfg = common.fleet(servers, &presets, IpAddr::from([127, 0, 0, 1]), None);
-            let s = sluice_sim::bench::run(&cfg, rate, duration_s, prompt_tokens, output_tokens, stream).await?;
+            let s = sluice_sim::bench::run(
+                &cfg,
+                rate,
+                duration_s,
+                prompt_tokens,
+                output_tokens,
+                stream,
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

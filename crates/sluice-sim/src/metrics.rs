@@ -46,8 +46,8 @@ pub const ITL_BUCKETS: &[f64] = &[
 ];
 /// vLLM's request-latency buckets (`e2e`, queue time).
 pub const E2E_BUCKETS: &[f64] = &[
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
 ];
 
 impl Histogram {
@@ -206,7 +206,11 @@ impl Writer {
                 fmt_f(*b)
             );
         }
-        let _ = writeln!(self.out, "{name}_bucket{{{},le=\"+Inf\"}} {}", self.labels, h.count);
+        let _ = writeln!(
+            self.out,
+            "{name}_bucket{{{},le=\"+Inf\"}} {}",
+            self.labels, h.count
+        );
         let _ = writeln!(self.out, "{name}_sum{{{}}} {}", self.labels, fmt_f(h.sum));
         let _ = writeln!(self.out, "{name}_count{{{}}} {}", self.labels, h.count);
     }
@@ -226,7 +230,9 @@ fn fmt_f(v: f64) -> String {
 
 /// Escapes a label value for the text format.
 fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Renders the page in the Prometheus text exposition format (version 0.0.4).
@@ -240,11 +246,31 @@ pub fn render(page: &MetricsPage<'_>) -> String {
     match page.flavor {
         EngineFlavor::Vllm => {
             w.labels = format!("engine=\"0\",model_name=\"{}\"", esc(page.model));
-            w.gauge("vllm:num_requests_running", "Number of requests in model execution batches.", f64::from(s.running));
-            w.gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", f64::from(s.waiting));
-            w.gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_usage);
-            w.gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage (deprecated name).", s.kv_usage);
-            w.head("vllm:lora_requests_info", "gauge", "Running stats on lora requests.");
+            w.gauge(
+                "vllm:num_requests_running",
+                "Number of requests in model execution batches.",
+                f64::from(s.running),
+            );
+            w.gauge(
+                "vllm:num_requests_waiting",
+                "Number of requests waiting to be processed.",
+                f64::from(s.waiting),
+            );
+            w.gauge(
+                "vllm:kv_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage.",
+                s.kv_usage,
+            );
+            w.gauge(
+                "vllm:gpu_cache_usage_perc",
+                "GPU KV-cache usage. 1 means 100 percent usage (deprecated name).",
+                s.kv_usage,
+            );
+            w.head(
+                "vllm:lora_requests_info",
+                "gauge",
+                "Running stats on lora requests.",
+            );
             let _ = writeln!(
                 w.out,
                 "vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
@@ -253,32 +279,95 @@ pub fn render(page: &MetricsPage<'_>) -> String {
                 esc(&s.waiting_loras.join(",")),
                 fmt_f(page.unix_time)
             );
-            w.head("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig.");
+            w.head(
+                "vllm:cache_config_info",
+                "gauge",
+                "Information of the LLMEngine CacheConfig.",
+            );
             let _ = writeln!(
                 w.out,
                 "vllm:cache_config_info{{block_size=\"{}\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"{}\"}} 1.0",
                 s.block_size, s.num_gpu_blocks
             );
-            w.counter("vllm:num_preemptions_total", "Cumulative number of preemptions from the engine.", st.preemptions);
-            w.counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", st.prompt_tokens);
-            w.counter("vllm:generation_tokens_total", "Number of generation tokens processed.", st.generation_tokens);
-            w.counter("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.", st.prefix_queries);
-            w.counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", st.prefix_hits);
-            w.head("vllm:request_success", "counter", "Count of successfully processed requests.");
+            w.counter(
+                "vllm:num_preemptions_total",
+                "Cumulative number of preemptions from the engine.",
+                st.preemptions,
+            );
+            w.counter(
+                "vllm:prompt_tokens_total",
+                "Number of prefill tokens processed.",
+                st.prompt_tokens,
+            );
+            w.counter(
+                "vllm:generation_tokens_total",
+                "Number of generation tokens processed.",
+                st.generation_tokens,
+            );
+            w.counter(
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                st.prefix_queries,
+            );
+            w.counter(
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                st.prefix_hits,
+            );
+            w.head(
+                "vllm:request_success",
+                "counter",
+                "Count of successfully processed requests.",
+            );
             let base = w.labels.clone();
-            for (reason, v) in [("length", st.finished_length), ("stop", st.finished_stop), ("abort", st.aborted)] {
-                let _ = writeln!(w.out, "vllm:request_success_total{{{base},finished_reason=\"{reason}\"}} {v}");
+            for (reason, v) in [
+                ("length", st.finished_length),
+                ("stop", st.finished_stop),
+                ("abort", st.aborted),
+            ] {
+                let _ = writeln!(
+                    w.out,
+                    "vllm:request_success_total{{{base},finished_reason=\"{reason}\"}} {v}"
+                );
             }
-            w.histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", &st.ttft);
-            w.histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", &st.itl);
-            w.histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds (deprecated name).", &st.itl);
-            w.histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", &st.e2e);
-            w.histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", &st.queue);
+            w.histogram(
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                &st.ttft,
+            );
+            w.histogram(
+                "vllm:inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+                &st.itl,
+            );
+            w.histogram(
+                "vllm:time_per_output_token_seconds",
+                "Histogram of time per output token in seconds (deprecated name).",
+                &st.itl,
+            );
+            w.histogram(
+                "vllm:e2e_request_latency_seconds",
+                "Histogram of e2e request latency in seconds.",
+                &st.e2e,
+            );
+            w.histogram(
+                "vllm:request_queue_time_seconds",
+                "Histogram of time spent in WAITING phase for request.",
+                &st.queue,
+            );
         }
         EngineFlavor::Sglang => {
             w.labels = format!("model_name=\"{}\"", esc(page.model));
-            w.gauge("sglang:num_running_reqs", "The number of running requests.", f64::from(s.running));
-            w.gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", f64::from(s.waiting));
+            w.gauge(
+                "sglang:num_running_reqs",
+                "The number of running requests.",
+                f64::from(s.running),
+            );
+            w.gauge(
+                "sglang:num_queue_reqs",
+                "The number of requests in the waiting queue.",
+                f64::from(s.waiting),
+            );
             w.gauge("sglang:token_usage", "The token usage.", s.kv_usage);
             w.head("sglang:cache_config_info", "gauge", "Cache configuration.");
             let _ = writeln!(
@@ -286,28 +375,100 @@ pub fn render(page: &MetricsPage<'_>) -> String {
                 "sglang:cache_config_info{{num_pages=\"{}\",page_size=\"{}\"}} 1.0",
                 s.num_gpu_blocks, s.block_size
             );
-            let hit = if st.prefix_queries == 0 { 0.0 } else { st.prefix_hits as f64 / st.prefix_queries as f64 };
+            let hit = if st.prefix_queries == 0 {
+                0.0
+            } else {
+                st.prefix_hits as f64 / st.prefix_queries as f64
+            };
             w.gauge("sglang:cache_hit_rate", "The prefix cache hit rate.", hit);
-            w.counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", st.prompt_tokens);
-            w.counter("sglang:generation_tokens_total", "Number of generation tokens processed.", st.generation_tokens);
-            w.counter("sglang:num_requests_total", "Number of requests processed.", st.finished_length + st.finished_stop);
-            w.histogram("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", &st.ttft);
-            w.histogram("sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", &st.itl);
-            w.histogram("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds.", &st.e2e);
+            w.counter(
+                "sglang:prompt_tokens_total",
+                "Number of prefill tokens processed.",
+                st.prompt_tokens,
+            );
+            w.counter(
+                "sglang:generation_tokens_total",
+                "Number of generation tokens processed.",
+                st.generation_tokens,
+            );
+            w.counter(
+                "sglang:num_requests_total",
+                "Number of requests processed.",
+                st.finished_length + st.finished_stop,
+            );
+            w.histogram(
+                "sglang:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                &st.ttft,
+            );
+            w.histogram(
+                "sglang:inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+                &st.itl,
+            );
+            w.histogram(
+                "sglang:e2e_request_latency_seconds",
+                "Histogram of End-to-end request latency in seconds.",
+                &st.e2e,
+            );
         }
         EngineFlavor::TrtllmServe => {
             w.labels = format!("model_name=\"{}\"", esc(page.model));
-            w.gauge("trtllm_num_requests_running", "Number of requests currently running.", f64::from(s.running));
-            w.gauge("trtllm_num_requests_waiting", "Number of requests waiting.", f64::from(s.waiting));
-            w.gauge("trtllm_kv_cache_utilization", "KV cache utilization, 0 to 1.", s.kv_usage);
-            w.gauge("trtllm_kv_cache_tokens_per_block", "Tokens per KV cache block.", f64::from(s.block_size));
-            w.gauge("trtllm_kv_cache_max_blocks", "Maximum number of KV cache blocks.", f64::from(s.num_gpu_blocks));
-            w.counter("trtllm_prompt_tokens_total", "Number of prefill tokens processed.", st.prompt_tokens);
-            w.counter("trtllm_generation_tokens_total", "Number of generation tokens processed.", st.generation_tokens);
-            w.counter("trtllm_request_success_total", "Count of successfully processed requests.", st.finished_length + st.finished_stop);
-            w.histogram("trtllm_time_to_first_token_seconds", "Histogram of time to first token in seconds.", &st.ttft);
-            w.histogram("trtllm_time_per_output_token_seconds", "Histogram of time per output token in seconds.", &st.itl);
-            w.histogram("trtllm_e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", &st.e2e);
+            w.gauge(
+                "trtllm_num_requests_running",
+                "Number of requests currently running.",
+                f64::from(s.running),
+            );
+            w.gauge(
+                "trtllm_num_requests_waiting",
+                "Number of requests waiting.",
+                f64::from(s.waiting),
+            );
+            w.gauge(
+                "trtllm_kv_cache_utilization",
+                "KV cache utilization, 0 to 1.",
+                s.kv_usage,
+            );
+            w.gauge(
+                "trtllm_kv_cache_tokens_per_block",
+                "Tokens per KV cache block.",
+                f64::from(s.block_size),
+            );
+            w.gauge(
+                "trtllm_kv_cache_max_blocks",
+                "Maximum number of KV cache blocks.",
+                f64::from(s.num_gpu_blocks),
+            );
+            w.counter(
+                "trtllm_prompt_tokens_total",
+                "Number of prefill tokens processed.",
+                st.prompt_tokens,
+            );
+            w.counter(
+                "trtllm_generation_tokens_total",
+                "Number of generation tokens processed.",
+                st.generation_tokens,
+            );
+            w.counter(
+                "trtllm_request_success_total",
+                "Count of successfully processed requests.",
+                st.finished_length + st.finished_stop,
+            );
+            w.histogram(
+                "trtllm_time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                &st.ttft,
+            );
+            w.histogram(
+                "trtllm_time_per_output_token_seconds",
+                "Histogram of time per output token in seconds.",
+                &st.itl,
+            );
+            w.histogram(
+                "trtllm_e2e_request_latency_seconds",
+                "Histogram of end to end request latency in seconds.",
+                &st.e2e,
+            );
         }
     }
     w.out
@@ -404,19 +565,25 @@ pub fn parse_strict(text: &str) -> Result<ParsedSamples, String> {
                 name == f.as_str()
                     || (kind == "counter" && name == format!("{f}_total"))
                     || (kind == "histogram"
-                        && [format!("{f}_bucket"), format!("{f}_sum"), format!("{f}_count")]
-                            .contains(&name.to_owned()))
+                        && [
+                            format!("{f}_bucket"),
+                            format!("{f}_sum"),
+                            format!("{f}_count"),
+                        ]
+                        .contains(&name.to_owned()))
             })
             .max_by_key(|f| f.len())
             .ok_or(format!("line {ln}: sample {name} has no TYPE before it"))?;
         if !helped.contains(family) {
             return Err(format!("line {ln}: family {family} has no HELP"));
         }
-        samples.entry(name.to_owned()).or_default().push((labels.to_owned(), v));
+        samples
+            .entry(name.to_owned())
+            .or_default()
+            .push((labels.to_owned(), v));
     }
     Ok(samples)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -456,11 +623,18 @@ mod tests {
         assert!(lora.0.contains("max_lora=\"4\""));
         assert!(lora.0.contains("running_lora_adapters=\"a,b\\\"q\""));
         assert_eq!(lora.1, 1.7e9);
-        assert!(s["vllm:cache_config_info"][0].0.contains("num_gpu_blocks=\"1000\""));
+        assert!(
+            s["vllm:cache_config_info"][0]
+                .0
+                .contains("num_gpu_blocks=\"1000\"")
+        );
         let buckets = &s["vllm:time_to_first_token_seconds_bucket"];
         let inf = buckets.iter().find(|(l, _)| l.contains("+Inf")).unwrap();
         assert_eq!(inf.1, 2.0);
-        let le_004 = buckets.iter().find(|(l, _)| l.contains("le=\"0.04\"")).unwrap();
+        let le_004 = buckets
+            .iter()
+            .find(|(l, _)| l.contains("le=\"0.04\""))
+            .unwrap();
         assert_eq!(le_004.1, 1.0);
     }
 
@@ -468,7 +642,11 @@ mod tests {
     fn other_engines_use_their_names() {
         let s = parse_strict(&page_for(EngineFlavor::Sglang)).unwrap();
         assert_eq!(s["sglang:num_queue_reqs"][0].1, 3.0);
-        assert!(s["sglang:cache_config_info"][0].0.contains("page_size=\"16\""));
+        assert!(
+            s["sglang:cache_config_info"][0]
+                .0
+                .contains("page_size=\"16\"")
+        );
         assert!(!s.contains_key("vllm:num_requests_waiting"));
         let t = parse_strict(&page_for(EngineFlavor::TrtllmServe)).unwrap();
         assert_eq!(t["trtllm_num_requests_running"][0].1, 7.0);

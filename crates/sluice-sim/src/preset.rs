@@ -25,7 +25,9 @@
 use crate::engine::{CostModel, EngineConfig, NaturalLength};
 
 /// A named, calibrated configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// Llama-3.1-8B-Instruct on one H100 SXM 80GB.
@@ -204,10 +206,13 @@ impl std::fmt::Display for Preset {
 impl std::str::FromStr for Preset {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Preset::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
-            let names: Vec<_> = Preset::ALL.iter().map(|p| p.name()).collect();
-            format!("unknown preset `{s}`; expected one of {}", names.join(", "))
-        })
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Preset::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown preset `{s}`; expected one of {}", names.join(", "))
+            })
     }
 }
 

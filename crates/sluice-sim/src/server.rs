@@ -91,7 +91,10 @@ impl Faults {
             ));
         }
         if self.hang_ms > 3_600_000 || self.metrics_delay_ms > 3_600_000 {
-            return Err("faults.hang_ms and faults.metrics_delay_ms must be at most 3600000 (one hour)".into());
+            return Err(
+                "faults.hang_ms and faults.metrics_delay_ms must be at most 3600000 (one hour)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -270,15 +273,23 @@ impl Drop for Handle {
 pub async fn spawn(cfg: ServerConfig) -> anyhow::Result<Handle> {
     cfg.faults.validate().map_err(anyhow::Error::msg)?;
     if !(cfg.time_scale.is_finite() && cfg.time_scale > 0.0) {
-        anyhow::bail!("time_scale must be a positive number, got {}", cfg.time_scale);
+        anyhow::bail!(
+            "time_scale must be a positive number, got {}",
+            cfg.time_scale
+        );
     }
-    let listener = TcpListener::bind(cfg.bind)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind simulated server {} to {}: {e}", cfg.name, cfg.bind))?;
+    let listener = TcpListener::bind(cfg.bind).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot bind simulated server {} to {}: {e}",
+            cfg.name,
+            cfg.bind
+        )
+    })?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared {
-        header: HeaderValue::from_str(&cfg.name)
-            .map_err(|_| anyhow::anyhow!("server name {:?} is not a valid header value", cfg.name))?,
+        header: HeaderValue::from_str(&cfg.name).map_err(|_| {
+            anyhow::anyhow!("server name {:?} is not a valid header value", cfg.name)
+        })?,
         name: cfg.name.clone(),
         model: cfg.engine.model.clone(),
         model_json: serde_json::to_string(&cfg.engine.model)?,
@@ -371,7 +382,12 @@ async fn drive(s: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Serves connections; on a "die" fault drops everything and comes back later.
-async fn supervise(s: Arc<Shared>, listener: TcpListener, addr: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+async fn supervise(
+    s: Arc<Shared>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let app = router(s.clone());
     let mut listener = Some(listener);
     loop {
@@ -438,7 +454,10 @@ fn router(s: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics_page))
-        .route("/admin/faults", get(get_faults).put(put_faults).post(put_faults))
+        .route(
+            "/admin/faults",
+            get(get_faults).put(put_faults).post(put_faults),
+        )
         .route("/admin/down", post(admin_down))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
         .with_state(s)
@@ -450,7 +469,14 @@ fn with_server(s: &Shared, mut r: Response) -> Response {
 }
 
 fn json_error(s: &Shared, status: StatusCode, kind: &str, msg: &str) -> Response {
-    with_server(s, (status, axum::Json(api::error_body(msg, kind, status.as_u16()))).into_response())
+    with_server(
+        s,
+        (
+            status,
+            axum::Json(api::error_body(msg, kind, status.as_u16())),
+        )
+            .into_response(),
+    )
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Response {
@@ -459,11 +485,16 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
 
 async fn models(State(s): State<Arc<Shared>>) -> Response {
     let created = unix_secs();
-    let mut data = vec![json!({"id": s.model, "object": "model", "created": created, "owned_by": "vllm", "root": s.model, "parent": null, "max_model_len": s.engine_cfg.max_model_len})];
+    let mut data = vec![
+        json!({"id": s.model, "object": "model", "created": created, "owned_by": "vllm", "root": s.model, "parent": null, "max_model_len": s.engine_cfg.max_model_len}),
+    ];
     for a in &s.engine_cfg.lora_adapters {
         data.push(json!({"id": a, "object": "model", "created": created, "owned_by": "vllm", "root": a, "parent": s.model}));
     }
-    with_server(&s, axum::Json(json!({"object": "list", "data": data})).into_response())
+    with_server(
+        &s,
+        axum::Json(json!({"object": "list", "data": data})).into_response(),
+    )
 }
 
 async fn metrics_page(State(s): State<Arc<Shared>>) -> Response {
@@ -472,7 +503,10 @@ async fn metrics_page(State(s): State<Arc<Shared>>) -> Response {
         tokio::time::sleep(Duration::from_millis(faults.metrics_delay_ms)).await;
     }
     if faults.metrics_garbage {
-        return with_server(&s, "vllm:num_requests_waiting{{{ not a number\n\u{1}garbage 12 34 56\n".into_response());
+        return with_server(
+            &s,
+            "vllm:num_requests_waiting{{{ not a number\n\u{1}garbage 12 34 56\n".into_response(),
+        );
     }
     let text = {
         let c = s.core.lock();
@@ -481,7 +515,9 @@ async fn metrics_page(State(s): State<Arc<Shared>>) -> Response {
             model: &s.model,
             snapshot: &c.engine.snapshot(),
             stats: c.engine.stats(),
-            unix_time: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+            unix_time: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
         })
     };
     let mut r = text.into_response();
@@ -499,7 +535,14 @@ async fn get_faults(State(s): State<Arc<Shared>>) -> Response {
 async fn put_faults(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     let f: Faults = match serde_json::from_slice(&body) {
         Ok(f) => f,
-        Err(e) => return json_error(&s, StatusCode::BAD_REQUEST, "BadRequestError", &format!("invalid fault configuration: {e}")),
+        Err(e) => {
+            return json_error(
+                &s,
+                StatusCode::BAD_REQUEST,
+                "BadRequestError",
+                &format!("invalid fault configuration: {e}"),
+            );
+        }
     };
     if let Err(e) = f.validate() {
         return json_error(&s, StatusCode::BAD_REQUEST, "BadRequestError", &e);
@@ -515,7 +558,12 @@ struct DownQuery {
 
 async fn admin_down(State(s): State<Arc<Shared>>, Query(q): Query<DownQuery>) -> Response {
     let Some(ms) = q.ms.filter(|ms| *ms <= 3_600_000) else {
-        return json_error(&s, StatusCode::BAD_REQUEST, "BadRequestError", "query parameter `ms` (0-3600000) is required: how long the server stays down");
+        return json_error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            "query parameter `ms` (0-3600000) is required: how long the server stays down",
+        );
     };
     let s2 = s.clone();
     // Let this answer reach the client before the connections are dropped.
@@ -541,7 +589,9 @@ async fn chat(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
 }
 
 fn unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Aborts the engine request if the handler (or its stream) is dropped before the end.
@@ -569,26 +619,50 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
         let fail = rng.random::<f64>() < f.error_rate;
         let hang = rng.random::<f64>() < f.hang_rate;
         let drop = rng.random::<f64>() < f.drop_rate;
-        (fail.then_some(f.error_status), hang.then_some(f.hang_ms), drop)
+        (
+            fail.then_some(f.error_status),
+            hang.then_some(f.hang_ms),
+            drop,
+        )
     };
     if let Some(status) = fail {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return json_error(&s, status, "InternalServerError", "injected fault: simulated server error");
+        return json_error(
+            &s,
+            status,
+            "InternalServerError",
+            "injected fault: simulated server error",
+        );
     }
     if let Some(ms) = hang {
         tokio::time::sleep(Duration::from_millis(ms)).await;
-        return json_error(&s, StatusCode::GATEWAY_TIMEOUT, "Timeout", "injected fault: request hung");
+        return json_error(
+            &s,
+            StatusCode::GATEWAY_TIMEOUT,
+            "Timeout",
+            "injected fault: request hung",
+        );
     }
     let req = match api::parse(api, &body) {
         Ok(r) => r,
-        Err(e) => return with_server(&s, (StatusCode::BAD_REQUEST, axum::Json(e.body())).into_response()),
+        Err(e) => {
+            return with_server(
+                &s,
+                (StatusCode::BAD_REQUEST, axum::Json(e.body())).into_response(),
+            );
+        }
     };
     let lora = if req.model == s.model {
         None
     } else if s.engine_cfg.lora_adapters.contains(&req.model) {
         Some(req.model.as_str())
     } else {
-        return json_error(&s, StatusCode::NOT_FOUND, "NotFoundError", &format!("The model `{}` does not exist.", req.model));
+        return json_error(
+            &s,
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            &format!("The model `{}` does not exist.", req.model),
+        );
     };
     let bs = s.engine_cfg.block_size;
     let tp = match &req.prompt {
@@ -599,13 +673,25 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
         let mut c = s.core.lock();
         if c.waiters.len() >= s.max_pending {
             drop(c);
-            return json_error(&s, StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", &format!("server overloaded: {} requests pending (limit {})", s.max_pending, s.max_pending));
+            return json_error(
+                &s,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableError",
+                &format!(
+                    "server overloaded: {} requests pending (limit {})",
+                    s.max_pending, s.max_pending
+                ),
+            );
         }
         // When the driver runs behind the wall clock (timer granularity at high time scales,
         // or a busy CPU), an arrival is stamped no later than the engine's own time, so no
         // request gets its first token "before" it arrived.
         let wall = s.clock.now_sim();
-        let now = if c.was_busy { wall.min(c.busy_until) } else { wall };
+        let now = if c.was_busy {
+            wall.min(c.busy_until)
+        } else {
+            wall
+        };
         let submitted = c.engine.submit(
             SimRequest {
                 prompt_tokens: tp.tokens,
@@ -624,27 +710,45 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
             }
             Err(e) => {
                 drop(c);
-                return json_error(&s, StatusCode::BAD_REQUEST, "BadRequestError", &e.to_string());
+                return json_error(
+                    &s,
+                    StatusCode::BAD_REQUEST,
+                    "BadRequestError",
+                    &e.to_string(),
+                );
             }
         }
     };
     s.wake.notify_one();
     let n = s.next_req.fetch_add(1, Ordering::Relaxed);
     // Only characters that need no JSON escaping, since chunks are formatted by hand.
-    let tag: String = s.name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    let tag: String = s
+        .name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
     let rid = match api {
         Api::Completions => format!("cmpl-{tag}-{n}"),
         Api::Chat => format!("chatcmpl-{tag}-{n}"),
     };
     let created = unix_secs();
-    let mut cancel = Cancel { s: s.clone(), id, done: false };
+    let mut cancel = Cancel {
+        s: s.clone(),
+        id,
+        done: false,
+    };
     if !req.stream {
         let fin = loop {
             if let Some(f) = rx.borrow_and_update().finished {
                 break f;
             }
             if rx.changed().await.is_err() {
-                return json_error(&s, StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "the simulated server restarted");
+                return json_error(
+                    &s,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableError",
+                    "the simulated server restarted",
+                );
             }
         };
         cancel.done = true;
@@ -711,14 +815,25 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
     };
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     with_server(&s, r)
 }
 
 /// Writes one SSE chunk without going through `serde_json::Value` (this is the hot path:
 /// one call per generated token).
-fn push_chunk(buf: &mut String, api: Api, id: &str, model_json: &str, created: u64, text: &str, finish: Option<&str>) {
+fn push_chunk(
+    buf: &mut String,
+    api: Api,
+    id: &str,
+    model_json: &str,
+    created: u64,
+    text: &str,
+    finish: Option<&str>,
+) {
     use std::fmt::Write as _;
     let finish = match finish {
         Some(f) => format!("\"{f}\""),

@@ -31,7 +31,12 @@ pub fn count_tokens(text: &str) -> u32 {
 }
 
 /// Tokenizes a text prompt for a model (and optional LoRA adapter) with `block_size`-token blocks.
-pub fn tokenize_text(text: &str, model: &str, lora: Option<&str>, block_size: u32) -> TokenizedPrompt {
+pub fn tokenize_text(
+    text: &str,
+    model: &str,
+    lora: Option<&str>,
+    block_size: u32,
+) -> TokenizedPrompt {
     TokenizedPrompt {
         tokens: count_tokens(text),
         block_hashes: block_hashes(text.as_bytes(), model, lora, block_size),
@@ -39,7 +44,12 @@ pub fn tokenize_text(text: &str, model: &str, lora: Option<&str>, block_size: u3
 }
 
 /// Tokenizes a token-id prompt: one token per id, hashed as 4 little-endian bytes each.
-pub fn tokenize_ids(ids: &[u32], model: &str, lora: Option<&str>, block_size: u32) -> TokenizedPrompt {
+pub fn tokenize_ids(
+    ids: &[u32],
+    model: &str,
+    lora: Option<&str>,
+    block_size: u32,
+) -> TokenizedPrompt {
     let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
     TokenizedPrompt {
         tokens: u32::try_from(ids.len()).unwrap_or(u32::MAX),

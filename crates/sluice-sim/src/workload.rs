@@ -141,7 +141,12 @@ impl Dist {
         match *self {
             Dist::Fixed { value } => value,
             Dist::Uniform { min, max } => rng.random_range(min.min(max)..=max.max(min)),
-            Dist::Lognormal { median, sigma, min, max } => lognormal(rng, median, sigma, min, max),
+            Dist::Lognormal {
+                median,
+                sigma,
+                min,
+                max,
+            } => lognormal(rng, median, sigma, min, max),
             Dist::SharegptPrompt => lognormal(rng, 130.0, 1.0, 4, 4096),
             Dist::SharegptOutput => lognormal(rng, 150.0, 0.9, 4, 2048),
         }
@@ -150,14 +155,17 @@ impl Dist {
     fn validate(&self, what: &str) -> Result<(), String> {
         match *self {
             Dist::Fixed { value: 0 } => Err(format!("{what}: fixed value must be at least 1")),
-            Dist::Uniform { min, max } if min == 0 || min > max => {
-                Err(format!("{what}: uniform needs 1 <= min <= max, got min {min}, max {max}"))
-            }
-            Dist::Lognormal { median, sigma, min, max }
-                if !(median > 0.0 && sigma >= 0.0 && min >= 1 && min <= max) =>
-            {
-                Err(format!("{what}: lognormal needs median > 0, sigma >= 0 and 1 <= min <= max"))
-            }
+            Dist::Uniform { min, max } if min == 0 || min > max => Err(format!(
+                "{what}: uniform needs 1 <= min <= max, got min {min}, max {max}"
+            )),
+            Dist::Lognormal {
+                median,
+                sigma,
+                min,
+                max,
+            } if !(median > 0.0 && sigma >= 0.0 && min >= 1 && min <= max) => Err(format!(
+                "{what}: lognormal needs median > 0, sigma >= 0 and 1 <= min <= max"
+            )),
             _ => Ok(()),
         }
     }
@@ -287,9 +295,10 @@ fn yes() -> bool {
 impl Workload {
     /// Reads a YAML workload; errors name the file and what is wrong.
     pub fn from_yaml(text: &str, origin: &str) -> anyhow::Result<Self> {
-        let w: Workload = serde_saphyr::from_str(text)
+        let w: Workload =
+            serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("workload {origin}: {e}"))?;
+        w.validate()
             .map_err(|e| anyhow::anyhow!("workload {origin}: {e}"))?;
-        w.validate().map_err(|e| anyhow::anyhow!("workload {origin}: {e}"))?;
         Ok(w)
     }
 
@@ -298,7 +307,10 @@ impl Workload {
         if self.classes.is_empty() {
             return Err("`classes` must list at least one class".into());
         }
-        if self.classes.iter().any(|c| !(c.weight.is_finite() && c.weight >= 0.0))
+        if self
+            .classes
+            .iter()
+            .any(|c| !(c.weight.is_finite() && c.weight >= 0.0))
             || self.classes.iter().all(|c| c.weight == 0.0)
         {
             return Err("class weights must be non-negative and not all zero".into());
@@ -306,30 +318,42 @@ impl Workload {
         for c in &self.classes {
             c.prompt.validate(&format!("classes[{}].prompt", c.name))?;
             c.output.validate(&format!("classes[{}].output", c.name))?;
-            if let Some(l) = &c.lora {
-                if l.adapters.is_empty() || (!l.weights.is_empty() && l.weights.len() != l.adapters.len()) {
-                    return Err(format!(
-                        "classes[{}].lora: adapters must be non-empty and weights, if given, one per adapter",
-                        c.name
-                    ));
-                }
+            if let Some(l) = &c.lora
+                && (l.adapters.is_empty()
+                    || (!l.weights.is_empty() && l.weights.len() != l.adapters.len()))
+            {
+                return Err(format!(
+                    "classes[{}].lora: adapters must be non-empty and weights, if given, one per adapter",
+                    c.name
+                ));
             }
-            if let Some(w) = &c.workload {
-                if !(1..=5).contains(&w.criticality) {
-                    return Err(format!("classes[{}].workload.criticality must be 1-5, got {}", c.name, w.criticality));
-                }
+            if let Some(w) = &c.workload
+                && !(1..=5).contains(&w.criticality)
+            {
+                return Err(format!(
+                    "classes[{}].workload.criticality must be 1-5, got {}",
+                    c.name, w.criticality
+                ));
             }
             if c.shared_prefix.as_ref().is_some_and(|p| p.groups == 0) {
-                return Err(format!("classes[{}].shared_prefix.groups must be at least 1", c.name));
+                return Err(format!(
+                    "classes[{}].shared_prefix.groups must be at least 1",
+                    c.name
+                ));
             }
         }
         match &self.arrival {
             Arrival::Poisson { rate, stages } | Arrival::Constant { rate, stages } => {
                 if stages.is_empty() && !(*rate > 0.0 && self.duration_s > 0.0) {
-                    return Err("arrival.rate and duration_s must be positive (or give arrival.stages)".into());
+                    return Err(
+                        "arrival.rate and duration_s must be positive (or give arrival.stages)"
+                            .into(),
+                    );
                 }
                 if stages.iter().any(|s| !(s.rate > 0.0 && s.duration_s > 0.0)) {
-                    return Err("every arrival.stages entry needs rate > 0 and duration_s > 0".into());
+                    return Err(
+                        "every arrival.stages entry needs rate > 0 and duration_s > 0".into(),
+                    );
                 }
             }
             Arrival::Closed { concurrency } => {
@@ -344,7 +368,9 @@ impl Workload {
     /// Total simulated duration.
     pub fn total_duration_s(&self) -> f64 {
         match &self.arrival {
-            Arrival::Poisson { stages, .. } | Arrival::Constant { stages, .. } if !stages.is_empty() => {
+            Arrival::Poisson { stages, .. } | Arrival::Constant { stages, .. }
+                if !stages.is_empty() =>
+            {
                 stages.iter().map(|s| s.duration_s).sum()
             }
             _ => self.duration_s,
@@ -359,7 +385,10 @@ impl Workload {
             Arrival::Closed { .. } => return Vec::new(),
         };
         let ladder: Vec<Stage> = if stages.is_empty() {
-            vec![Stage { rate, duration_s: self.duration_s }]
+            vec![Stage {
+                rate,
+                duration_s: self.duration_s,
+            }]
         } else {
             stages.clone()
         };
@@ -400,9 +429,16 @@ impl Workload {
             x -= c.weight;
         }
         let c = &self.classes[ci];
-        let group = c.shared_prefix.as_ref().map(|p| rng.random_range(0..p.groups));
+        let group = c
+            .shared_prefix
+            .as_ref()
+            .map(|p| rng.random_range(0..p.groups));
         let lora = c.lora.as_ref().map(|l| {
-            let weights: Vec<f64> = if l.weights.is_empty() { vec![1.0; l.adapters.len()] } else { l.weights.clone() };
+            let weights: Vec<f64> = if l.weights.is_empty() {
+                vec![1.0; l.adapters.len()]
+            } else {
+                l.weights.clone()
+            };
             let sum: f64 = weights.iter().sum();
             let mut y = rng.random::<f64>() * sum;
             let mut pick = l.adapters.len() - 1;
@@ -446,7 +482,8 @@ pub struct Planned {
 /// Text of exactly `tokens` tokens (4 bytes each) derived from `seed`.
 pub fn text_of(tokens: u32, seed: u64) -> String {
     const SYL: [&str; 16] = [
-        "ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "du", "ga", "be", "zo", "fi", "ha", "ju",
+        "ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "du", "ga", "be", "zo", "fi", "ha",
+        "ju",
     ];
     let mut s = String::with_capacity(tokens as usize * 4);
     let mut x = seed | 1;
@@ -497,7 +534,11 @@ classes:
         assert_eq!(a, b);
         let share_a = a.iter().filter(|p| p.class == 0).count();
         assert!((60..=90).contains(&share_a), "{share_a}");
-        assert!(a.iter().filter(|p| p.class == 1).all(|p| p.group.is_some() && p.lora.is_some()));
+        assert!(
+            a.iter()
+                .filter(|p| p.class == 1)
+                .all(|p| p.group.is_some() && p.lora.is_some())
+        );
     }
 
     #[test]
@@ -520,7 +561,10 @@ classes:
     fn errors_name_the_file_and_field() {
         let bad = YAML.replace("value: 10", "value: 0");
         let e = Workload::from_yaml(&bad, "w.yaml").unwrap_err().to_string();
-        assert!(e.contains("w.yaml") && e.contains("classes[a].prompt"), "{e}");
+        assert!(
+            e.contains("w.yaml") && e.contains("classes[a].prompt"),
+            "{e}"
+        );
         let e = Workload::from_yaml("name: x\narrival: {type: warp}\nclasses: []", "w2.yaml")
             .unwrap_err()
             .to_string();

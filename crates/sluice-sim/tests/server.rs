@@ -1,5 +1,8 @@
 //! End-to-end behaviour of simulated servers over real HTTP on loopback.
 
+// Helpers outside `#[test]` functions are test code too; a failed call should fail the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,12 +24,19 @@ fn client() -> C {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-async fn call(c: &C, method: &str, url: String, body: Option<Value>) -> (u16, http::HeaderMap, String) {
+async fn call(
+    c: &C,
+    method: &str,
+    url: String,
+    body: Option<Value>,
+) -> (u16, http::HeaderMap, String) {
     let req = http::Request::builder()
         .method(method)
         .uri(url)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
         .unwrap();
     let resp = c.request(req).await.unwrap();
     let status = resp.status().as_u16();
@@ -85,11 +95,17 @@ async fn serves_the_openai_api_like_vllm() {
     )
     .await;
     assert_eq!(s, 200, "{body}");
-    assert!(headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert_eq!(events.len(), 6, "{body}"); // 4 tokens, usage, [DONE]
     assert_eq!(events[5], "data: [DONE]");
-    let last_token: Value = serde_json::from_str(events[3].strip_prefix("data: ").unwrap()).unwrap();
+    let last_token: Value =
+        serde_json::from_str(events[3].strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(last_token["choices"][0]["finish_reason"], "length");
     assert_eq!(last_token["object"], "chat.completion.chunk");
     let usage: Value = serde_json::from_str(events[4].strip_prefix("data: ").unwrap()).unwrap();
@@ -97,7 +113,13 @@ async fn serves_the_openai_api_like_vllm() {
     assert_eq!(usage["choices"], json!([]));
 
     // Bad requests get vLLM's 400 body; unknown models a 404.
-    let (s, _, body) = call(&c, "POST", format!("{base}/v1/completions"), Some(json!({"model": "tiny"}))).await;
+    let (s, _, body) = call(
+        &c,
+        "POST",
+        format!("{base}/v1/completions"),
+        Some(json!({"model": "tiny"})),
+    )
+    .await;
     assert_eq!(s, 400);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["type"], "BadRequestError");
@@ -111,17 +133,32 @@ async fn serves_the_openai_api_like_vllm() {
     .await;
     assert_eq!(s, 400);
     assert!(body.contains("maximum context length"), "{body}");
-    let (s, _, _) = call(&c, "POST", format!("{base}/v1/completions"), Some(json!({"model": "gpt-9", "prompt": "x"}))).await;
+    let (s, _, _) = call(
+        &c,
+        "POST",
+        format!("{base}/v1/completions"),
+        Some(json!({"model": "gpt-9", "prompt": "x"})),
+    )
+    .await;
     assert_eq!(s, 404);
 
     // Metrics are strictly parseable and count what happened.
     let (s, headers, text) = call(&c, "GET", format!("{base}/metrics"), None).await;
     assert_eq!(s, 200);
-    assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let m = parse_strict(&text).unwrap();
     assert_eq!(m["vllm:generation_tokens_total"][0].1, 9.0);
     assert_eq!(m["vllm:num_requests_running"][0].1, 0.0);
-    assert!(m["vllm:cache_config_info"][0].0.contains("num_gpu_blocks=\"64\""));
+    assert!(
+        m["vllm:cache_config_info"][0]
+            .0
+            .contains("num_gpu_blocks=\"64\"")
+    );
     assert!(m["vllm:lora_requests_info"][0].0.contains("max_lora=\"1\""));
     h.shutdown().await;
 }
@@ -130,13 +167,17 @@ async fn serves_the_openai_api_like_vllm() {
 async fn streams_tokens_as_they_are_generated() {
     // Real time on an H100 preset: ~7 ms per token, so 60 tokens take ~0.45 s and the first
     // chunk must arrive long before the last.
-    let h = server::spawn(ServerConfig::new("sim-s", Preset::H100Llama8b.config())).await.unwrap();
+    let h = server::spawn(ServerConfig::new("sim-s", Preset::H100Llama8b.config()))
+        .await
+        .unwrap();
     let w = Workload::from_yaml(
         "name: one\narrival: {type: closed, concurrency: 1}\nduration_s: 0.01\nclasses:\n  - name: c\n    prompt: {dist: fixed, value: 64}\n    output: {dist: fixed, value: 60}\n",
         "inline",
     )
     .unwrap();
-    let s = load::run(LoadConfig::new(vec![h.base_url()], w)).await.unwrap();
+    let s = load::run(LoadConfig::new(vec![h.base_url()], w))
+        .await
+        .unwrap();
     assert_eq!(s.ok, 1, "{s:?}");
     assert!(s.ttft_ms.p50 < s.e2e_ms.p50 / 5.0, "{s:?}");
     assert!(s.tpot_ms.p50 > 5.0 && s.tpot_ms.p50 < 12.0, "{s:?}");
@@ -188,16 +229,42 @@ async fn faults_can_be_injected_at_run_time() {
     let gen_body = json!({"model": "tiny", "prompt": "hello world", "max_tokens": 8, "ignore_eos": true, "stream": true});
 
     // 5xx share through the admin endpoint.
-    let (s, _, _) = call(&c, "PUT", format!("{base}/admin/faults"), Some(json!({"error_rate": 1.0, "error_status": 503}))).await;
+    let (s, _, _) = call(
+        &c,
+        "PUT",
+        format!("{base}/admin/faults"),
+        Some(json!({"error_rate": 1.0, "error_status": 503})),
+    )
+    .await;
     assert_eq!(s, 200);
-    let (s, _, _) = call(&c, "POST", format!("{base}/v1/completions"), Some(gen_body.clone())).await;
+    let (s, _, _) = call(
+        &c,
+        "POST",
+        format!("{base}/v1/completions"),
+        Some(gen_body.clone()),
+    )
+    .await;
     assert_eq!(s, 503);
-    let (s, _, body) = call(&c, "PUT", format!("{base}/admin/faults"), Some(json!({"error_rate": 2.0}))).await;
+    let (s, _, body) = call(
+        &c,
+        "PUT",
+        format!("{base}/admin/faults"),
+        Some(json!({"error_rate": 2.0})),
+    )
+    .await;
     assert_eq!(s, 400);
-    assert!(body.contains("error_rate must be between 0 and 1"), "{body}");
+    assert!(
+        body.contains("error_rate must be between 0 and 1"),
+        "{body}"
+    );
 
     // Dropped connections mid-stream: the body breaks before [DONE].
-    h.admin.set_faults(Faults { drop_rate: 1.0, ..Faults::default() }).unwrap();
+    h.admin
+        .set_faults(Faults {
+            drop_rate: 1.0,
+            ..Faults::default()
+        })
+        .unwrap();
     let req = http::Request::post(format!("{base}/v1/completions"))
         .body(Full::new(Bytes::from(gen_body.to_string())))
         .unwrap();
@@ -207,10 +274,20 @@ async fn faults_can_be_injected_at_run_time() {
     assert!(collected.is_err(), "the stream should break");
 
     // Garbage and slow metrics.
-    h.admin.set_faults(Faults { metrics_garbage: true, ..Faults::default() }).unwrap();
+    h.admin
+        .set_faults(Faults {
+            metrics_garbage: true,
+            ..Faults::default()
+        })
+        .unwrap();
     let (_, _, text) = call(&c, "GET", format!("{base}/metrics"), None).await;
     assert!(parse_strict(&text).is_err());
-    h.admin.set_faults(Faults { metrics_delay_ms: 200, ..Faults::default() }).unwrap();
+    h.admin
+        .set_faults(Faults {
+            metrics_delay_ms: 200,
+            ..Faults::default()
+        })
+        .unwrap();
     let t = std::time::Instant::now();
     let (s, _, _) = call(&c, "GET", format!("{base}/metrics"), None).await;
     assert_eq!(s, 200);
@@ -225,7 +302,9 @@ async fn faults_can_be_injected_at_run_time() {
     let mut saw_down = false;
     let mut back = false;
     while std::time::Instant::now() < deadline {
-        let req = http::Request::get(format!("{base}/health")).body(Full::new(Bytes::new())).unwrap();
+        let req = http::Request::get(format!("{base}/health"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         match fresh.request(req).await {
             Err(_) => saw_down = true,
             Ok(r) if saw_down && r.status() == 200 => {
@@ -242,7 +321,10 @@ async fn faults_can_be_injected_at_run_time() {
 
 #[tokio::test]
 async fn other_engines_expose_their_metric_names() {
-    for (flavor, waiting) in [(EngineFlavor::Sglang, "sglang:num_queue_reqs"), (EngineFlavor::TrtllmServe, "trtllm_num_requests_waiting")] {
+    for (flavor, waiting) in [
+        (EngineFlavor::Sglang, "sglang:num_queue_reqs"),
+        (EngineFlavor::TrtllmServe, "trtllm_num_requests_waiting"),
+    ] {
         let mut cfg = ServerConfig::new("sim-e", Preset::Tiny.config());
         cfg.flavor = flavor;
         let h = server::spawn(cfg).await.unwrap();
@@ -283,10 +365,24 @@ async fn a_fleet_at_a_time_scale_reports_simulated_latencies_and_spreads_load() 
         // Generous SLOs; wall-clock jitter (multiplied by the time scale) may cost a request.
         assert!(s.slo_attainment >= 0.9, "{s:?}");
     }
-    assert!(fast.wall_s < real.wall_s / 2.5, "{} vs {}", fast.wall_s, real.wall_s);
+    assert!(
+        fast.wall_s < real.wall_s / 2.5,
+        "{} vs {}",
+        fast.wall_s,
+        real.wall_s
+    );
     // H100 and A100 servers decode at ~7.5 and ~14 ms per token.
-    assert!(real.tpot_ms.p50 > 6.0 && real.tpot_ms.p90 < 20.0, "{:?}", real.tpot_ms);
-    assert!((fast.tpot_ms.mean - real.tpot_ms.mean).abs() < real.tpot_ms.mean * 0.5, "{:?} {:?}", fast.tpot_ms, real.tpot_ms);
+    assert!(
+        real.tpot_ms.p50 > 6.0 && real.tpot_ms.p90 < 20.0,
+        "{:?}",
+        real.tpot_ms
+    );
+    assert!(
+        (fast.tpot_ms.mean - real.tpot_ms.mean).abs() < real.tpot_ms.mean * 0.5,
+        "{:?} {:?}",
+        fast.tpot_ms,
+        real.tpot_ms
+    );
 }
 
 #[tokio::test]
