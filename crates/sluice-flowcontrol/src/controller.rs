@@ -79,10 +79,25 @@ impl AdmissionGuard {
 #[derive(Debug)]
 struct DispatchPermit {
     inner: Arc<Inner>,
+    /// Sent by the dispatcher but not yet received by the waiting request.
+    in_handoff: bool,
+}
+
+impl DispatchPermit {
+    /// The waiting request has the permit and is on its way to the scheduler.
+    fn received(&mut self) {
+        if std::mem::take(&mut self.in_handoff) {
+            self.inner.handoffs.fetch_sub(1, Ordering::AcqRel);
+            self.inner.wake.notify_one();
+        }
+    }
 }
 
 impl Drop for DispatchPermit {
     fn drop(&mut self) {
+        if self.in_handoff {
+            self.inner.handoffs.fetch_sub(1, Ordering::AcqRel);
+        }
         self.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.inner.wake.notify_one();
     }
@@ -102,6 +117,10 @@ struct Inner {
     saturation: Arc<dyn SaturationSource>,
     state: Mutex<State>,
     in_flight: AtomicU64,
+    /// Dispatched permits their requests have not picked up yet. The dispatcher releases
+    /// the next request only when this is zero, so saturation is re-read after the previous
+    /// one has reached the scheduler (and its server's load), not from stale numbers.
+    handoffs: AtomicU64,
     wake: Notify,
     registry: WorkloadRegistry,
     metrics: Metrics,
@@ -166,6 +185,7 @@ impl FlowController {
             config,
             saturation,
             in_flight: AtomicU64::new(0),
+            handoffs: AtomicU64::new(0),
             wake: Notify::new(),
             metrics: Metrics::new(MAX_FLOW_LABELS),
         });
@@ -215,7 +235,8 @@ impl FlowController {
         // Whoever sent the reply already took the item out of the queue.
         ticket.id = None;
         match reply {
-            Ok(Ok(permit)) => {
+            Ok(Ok(mut permit)) => {
+                permit.received();
                 let waited = Instant::now().saturating_duration_since(now);
                 Ok(AdmissionGuard {
                     _permit: permit,
@@ -294,10 +315,14 @@ enum Enqueued {
 }
 
 impl Inner {
-    fn permit(self: &Arc<Self>) -> DispatchPermit {
+    fn permit(self: &Arc<Self>, in_handoff: bool) -> DispatchPermit {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if in_handoff {
+            self.handoffs.fetch_add(1, Ordering::AcqRel);
+        }
         DispatchPermit {
             inner: self.clone(),
+            in_handoff,
         }
     }
 
@@ -316,12 +341,15 @@ impl Inner {
         if st.shutting_down {
             return Enqueued::Rejected(Outcome::ShuttingDown);
         }
-        if st.queues.len == 0 && self.saturation.has_endpoints() {
+        if st.queues.len == 0
+            && self.handoffs.load(Ordering::Acquire) == 0
+            && self.saturation.has_endpoints()
+        {
             let sat = self
                 .saturation
                 .saturation(self.in_flight.load(Ordering::Acquire));
             if self.gate_open(&st.queues, req.priority, sat) {
-                let permit = self.permit();
+                let permit = self.permit(false);
                 drop(st);
                 self.metrics.observe(
                     &self.metrics.flow_label(&flow),
@@ -418,6 +446,10 @@ impl Inner {
         if has_endpoints && st.queues.len > 0 {
             let started = std::time::Instant::now();
             'cycle: loop {
+                if self.handoffs.load(Ordering::Acquire) > 0 {
+                    // The pick-up wakes us again.
+                    break;
+                }
                 let sat = self
                     .saturation
                     .saturation(self.in_flight.load(Ordering::Acquire));
@@ -439,7 +471,7 @@ impl Inner {
                         break 'cycle;
                     }
                     if let Some(id) = st.queues.pick(priority, now, self.config.workload.window) {
-                        let permit = self.permit();
+                        let permit = self.permit(true);
                         self.finish(&mut st.queues, id, now, Ok(permit));
                         continue 'cycle;
                     }

@@ -610,3 +610,59 @@ async fn metrics_have_upstream_names_and_bounded_labels() {
         "{text}"
     );
 }
+
+/// Saturation from a load only the "servers" know about (like pod metrics), blind to the
+/// controller's own in-flight count.
+#[derive(Debug, Default)]
+struct ServerLoad {
+    load: std::sync::atomic::AtomicU64,
+    capacity: std::sync::atomic::AtomicU64,
+}
+
+impl SaturationSource for ServerLoad {
+    fn saturation(&self, _in_flight: u64) -> f64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        match self.capacity.load(SeqCst) {
+            0 => 1.0,
+            cap => self.load.load(SeqCst) as f64 / cap as f64,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn saturation_is_reread_after_each_dispatch_reaches_the_server() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let servers = Arc::new(ServerLoad::default());
+    let fc = FlowController::new(FlowControlConfig::default(), servers.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (fc, servers) = (fc.clone(), servers.clone());
+        tasks.push(tokio::spawn(async move {
+            let guard = fc.admit(req(0, "f", wl("w", 3))).await.unwrap();
+            // The request reaches a server, which now reports more load.
+            servers.load.fetch_add(1, SeqCst);
+            guard
+        }));
+    }
+    until(|| fc.queued() == 10).await;
+    servers.capacity.store(3, SeqCst);
+    fc.capacity_changed();
+    until(|| fc.queued() == 7).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Releasing all ten at once on the stale reading would have overloaded the servers.
+    assert_eq!(
+        (fc.queued(), fc.in_flight(), servers.load.load(SeqCst)),
+        (7, 3, 3)
+    );
+    fc.shutdown();
+    let results: Vec<_> = futures_join(tasks).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3);
+}
+
+async fn futures_join<T>(tasks: Vec<JoinHandle<T>>) -> Vec<Result<T, tokio::task::JoinError>> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await);
+    }
+    out
+}
