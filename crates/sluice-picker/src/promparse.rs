@@ -38,23 +38,35 @@ impl Selector {
                 .strip_suffix('}')
                 .ok_or_else(|| format!("metric selector {spec:?} is missing its closing '}}'"))?;
             for pair in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let (k, v) = pair
-                    .split_once('=')
-                    .ok_or_else(|| format!("label matcher {pair:?} in {spec:?} is not label=value"))?;
+                let (k, v) = pair.split_once('=').ok_or_else(|| {
+                    format!("label matcher {pair:?} in {spec:?} is not label=value")
+                })?;
                 let v = v.trim();
-                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v);
                 labels.push((k.trim().to_string(), v.to_string()));
             }
         }
-        Ok(Some(Selector { name: name.to_string(), labels }))
+        Ok(Some(Selector {
+            name: name.to_string(),
+            labels,
+        }))
     }
 
     fn simple(name: &str) -> Option<Selector> {
-        Some(Selector { name: name.to_string(), labels: Vec::new() })
+        Some(Selector {
+            name: name.to_string(),
+            labels: Vec::new(),
+        })
     }
 
     fn with(name: &str, k: &str, v: &str) -> Option<Selector> {
-        Some(Selector { name: name.to_string(), labels: vec![(k.to_string(), v.to_string())] })
+        Some(Selector {
+            name: name.to_string(),
+            labels: vec![(k.to_string(), v.to_string())],
+        })
     }
 
     fn matches(&self, name: &[u8], labels: &[u8]) -> bool {
@@ -116,7 +128,10 @@ impl EngineMapping {
                 kv_usage_fallback: Selector::simple("vllm:gpu_cache_usage_perc"),
                 lora: Selector::simple("vllm:lora_requests_info"),
                 cache_info: Some(CacheInfo::Labels {
-                    series: Selector { name: "vllm:cache_config_info".into(), labels: vec![] },
+                    series: Selector {
+                        name: "vllm:cache_config_info".into(),
+                        labels: vec![],
+                    },
                     block_size_label: "block_size".into(),
                     num_blocks_label: "num_gpu_blocks".into(),
                 }),
@@ -128,7 +143,10 @@ impl EngineMapping {
                 kv_usage_fallback: None,
                 lora: None,
                 cache_info: Some(CacheInfo::Labels {
-                    series: Selector { name: "sglang:cache_config_info".into(), labels: vec![] },
+                    series: Selector {
+                        name: "sglang:cache_config_info".into(),
+                        labels: vec![],
+                    },
                     block_size_label: "page_size".into(),
                     num_blocks_label: "num_pages".into(),
                 }),
@@ -180,7 +198,10 @@ impl EngineMapping {
             || sel(&self.lora)
             || match &self.cache_info {
                 Some(CacheInfo::Labels { series, .. }) => series.name.as_bytes() == name,
-                Some(CacheInfo::Gauges { block_size, num_blocks }) => sel(block_size) || sel(num_blocks),
+                Some(CacheInfo::Gauges {
+                    block_size,
+                    num_blocks,
+                }) => sel(block_size) || sel(num_blocks),
                 None => false,
             }
     }
@@ -197,7 +218,11 @@ struct Best {
 impl Best {
     fn offer(&mut self, value: f64, ts: i64) {
         if !self.seen || ts >= self.ts {
-            *self = Best { value, ts, seen: true };
+            *self = Best {
+                value,
+                ts,
+                seen: true,
+            };
         }
     }
     fn get(&self) -> Option<f64> {
@@ -242,7 +267,9 @@ pub fn extract(text: &[u8], mapping: &EngineMapping) -> Extracted {
         if !mapping.wanted(name) {
             continue;
         }
-        let Some((labels, value, ts)) = split_sample(&line[name_end..]) else { continue };
+        let Some((labels, value, ts)) = split_sample(&line[name_end..]) else {
+            continue;
+        };
         let offer = |sel: &Option<Selector>, best: &mut Best| {
             if sel.as_ref().is_some_and(|s| s.matches(name, labels)) {
                 best.offer(value, ts);
@@ -252,7 +279,10 @@ pub fn extract(text: &[u8], mapping: &EngineMapping) -> Extracted {
         offer(&mapping.running, &mut running);
         offer(&mapping.kv_usage, &mut kv);
         offer(&mapping.kv_usage_fallback, &mut kv_fallback);
-        if mapping.lora.as_ref().is_some_and(|s| s.matches(name, labels))
+        if mapping
+            .lora
+            .as_ref()
+            .is_some_and(|s| s.matches(name, labels))
             && lora_best.is_none_or(|(v, _)| value >= v)
         {
             lora_best = Some((value, labels));
@@ -261,7 +291,10 @@ pub fn extract(text: &[u8], mapping: &EngineMapping) -> Extracted {
             Some(CacheInfo::Labels { series, .. }) if series.matches(name, labels) => {
                 cache_labels = Some(labels);
             }
-            Some(CacheInfo::Gauges { block_size: bs, num_blocks: nb }) => {
+            Some(CacheInfo::Gauges {
+                block_size: bs,
+                num_blocks: nb,
+            }) => {
                 offer(bs, &mut block_size);
                 offer(nb, &mut num_blocks);
             }
@@ -302,13 +335,19 @@ pub fn extract(text: &[u8], mapping: &EngineMapping) -> Extracted {
         }
     }
     match &mapping.cache_info {
-        Some(CacheInfo::Labels { block_size_label, num_blocks_label, .. }) => {
+        Some(CacheInfo::Labels {
+            block_size_label,
+            num_blocks_label,
+            ..
+        }) => {
             found(cache_labels.is_some(), "cache_info", &mut out);
             if let Some(labels) = cache_labels {
                 out.metrics.cache_block_size =
-                    parse_num(label_value(labels, block_size_label.as_bytes())).unwrap_or(0.0) as u32;
+                    parse_num(label_value(labels, block_size_label.as_bytes())).unwrap_or(0.0)
+                        as u32;
                 out.metrics.cache_num_blocks =
-                    parse_num(label_value(labels, num_blocks_label.as_bytes())).unwrap_or(0.0) as u64;
+                    parse_num(label_value(labels, num_blocks_label.as_bytes())).unwrap_or(0.0)
+                        as u64;
             }
         }
         Some(CacheInfo::Gauges { .. }) => {
@@ -322,7 +361,9 @@ pub fn extract(text: &[u8], mapping: &EngineMapping) -> Extracted {
 }
 
 fn to_u32(v: Option<f64>) -> u32 {
-    v.filter(|v| v.is_finite()).map(|v| v.clamp(0.0, u32::MAX as f64) as u32).unwrap_or(0)
+    v.filter(|v| v.is_finite())
+        .map(|v| v.clamp(0.0, u32::MAX as f64) as u32)
+        .unwrap_or(0)
 }
 
 fn parse_num(v: Option<&[u8]>) -> Option<f64> {
@@ -330,8 +371,14 @@ fn parse_num(v: Option<&[u8]>) -> Option<f64> {
 }
 
 fn split_list(v: Option<&[u8]>) -> Vec<String> {
-    let Some(v) = v.and_then(|v| std::str::from_utf8(v).ok()) else { return Vec::new() };
-    v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    let Some(v) = v.and_then(|v| std::str::from_utf8(v).ok()) else {
+        return Vec::new();
+    };
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Splits `{labels} value [timestamp]` (the part after the name).
@@ -342,7 +389,9 @@ fn split_sample(rest: &[u8]) -> Option<(&[u8], f64, i64)> {
     } else {
         (&rest[..0], rest)
     };
-    let mut parts = tail.split(|&b| b == b' ' || b == b'\t').filter(|p| !p.is_empty());
+    let mut parts = tail
+        .split(|&b| b == b' ' || b == b'\t')
+        .filter(|p| !p.is_empty());
     let value = parse_value(parts.next()?)?;
     let ts = parts
         .next()
@@ -387,7 +436,10 @@ fn closing_brace(s: &[u8]) -> Option<usize> {
 fn label_value<'a>(labels: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let mut rest = labels;
     loop {
-        let trimmed = rest.iter().position(|b| !matches!(b, b' ' | b',')).map(|i| &rest[i..])?;
+        let trimmed = rest
+            .iter()
+            .position(|b| !matches!(b, b' ' | b','))
+            .map(|i| &rest[i..])?;
         let eq = trimmed.iter().position(|&b| b == b'=')?;
         let k = trimmed[..eq].trim_ascii();
         let after = trimmed.get(eq + 1..)?.trim_ascii_start();
@@ -438,8 +490,15 @@ vllm:cache_config_info{block_size="16",num_gpu_blocks="4096",other="a}b"} 1
         let m = e.metrics;
         assert_eq!(m.waiting_queue_size, 3);
         assert_eq!(m.running_requests_size, 7);
-        assert_eq!(m.kv_cache_usage, 0.25, "the current name wins over the legacy one");
-        assert_eq!(m.active_models, vec!["a", "b"], "the LoRA series with the highest value wins");
+        assert_eq!(
+            m.kv_cache_usage, 0.25,
+            "the current name wins over the legacy one"
+        );
+        assert_eq!(
+            m.active_models,
+            vec!["a", "b"],
+            "the LoRA series with the highest value wins"
+        );
         assert!(m.waiting_models.is_empty());
         assert_eq!(m.max_active_models, 4);
         assert_eq!((m.cache_block_size, m.cache_num_blocks), (16, 4096));
@@ -462,7 +521,10 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"} 0.5
 nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="tokens_per"} 64
 nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max"} 1000
 "#;
-        let e = extract(text.as_bytes(), &EngineMapping::builtin("triton-tensorrt-llm").unwrap());
+        let e = extract(
+            text.as_bytes(),
+            &EngineMapping::builtin("triton-tensorrt-llm").unwrap(),
+        );
         let m = e.metrics;
         assert_eq!((m.waiting_queue_size, m.running_requests_size), (2, 5));
         assert_eq!(m.kv_cache_usage, 0.5);
@@ -473,10 +535,24 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max"} 1000
     fn sglang_and_trtllm_mappings() {
         let s = "sglang:num_queue_reqs 1\nsglang:num_running_reqs 2\nsglang:token_usage 0.3\nsglang:cache_config_info{page_size=\"32\",num_pages=\"10\"} 1\n";
         let m = extract(s.as_bytes(), &EngineMapping::builtin("sglang").unwrap()).metrics;
-        assert_eq!((m.waiting_queue_size, m.running_requests_size, m.cache_block_size), (1, 2, 32));
+        assert_eq!(
+            (
+                m.waiting_queue_size,
+                m.running_requests_size,
+                m.cache_block_size
+            ),
+            (1, 2, 32)
+        );
         let t = "trtllm_num_requests_waiting 4\ntrtllm_kv_cache_utilization 0.7\ntrtllm_kv_cache_tokens_per_block 32\n";
-        let m = extract(t.as_bytes(), &EngineMapping::builtin("trtllm-serve").unwrap()).metrics;
-        assert_eq!((m.waiting_queue_size, m.kv_cache_usage, m.cache_block_size), (4, 0.7, 32));
+        let m = extract(
+            t.as_bytes(),
+            &EngineMapping::builtin("trtllm-serve").unwrap(),
+        )
+        .metrics;
+        assert_eq!(
+            (m.waiting_queue_size, m.kv_cache_usage, m.cache_block_size),
+            (4, 0.7, 32)
+        );
         assert!(EngineMapping::builtin("unknown").is_none());
     }
 
@@ -485,15 +561,26 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max"} 1000
         let text = "vllm:num_requests_waiting{broken 1\nvllm:num_requests_waiting abc\nvllm:num_requests_running -5\n\n";
         let e = extract(text.as_bytes(), &EngineMapping::builtin("vllm").unwrap());
         assert_eq!(e.metrics.waiting_queue_size, 0);
-        assert_eq!(e.metrics.running_requests_size, 0, "negative values clamp to zero");
+        assert_eq!(
+            e.metrics.running_requests_size, 0,
+            "negative values clamp to zero"
+        );
         assert_eq!(e.fields_found, 1);
     }
 
     #[test]
     fn selectors_parse() {
-        let s = Selector::parse(r#"nv_trt_llm_request_metrics{request_type="waiting", x=y}"#).unwrap().unwrap();
+        let s = Selector::parse(r#"nv_trt_llm_request_metrics{request_type="waiting", x=y}"#)
+            .unwrap()
+            .unwrap();
         assert_eq!(s.name, "nv_trt_llm_request_metrics");
-        assert_eq!(s.labels, vec![("request_type".into(), "waiting".into()), ("x".into(), "y".into())]);
+        assert_eq!(
+            s.labels,
+            vec![
+                ("request_type".into(), "waiting".into()),
+                ("x".into(), "y".into())
+            ]
+        );
         assert_eq!(Selector::parse("").unwrap(), None);
         assert!(Selector::parse("a{b=c").unwrap_err().contains("closing"));
         assert!(Selector::parse("a{b}").unwrap_err().contains("label=value"));

@@ -67,13 +67,17 @@ impl From<RawUsage> for Usage {
     fn from(r: RawUsage) -> Self {
         let prompt = r.prompt_tokens.max(r.input_tokens);
         let completion = r.completion_tokens.max(r.output_tokens);
-        let cached = [r.prompt_tokens_details, r.prompt_token_details, r.input_tokens_details]
-            .into_iter()
-            .flatten()
-            .map(|d| d.cached_tokens)
-            .max()
-            .unwrap_or(0)
-            .max(r.cache_read_input_tokens);
+        let cached = [
+            r.prompt_tokens_details,
+            r.prompt_token_details,
+            r.input_tokens_details,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|d| d.cached_tokens)
+        .max()
+        .unwrap_or(0)
+        .max(r.cache_read_input_tokens);
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
@@ -178,7 +182,9 @@ impl SseUsageScanner {
 
     fn line(&mut self, line: &[u8]) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(data) = line.strip_prefix(b"data:") else { return };
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
         let data = data.strip_prefix(b" ").unwrap_or(data);
         if data == b"[DONE]" {
             return;
@@ -187,7 +193,10 @@ impl SseUsageScanner {
         if !contains(data, b"\"usage\"") {
             return;
         }
-        if let Some(u) = serde_json::from_slice::<Envelope>(data).ok().and_then(Envelope::usage) {
+        if let Some(u) = serde_json::from_slice::<Envelope>(data)
+            .ok()
+            .and_then(Envelope::usage)
+        {
             self.usage.get_or_insert_with(Usage::default).merge(u);
         }
     }
@@ -257,10 +266,18 @@ mod tests {
         let chat = br#"{"object":"chat.completion","model":"m","usage":{"prompt_tokens":7,"completion_tokens":10,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":4}}}"#;
         assert_eq!(
             usage_from_json(chat),
-            Some(Usage { prompt_tokens: 7, completion_tokens: 10, total_tokens: 17, cached_tokens: 4 })
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 10,
+                total_tokens: 17,
+                cached_tokens: 4
+            })
         );
         let resp = br#"{"object":"response","usage":{"input_tokens":3,"output_tokens":5}}"#;
-        assert_eq!(usage_from_json(resp).map(|u| (u.prompt_tokens, u.total_tokens)), Some((3, 8)));
+        assert_eq!(
+            usage_from_json(resp).map(|u| (u.prompt_tokens, u.total_tokens)),
+            Some((3, 8))
+        );
         assert_eq!(usage_from_json(b"no healthy upstream"), None);
         assert_eq!(usage_from_json(br#"{"choices":[]}"#), None);
     }
@@ -274,7 +291,11 @@ mod tests {
             s.feed(&stream[split..]);
             s.finish();
             let u = s.usage().unwrap();
-            assert_eq!((u.prompt_tokens, u.completion_tokens), (7, 10), "split at {split}");
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens),
+                (7, 10),
+                "split at {split}"
+            );
             assert_eq!(s.events(), 2);
         }
     }
@@ -289,7 +310,10 @@ mod tests {
         a.feed(b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\r\n");
         a.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":30}}\r\n");
         let u = a.usage().unwrap();
-        assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens), (12, 30, 42));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (12, 30, 42)
+        );
     }
 
     #[test]
@@ -306,9 +330,15 @@ mod tests {
     fn model_is_rewritten_back() {
         let body = br#"{"id":"x","model":"rewritten-model","choices":[{"text":"model"}]}"#;
         let out = rewrite_model_back(body, "rewritten-model", "my-model").unwrap();
-        assert_eq!(out, br#"{"id":"x","model":"my-model","choices":[{"text":"model"}]}"#.to_vec());
+        assert_eq!(
+            out,
+            br#"{"id":"x","model":"my-model","choices":[{"text":"model"}]}"#.to_vec()
+        );
         let spaced = br#"{"model": "t", "x": 1}"#;
-        assert_eq!(rewrite_model_back(spaced, "t", "in").unwrap(), br#"{"model": "in", "x": 1}"#.to_vec());
+        assert_eq!(
+            rewrite_model_back(spaced, "t", "in").unwrap(),
+            br#"{"model": "in", "x": 1}"#.to_vec()
+        );
         assert_eq!(rewrite_model_back(body, "same", "same"), None);
         assert_eq!(rewrite_model_back(body, "other", "my-model"), None);
         let sse = b"data: {\"model\":\"t\"}\n\ndata: {\"model\":\"t\"}\n\n";

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use rand::Rng;
 use sluice_core::EndpointPickerConfig;
-use sluice_scheduling::{Candidate, LlmRequest, Outcome, ResponseChunk, Scheduled, ScheduleError, Scheduler};
+use sluice_scheduling::{
+    Candidate, LlmRequest, Outcome, ResponseChunk, ScheduleError, Scheduled, Scheduler,
+};
 
 use crate::state::EndpointRuntime;
 
@@ -21,18 +23,25 @@ impl Router {
     /// Validates `cfg` and builds its plugins (an empty config means upstream's default
     /// profile: queue 2, KV cache 2, prefix cache 3, max-score picker).
     pub fn build(cfg: &EndpointPickerConfig) -> Result<Router, String> {
-        Scheduler::from_config(cfg).map(|scheduler| Router { scheduler }).map_err(|e| e.to_string())
+        Scheduler::from_config(cfg)
+            .map(|scheduler| Router { scheduler })
+            .map_err(|e| e.to_string())
     }
 
     /// Tells plugins with per-endpoint state which endpoints remain.
     pub fn set_endpoints(&self, endpoints: &[Arc<EndpointRuntime>]) {
-        let keys: std::collections::HashSet<_> = endpoints.iter().map(|e| e.endpoint.key.clone()).collect();
+        let keys: std::collections::HashSet<_> =
+            endpoints.iter().map(|e| e.endpoint.key.clone()).collect();
         self.scheduler.retain_endpoints(&|k| keys.contains(k));
     }
 
     /// Admission (legacy: sheddable requests are refused when the pool is saturated), then
     /// the scheduling cycle, then the PreRequest hooks (which count the request in flight).
-    pub fn schedule(&self, request: &LlmRequest, candidates: &[Candidate]) -> Result<Scheduled, ScheduleError> {
+    pub fn schedule(
+        &self,
+        request: &LlmRequest,
+        candidates: &[Candidate],
+    ) -> Result<Scheduled, ScheduleError> {
         self.scheduler.legacy_admit(request, candidates)?;
         let mut scheduled = self.scheduler.schedule(request, candidates)?;
         self.scheduler.pre_request(request, &mut scheduled);
@@ -50,7 +59,12 @@ impl Router {
     }
 
     /// One response body chunk.
-    pub fn response_chunk(&self, request: &LlmRequest, scheduled: &mut Scheduled, chunk: ResponseChunk<'_>) {
+    pub fn response_chunk(
+        &self,
+        request: &LlmRequest,
+        scheduled: &mut Scheduled,
+        chunk: ResponseChunk<'_>,
+    ) {
         self.scheduler.response_chunk(request, scheduled, chunk);
     }
 
@@ -64,7 +78,11 @@ impl Router {
     /// flight from this picker, ties broken at random, so probes do not pile onto one pod.
     pub fn pick_bodiless(candidates: &[Candidate], rng: &mut impl Rng) -> Option<Candidate> {
         let min = candidates.iter().map(|c| c.in_flight.requests()).min()?;
-        let best: Vec<&Candidate> = candidates.iter().filter(|c| c.in_flight.requests() == min).collect();
-        best.get(rng.random_range(0..best.len())).map(|c| (*c).clone())
+        let best: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| c.in_flight.requests() == min)
+            .collect();
+        best.get(rng.random_range(0..best.len()))
+            .map(|c| (*c).clone())
     }
 }

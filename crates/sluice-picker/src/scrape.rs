@@ -65,13 +65,19 @@ impl Scraper {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(1)
             .build(connector);
-        Scraper { settings: Arc::new(settings), client, metrics }
+        Scraper {
+            settings: Arc::new(settings),
+            client,
+            metrics,
+        }
     }
 
     /// Starts scraping `endpoint` if a Tokio runtime is running (it is in the picker; unit
     /// tests without one inject metrics directly).
     pub fn start(&self, endpoint: &Arc<EndpointRuntime>) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let engine = endpoint
             .endpoint
             .engine()
@@ -88,7 +94,10 @@ impl Scraper {
                 cache_info: None,
             })
         });
-        let uri = format!("http://{}{}", endpoint.endpoint.metrics_address, self.settings.path);
+        let uri = format!(
+            "http://{}{}",
+            endpoint.endpoint.metrics_address, self.settings.path
+        );
         let task = ScrapeTask {
             endpoint: Arc::downgrade(endpoint),
             uri,
@@ -112,16 +121,22 @@ impl ScrapeTask {
         let mut tick = tokio::time::interval(settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let Ok(uri) = self.uri.parse::<http::Uri>() else {
-            tracing::error!(uri = self.uri, "metrics address does not form a valid URI; not scraping");
+            tracing::error!(
+                uri = self.uri,
+                "metrics address does not form a valid URI; not scraping"
+            );
             return;
         };
         let mut failing = false;
         let mut missing_logged: Vec<&'static str> = Vec::new();
         loop {
             tick.tick().await;
-            let Some(endpoint) = self.endpoint.upgrade() else { return };
+            let Some(endpoint) = self.endpoint.upgrade() else {
+                return;
+            };
             let started = Instant::now();
-            let result = tokio::time::timeout(settings.timeout, fetch(&self.this.client, uri.clone())).await;
+            let result =
+                tokio::time::timeout(settings.timeout, fetch(&self.this.client, uri.clone())).await;
             match result {
                 Ok(Ok(body)) => {
                     let extracted = extract(&body, &self.mapping);
@@ -140,13 +155,21 @@ impl ScrapeTask {
                     }
                 }
                 Ok(Err(e)) => self.failed(&endpoint, &mut failing, &e),
-                Err(_) => self.failed(&endpoint, &mut failing, &format!("timed out after {:?}", settings.timeout)),
+                Err(_) => self.failed(
+                    &endpoint,
+                    &mut failing,
+                    &format!("timed out after {:?}", settings.timeout),
+                ),
             }
         }
     }
 
     fn failed(&self, endpoint: &EndpointRuntime, failing: &mut bool, why: &str) {
-        self.this.metrics.scrape_errors.get_or_create(&endpoint.labels).inc();
+        self.this
+            .metrics
+            .scrape_errors
+            .get_or_create(&endpoint.labels)
+            .inc();
         if !*failing {
             tracing::warn!(endpoint = %endpoint.endpoint.key, uri = self.uri, error = why, "metrics scrape failed; keeping the last metrics, which age from now on");
             *failing = true;
@@ -154,8 +177,14 @@ impl ScrapeTask {
     }
 }
 
-async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, uri: http::Uri) -> Result<Bytes, String> {
-    let resp = client.get(uri).await.map_err(|e| format!("request failed: {e}"))?;
+async fn fetch(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    uri: http::Uri,
+) -> Result<Bytes, String> {
+    let resp = client
+        .get(uri)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
     if !resp.status().is_success() {
         return Err(format!("HTTP {}", resp.status()));
     }

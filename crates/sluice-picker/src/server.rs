@@ -55,7 +55,9 @@ pub struct Bound {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding the {what} port {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} port {addr}"))
 }
 
 /// Binds every port, then serves until `shutdown` resolves. `on_bound` is called once the
@@ -69,7 +71,11 @@ pub async fn serve(
     let grpc = bind(cfg.grpc_addr, "ext_proc (--grpc-port)").await?;
     let health = bind(cfg.health_addr, "health (--grpc-health-port)").await?;
     let metrics = bind(cfg.metrics_addr, "metrics (--metrics-port)").await?;
-    let bound = Bound { grpc: grpc.local_addr()?, health: health.local_addr()?, metrics: metrics.local_addr()? };
+    let bound = Bound {
+        grpc: grpc.local_addr()?,
+        health: health.local_addr()?,
+        metrics: metrics.local_addr()?,
+    };
     tracing::info!(
         grpc = %bound.grpc, health = %bound.health, metrics = %bound.metrics, tls = cfg.tls.is_some(),
         "sluice-picker listening"
@@ -77,9 +83,13 @@ pub async fn serve(
     on_bound(bound);
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("liveness", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
     for s in READINESS_SERVICES {
-        reporter.set_service_status(s, ServingStatus::NotServing).await;
+        reporter
+            .set_service_status(s, ServingStatus::NotServing)
+            .await;
     }
     let health_task = tokio::spawn(track_readiness(state.clone(), reporter));
 
@@ -95,7 +105,9 @@ pub async fn serve(
     let service = ExtProcService::new(state.clone(), cfg.server.clone());
     let mut builder = Server::builder().tcp_nodelay(true);
     if let Some(tls) = &cfg.tls {
-        builder = builder.tls_config(tls.server_config()).context("configuring TLS for the ext_proc port")?;
+        builder = builder
+            .tls_config(tls.server_config())
+            .context("configuring TLS for the ext_proc port")?;
     }
     let mut router = builder.add_service(ExternalProcessorServer::new(service));
     if cfg.health_on_grpc_port {
@@ -128,7 +140,10 @@ pub async fn serve(
                 async move {
                     state.refresh_pool_gauges(staleness);
                     (
-                        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         state.metrics().encode(),
                     )
                 }
@@ -137,7 +152,10 @@ pub async fn serve(
     );
     let s = stopped();
     tasks.spawn(async move {
-        axum::serve(metrics, app).with_graceful_shutdown(s).await.context("metrics server failed")
+        axum::serve(metrics, app)
+            .with_graceful_shutdown(s)
+            .await
+            .context("metrics server failed")
     });
 
     tokio::spawn(async move {
@@ -168,7 +186,10 @@ async fn track_readiness(state: PickerState, reporter: HealthReporter) {
                 reporter.set_service_status(s, ServingStatus::Serving).await;
             }
             serving = true;
-            tracing::info!(version = *rx.borrow(), "pool configuration loaded; reporting SERVING");
+            tracing::info!(
+                version = *rx.borrow(),
+                "pool configuration loaded; reporting SERVING"
+            );
         }
         if rx.changed().await.is_err() {
             return;

@@ -9,8 +9,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use sluice_core::snapshot::AppProtocol;
 use sluice_core::endpoint::ENGINE_LABEL;
+use sluice_core::snapshot::AppProtocol;
 use sluice_core::{Endpoint, EndpointKey, EndpointPickerConfig, PoolRef, PoolSnapshot};
 
 /// Parses one endpoint spec: `HOST:PORT [engine=NAME] [metrics=HOST:PORT] [label=K=V]`.
@@ -21,23 +21,33 @@ pub fn parse_endpoint(spec: &str, namespace: &str) -> Result<Endpoint> {
     let mut labels = BTreeMap::new();
     let mut metrics_address = address;
     for part in parts {
-        let (k, v) = part
-            .split_once('=')
-            .with_context(|| format!("endpoint option {part:?} in {spec:?} is not key=value (engine=, metrics=, label=)"))?;
+        let (k, v) = part.split_once('=').with_context(|| {
+            format!(
+                "endpoint option {part:?} in {spec:?} is not key=value (engine=, metrics=, label=)"
+            )
+        })?;
         match k {
             "engine" => {
                 labels.insert(ENGINE_LABEL.to_string(), v.to_string());
             }
             "metrics" => metrics_address = resolve(v)?,
             "label" => {
-                let (lk, lv) = v.split_once('=').with_context(|| format!("label {v:?} in {spec:?} is not K=V"))?;
+                let (lk, lv) = v
+                    .split_once('=')
+                    .with_context(|| format!("label {v:?} in {spec:?} is not K=V"))?;
                 labels.insert(lk.to_string(), lv.to_string());
             }
-            other => bail!("unknown endpoint option {other:?} in {spec:?}; expected engine=, metrics= or label="),
+            other => bail!(
+                "unknown endpoint option {other:?} in {spec:?}; expected engine=, metrics= or label="
+            ),
         }
     }
     Ok(Endpoint {
-        key: EndpointKey { namespace: namespace.into(), pod: address.to_string().into(), rank: 0 },
+        key: EndpointKey {
+            namespace: namespace.into(),
+            pod: address.to_string().into(),
+            rank: 0,
+        },
         address,
         metrics_address,
         labels,
@@ -60,14 +70,18 @@ pub fn endpoints_from_list(list: &str, namespace: &str) -> Result<Vec<Endpoint>>
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .enumerate()
-        .map(|(i, s)| parse_endpoint(s, namespace).with_context(|| format!("in --endpoints entry {}", i + 1)))
+        .map(|(i, s)| {
+            parse_endpoint(s, namespace).with_context(|| format!("in --endpoints entry {}", i + 1))
+        })
         .collect()
 }
 
 /// Endpoints from an `--endpoints-file`.
 pub fn endpoints_from_file(path: &Path, namespace: &str) -> Result<Vec<Endpoint>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading --endpoints-file {}", path.display()))?;
-    endpoints_from_text(&text, namespace).with_context(|| format!("in --endpoints-file {}", path.display()))
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --endpoints-file {}", path.display()))?;
+    endpoints_from_text(&text, namespace)
+        .with_context(|| format!("in --endpoints-file {}", path.display()))
 }
 
 /// Endpoints from the text of an endpoints file.
@@ -80,18 +94,28 @@ pub fn endpoints_from_text(text: &str, namespace: &str) -> Result<Vec<Endpoint>>
         .collect()
 }
 
-/// An EndpointPickerConfig from YAML or JSON text (empty text = upstream's default).
+/// An EndpointPickerConfig from YAML or JSON text (empty text = upstream's default), read
+/// by the scheduler's own parser so errors name the offending key.
 pub fn config_from_text(text: &str) -> Result<EndpointPickerConfig> {
-    if text.trim().is_empty() {
-        return Ok(EndpointPickerConfig::default());
-    }
-    let value: serde_json::Value = serde_saphyr::from_str(text).context("EndpointPickerConfig is not valid YAML or JSON")?;
-    Ok(EndpointPickerConfig::from_document(value)?)
+    sluice_scheduling::parse_config_text(text).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The snapshot standalone mode serves.
-pub fn snapshot(pool: PoolRef, version: u64, endpoints: Vec<Endpoint>, config: EndpointPickerConfig) -> PoolSnapshot {
-    PoolSnapshot::new(pool, version, AppProtocol::Http, endpoints, Vec::new(), Vec::new(), config)
+pub fn snapshot(
+    pool: PoolRef,
+    version: u64,
+    endpoints: Vec<Endpoint>,
+    config: EndpointPickerConfig,
+) -> PoolSnapshot {
+    PoolSnapshot::new(
+        pool,
+        version,
+        AppProtocol::Http,
+        endpoints,
+        Vec::new(),
+        Vec::new(),
+        config,
+    )
 }
 
 #[cfg(test)]
@@ -130,6 +154,9 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.plugins.len(), 1);
         assert!(config_from_text("kind: ConfigMap").is_err());
-        assert_eq!(config_from_text("  ").unwrap(), EndpointPickerConfig::default());
+        assert_eq!(
+            config_from_text("  ").unwrap(),
+            EndpointPickerConfig::default()
+        );
     }
 }

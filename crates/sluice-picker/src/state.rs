@@ -58,7 +58,9 @@ impl EndpointRuntime {
     /// The latest metrics and their age at `now`.
     pub fn metrics(&self, now: Instant) -> Option<(Arc<EndpointMetrics>, Duration)> {
         let guard = self.scraped.lock();
-        guard.as_ref().map(|(m, at)| (Arc::clone(m), now.saturating_duration_since(*at)))
+        guard
+            .as_ref()
+            .map(|(m, at)| (Arc::clone(m), now.saturating_duration_since(*at)))
     }
 
     /// The endpoint as a scheduling candidate at `now`.
@@ -104,7 +106,9 @@ impl Loaded {
 
     /// The endpoint serving at `address`.
     pub fn endpoint_at(&self, address: SocketAddr) -> Option<&Arc<EndpointRuntime>> {
-        self.by_address.get(&address).and_then(|&i| self.endpoints.get(i))
+        self.by_address
+            .get(&address)
+            .and_then(|&i| self.endpoints.get(i))
     }
 
     /// The endpoint with this key.
@@ -185,7 +189,11 @@ impl PickerState {
     /// A state with nothing loaded. `scrape` starts a scraper per endpoint (needs a Tokio
     /// runtime at apply time); `None` disables scraping (tests inject metrics directly).
     /// `pool` restricts snapshots to one pool (`namespace/name`); `None` accepts any.
-    pub fn new(metrics: Arc<Metrics>, scrape: Option<ScrapeSettings>, pool: Option<String>) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        scrape: Option<ScrapeSettings>,
+        pool: Option<String>,
+    ) -> Self {
         let (version_tx, _) = watch::channel(0);
         PickerState {
             inner: Arc::new(Inner {
@@ -234,21 +242,30 @@ impl PickerState {
         if let Some(expected) = &self.inner.pool_name {
             let got = snapshot.pool.to_string();
             if &got != expected {
-                return Err(ApplyError::WrongPool { expected: expected.clone(), got });
+                return Err(ApplyError::WrongPool {
+                    expected: expected.clone(),
+                    got,
+                });
             }
         }
         let old = self.inner.current.load_full();
         if let Some(old) = &old {
             if snapshot.version <= old.snapshot.version && snapshot.pool == old.snapshot.pool {
-                return Err(ApplyError::Stale { current: old.snapshot.version, got: snapshot.version });
+                return Err(ApplyError::Stale {
+                    current: old.snapshot.version,
+                    got: snapshot.version,
+                });
             }
-            if snapshot.content_hash == old.snapshot.content_hash && snapshot.compute_hash() == snapshot.content_hash {
+            if snapshot.content_hash == old.snapshot.content_hash
+                && snapshot.compute_hash() == snapshot.content_hash
+            {
                 // Same content: keep the built scheduler (and its learned state) serving.
                 self.inner.version_tx.send_replace(snapshot.version);
                 return Ok(Applied::Unchanged);
             }
         }
-        let mut by_address: HashMap<SocketAddr, usize> = HashMap::with_capacity(snapshot.endpoints.len());
+        let mut by_address: HashMap<SocketAddr, usize> =
+            HashMap::with_capacity(snapshot.endpoints.len());
         let mut by_key = HashMap::with_capacity(snapshot.endpoints.len());
         for (i, ep) in snapshot.endpoints.iter().enumerate() {
             if let Some(&j) = by_address.get(&ep.address) {
@@ -263,10 +280,17 @@ impl PickerState {
         }
         // An unchanged picker config keeps the built scheduler, so plugin state (the prefix
         // index, latency trackers) survives endpoint churn.
-        let router = match old.as_ref().filter(|o| o.snapshot.picker_config == snapshot.picker_config) {
+        let router = match old
+            .as_ref()
+            .filter(|o| o.snapshot.picker_config == snapshot.picker_config)
+        {
             Some(o) => o.router.clone(),
-            None => Router::build(&snapshot.picker_config)
-                .map_err(|message| ApplyError::Config { version: snapshot.version, message })?,
+            None => {
+                Router::build(&snapshot.picker_config).map_err(|message| ApplyError::Config {
+                    version: snapshot.version,
+                    message,
+                })?
+            }
         };
         let endpoints: Vec<Arc<EndpointRuntime>> = snapshot
             .endpoints
@@ -287,9 +311,18 @@ impl PickerState {
             .collect();
         router.set_endpoints(&endpoints);
         let version = snapshot.version;
-        let loaded = Loaded { snapshot: Arc::new(snapshot), router, endpoints, by_address, by_key };
+        let loaded = Loaded {
+            snapshot: Arc::new(snapshot),
+            router,
+            endpoints,
+            by_address,
+            by_key,
+        };
         self.inner.current.store(Some(Arc::new(loaded)));
-        self.inner.metrics.config_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.inner
+            .metrics
+            .config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
         self.inner.version_tx.send_replace(version);
         Ok(Applied::Swapped)
     }
@@ -300,7 +333,9 @@ impl PickerState {
         let m = &self.inner.metrics;
         let Some(loaded) = self.current() else { return };
         let now = Instant::now();
-        let pool = crate::metrics::PoolLabel { name: loaded.snapshot.pool.name.clone() };
+        let pool = crate::metrics::PoolLabel {
+            name: loaded.snapshot.pool.name.clone(),
+        };
         m.pool_per_pod_queue.clear();
         m.endpoint_metrics_age.clear();
         m.endpoint_in_flight.clear();
@@ -309,8 +344,12 @@ impl PickerState {
             m.endpoint_in_flight
                 .get_or_create(&ep.labels)
                 .set(i64::from(ep.in_flight.requests()));
-            let Some((metrics, age)) = ep.metrics(now) else { continue };
-            m.endpoint_metrics_age.get_or_create(&ep.labels).set(age.as_secs_f64());
+            let Some((metrics, age)) = ep.metrics(now) else {
+                continue;
+            };
+            m.endpoint_metrics_age
+                .get_or_create(&ep.labels)
+                .set(age.as_secs_f64());
             if age > staleness {
                 continue;
             }
@@ -321,7 +360,10 @@ impl PickerState {
             m.pool_per_pod_queue
                 .get_or_create(&crate::metrics::PerPodLabels {
                     name: pool.name.clone(),
-                    model_server_pod: format!("{}-rank-{}", ep.endpoint.key.pod, ep.endpoint.key.rank),
+                    model_server_pod: format!(
+                        "{}-rank-{}",
+                        ep.endpoint.key.pod, ep.endpoint.key.rank
+                    ),
                 })
                 .set(i64::from(metrics.waiting_queue_size));
         }

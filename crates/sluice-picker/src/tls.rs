@@ -23,10 +23,16 @@ impl PemIdentity {
         let read = |name: &str| {
             let p = dir.join(name);
             std::fs::read_to_string(&p).with_context(|| {
-                format!("reading {} (--cert-path must be a directory with tls.crt and tls.key)", p.display())
+                format!(
+                    "reading {} (--cert-path must be a directory with tls.crt and tls.key)",
+                    p.display()
+                )
             })
         };
-        Ok(PemIdentity { cert: read("tls.crt")?, key: read("tls.key")? })
+        Ok(PemIdentity {
+            cert: read("tls.crt")?,
+            key: read("tls.key")?,
+        })
     }
 
     /// A fresh self-signed certificate for `localhost`, `127.0.0.1` and `::1`.
@@ -37,7 +43,10 @@ impl PemIdentity {
             "::1".to_string(),
         ])
         .context("generating a self-signed certificate")?;
-        Ok(PemIdentity { cert: ck.cert.pem(), key: ck.signing_key.serialize_pem() })
+        Ok(PemIdentity {
+            cert: ck.cert.pem(),
+            key: ck.signing_key.serialize_pem(),
+        })
     }
 
     /// The tonic server configuration.
