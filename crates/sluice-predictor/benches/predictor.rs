@@ -66,5 +66,19 @@ fn train(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, predict, train);
+/// Background-thread cost of storing samples once the store is full (evictions included).
+fn ingest(c: &mut Criterion) {
+    let mut t = trained_trainer(20_000);
+    let mut r = common::rng(9);
+    let samples: Vec<_> = (0..10_000).map(|_| common::sample(&mut r, 0.08)).collect();
+    c.bench_function("ingest_10k_samples_into_full_store", |b| {
+        b.iter(|| {
+            for s in &samples {
+                black_box(t.add(s));
+            }
+        })
+    });
+}
+
+criterion_group!(benches, predict, train, ingest);
 criterion_main!(benches);

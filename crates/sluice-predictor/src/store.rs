@@ -6,7 +6,7 @@
 //! regimes (a deep queue, a full KV cache) in the training set even when most traffic is
 //! idle, and keeps the set recent. Upstream's cap is per bucket only; with hardware classes
 //! the bucket count multiplies, so there is also a global cap: past it the oldest sample of
-//! the fullest bucket goes.
+//! the fullest bucket goes (the fullest is re-found every 64 evictions, not per sample).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -24,7 +24,13 @@ pub(crate) struct Store {
     max_total: usize,
     total: usize,
     buckets: HashMap<u64, VecDeque<Row>>,
+    /// The bucket evictions take from, re-chosen every `RESCAN_EVERY` evictions so a full
+    /// store does not scan every bucket per sample.
+    victim: Option<u64>,
+    evictions: usize,
 }
+
+const RESCAN_EVERY: usize = 64;
 
 fn queue_bucket(waiting: u32) -> u64 {
     match waiting {
@@ -50,6 +56,8 @@ impl Store {
             max_total: max_total.max(1),
             total: 0,
             buckets: HashMap::new(),
+            victim: None,
+            evictions: 0,
         }
     }
 
@@ -80,7 +88,13 @@ impl Store {
         {
             return true;
         }
-        let Some((&key, _)) = self.buckets.iter().max_by_key(|(_, b)| b.len()) else {
+        self.evictions += 1;
+        let stale = self.evictions % RESCAN_EVERY == 0
+            || self.victim.is_none_or(|k| self.buckets.get(&k).is_none_or(|b| b.len() <= 1));
+        if stale {
+            self.victim = self.buckets.iter().max_by_key(|(_, b)| b.len()).map(|(k, _)| *k);
+        }
+        let Some(key) = self.victim else {
             return false;
         };
         if let Some(b) = self.buckets.get_mut(&key) {
