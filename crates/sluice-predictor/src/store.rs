@@ -90,9 +90,15 @@ impl Store {
         }
         self.evictions += 1;
         let stale = self.evictions % RESCAN_EVERY == 0
-            || self.victim.is_none_or(|k| self.buckets.get(&k).is_none_or(|b| b.len() <= 1));
+            || self
+                .victim
+                .is_none_or(|k| self.buckets.get(&k).is_none_or(|b| b.len() <= 1));
         if stale {
-            self.victim = self.buckets.iter().max_by_key(|(_, b)| b.len()).map(|(k, _)| *k);
+            self.victim = self
+                .buckets
+                .iter()
+                .max_by_key(|(_, b)| b.len())
+                .map(|(k, _)| *k);
         }
         let Some(key) = self.victim else {
             return false;

@@ -122,3 +122,44 @@ fn p90_mode_covers_about_ninety_percent_of_observations() {
     assert!((0.85..=0.95).contains(&ct), "TTFT coverage {ct}");
     assert!((0.85..=0.95).contains(&cp), "TPOT coverage {cp}");
 }
+
+/// A latency function the features cannot represent exactly: service slows down as
+/// `1/(1 − 0.6·kv)` when the KV cache fills and the queue wait grows quadratically.
+fn saturating_truth(f: &Features) -> (f64, f64) {
+    let (t, p) = truth(f);
+    let sat = 1.0 / (1.0 - 0.6 * f.kv_cache_usage);
+    let q = f64::from(f.waiting);
+    (
+        t * sat + 0.8 * q * q * (1.0 + f64::from(f.running) / 20.0),
+        p * sat.sqrt(),
+    )
+}
+
+#[test]
+fn a_saturating_fleet_outside_the_models_span_stays_within_ten_percent() {
+    let mut r = rng(11);
+    let mut t = Trainer::new(PredictorConfig::default());
+    for _ in 0..20_000 {
+        let f = features(&mut r);
+        let (ttft, tpot) = saturating_truth(&f);
+        t.add(&sluice_predictor::TrainingSample {
+            features_at_dispatch: f,
+            ttft_ms: Some(noisy(&mut r, ttft, 0.08)),
+            tpot_ms: Some(noisy(&mut r, tpot, 0.08)),
+        });
+    }
+    let m = t.fit().unwrap();
+    let mut r = rng(12);
+    let test: Vec<Features> = (0..5000).map(|_| features(&mut r)).collect();
+    let ttft = mape(
+        test.iter()
+            .map(|f| (m.predict(f).ttft_ms, saturating_truth(f).0)),
+    );
+    let tpot = mape(
+        test.iter()
+            .map(|f| (m.predict(f).tpot_ms.unwrap(), saturating_truth(f).1)),
+    );
+    eprintln!("saturating fleet: MAPE vs truth TTFT {ttft:.2}% TPOT {tpot:.2}%");
+    assert!(ttft <= 10.0, "TTFT MAPE {ttft:.2}%");
+    assert!(tpot <= 10.0, "TPOT MAPE {tpot:.2}%");
+}
