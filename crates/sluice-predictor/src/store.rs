@@ -89,7 +89,7 @@ impl Store {
             return true;
         }
         self.evictions += 1;
-        let stale = self.evictions % RESCAN_EVERY == 0
+        let stale = self.evictions.is_multiple_of(RESCAN_EVERY)
             || self
                 .victim
                 .is_none_or(|k| self.buckets.get(&k).is_none_or(|b| b.len() <= 1));
