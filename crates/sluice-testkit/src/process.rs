@@ -1,1 +1,227 @@
-//! process (being written).
+//! Free loopback ports, child processes that die with the test, and readiness polling.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A free TCP port on 127.0.0.1 (bound, read, released: another process could take it in
+/// between, which is rare enough on loopback for tests).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `n` distinct free ports.
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    // Hold all listeners until every port is known, so the n ports are distinct.
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()
+        .context("binding free ports")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// The workspace root (the directory holding the workspace `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+    log: Option<PathBuf>,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdout and stderr appended to `log` (when given) or discarded.
+    pub fn spawn(name: &str, mut cmd: Command, log: Option<PathBuf>) -> Result<Self> {
+        cmd.stdin(Stdio::null());
+        match &log {
+            Some(path) => {
+                let f = std::fs::File::create(path)
+                    .with_context(|| format!("creating log {}", path.display()))?;
+                let f2 = f.try_clone()?;
+                cmd.stdout(f).stderr(f2);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The process id.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Fails (with the tail of the log) if the process has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(child) = &mut self.child
+            && let Some(status) = child.try_wait()?
+        {
+            bail!(
+                "{} exited with {status}; log tail:\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of the log, if there is one.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let Some(path) = &self.log else {
+            return String::from("(no log)");
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Kills the process now.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Ok(true)` or `timeout` passes.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() >= deadline {
+            let why = last_err
+                .map(|e| format!(": last error: {e:#}"))
+                .unwrap_or_default();
+            bail!("timed out after {timeout:?} waiting for {what}{why}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether something accepts TCP connections at `addr`.
+pub fn port_open(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// A minimal blocking HTTP/1.1 GET (for readiness and admin endpoints in tests).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status in reply from {addr}{path}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The path of a workspace binary built by cargo for the current profile: looks next to the
+/// running test executable (`target/<profile>/`), then under `CARGO_TARGET_DIR`.
+pub fn cargo_bin(name: &str) -> Result<PathBuf> {
+    if let Ok(p) = std::env::var(format!("CARGO_BIN_EXE_{name}")) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "binary {name} not found next to {}; build it first (cargo build -p {name})",
+        exe.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_bindable() {
+        let ports = free_ports(4).unwrap();
+        let mut sorted = ports.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 4);
+        for p in ports {
+            TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
+    }
+
+    #[test]
+    fn child_is_killed_on_drop() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let guard = ChildGuard::spawn("sleep", cmd, None).unwrap();
+        let pid = guard.id().unwrap();
+        drop(guard);
+        assert!(
+            !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z"))
+                    .unwrap_or(true)
+        );
+    }
+
+    #[test]
+    fn wait_until_times_out_with_the_reason() {
+        let err = wait_until("nothing", Duration::from_millis(50), || {
+            anyhow::bail!("still down")
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("still down"));
+    }
+}
