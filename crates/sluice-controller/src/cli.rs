@@ -75,12 +75,16 @@ pub struct Args {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 2s, 1m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 2s, 1m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration unit in {s:?}: expected ms, s or m")),
+        _ => Err(format!(
+            "invalid duration unit in {s:?}: expected ms, s or m"
+        )),
     }
 }
 
@@ -115,9 +119,13 @@ impl Args {
         } = self;
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => {
-                let read = |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
-                let mut cfg = tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(read(&cert)?, read(&key)?));
+                let read = |p: &PathBuf| {
+                    std::fs::read(p)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+                };
+                let mut cfg = tonic::transport::ServerTlsConfig::new().identity(
+                    tonic::transport::Identity::from_pem(read(&cert)?, read(&key)?),
+                );
                 if let Some(ca) = &tls_client_ca {
                     cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
                 }
@@ -127,13 +135,28 @@ impl Args {
         };
         let hub = Hub::new();
         let index = SharedIndex::new(crate::default_validator());
-        let keepalive = Keepalive { interval: keepalive, timeout: (keepalive / 2).max(Duration::from_secs(1)) };
+        let keepalive = Keepalive {
+            interval: keepalive,
+            timeout: (keepalive / 2).max(Duration::from_secs(1)),
+        };
         let compiler = tokio::spawn(index.clone().run_compiler(hub.clone(), stop.clone()));
-        let grpc = tokio::spawn(serve_grpc(grpc_addr, hub.clone(), identity.clone(), keepalive, tls, stop.clone()));
+        let grpc = tokio::spawn(serve_grpc(
+            grpc_addr,
+            hub.clone(),
+            identity.clone(),
+            keepalive,
+            tls,
+            stop.clone(),
+        ));
         tracing::info!(addr = %grpc_addr, "serving sluice.config.v1");
 
         let source = if let Some(dir) = manifests {
-            tokio::spawn(crate::files::run(dir, index.clone(), poll_interval, stop.clone()))
+            tokio::spawn(crate::files::run(
+                dir,
+                index.clone(),
+                poll_interval,
+                stop.clone(),
+            ))
         } else {
             let client = kube::Client::try_default().await?;
             let leader = crate::leader::elect(
@@ -153,10 +176,17 @@ impl Args {
                 hub.clone(),
                 leader,
                 stop.clone(),
-                Duration::from_millis(200),
-                Duration::from_secs(60),
+                crate::status::Timing {
+                    min_interval: Duration::from_millis(200),
+                    resync: Duration::from_secs(60),
+                },
             ));
-            tokio::spawn(crate::k8s::run(client, index.clone(), watch_namespace, stop.clone()))
+            tokio::spawn(crate::k8s::run(
+                client,
+                index.clone(),
+                watch_namespace,
+                stop.clone(),
+            ))
         };
         let (grpc_result, source_result) = tokio::join!(grpc, source);
         compiler.abort();
@@ -169,13 +199,14 @@ impl Args {
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -61,7 +61,12 @@ fn documents(text: &str) -> Vec<String> {
             d.push('\n');
         }
     }
-    docs.into_iter().filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))).collect()
+    docs.into_iter()
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
 }
 
 /// Parses a YAML stream; returns the objects and one message per skipped document, each
@@ -86,37 +91,55 @@ pub fn parse_manifests(text: &str, origin: &str) -> (ManifestSet, Vec<String>) {
 }
 
 fn add_object(set: &mut ManifestSet, mut value: Value) -> Result<(), String> {
-    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     // Objects without a namespace land in `default`, as `kubectl apply` would put them.
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.entry("namespace").or_insert_with(|| Value::String("default".into()));
+        meta.entry("namespace")
+            .or_insert_with(|| Value::String("default".into()));
     }
     fn typed<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T, String> {
         serde_json::from_value(v).map_err(|e| format!("invalid {what}: {e}"))
     }
     match (api_version.as_str(), kind.as_str()) {
-        ("inference.networking.k8s.io/v1", "InferencePool") => set.pools.push(typed(value, "InferencePool")?),
+        ("inference.networking.k8s.io/v1", "InferencePool") => {
+            set.pools.push(typed(value, "InferencePool")?)
+        }
         ("v1", "Pod") => {
             let pod: Pod = typed(value, "Pod")?;
             let info = PodInfo::from_pod(&pod);
-            set.pods.push((pod.namespace().unwrap_or_default(), pod.name_any(), info));
+            set.pods
+                .push((pod.namespace().unwrap_or_default(), pod.name_any(), info));
         }
         ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective") => {
-            set.objectives.push((AlphaGroup::XK8s, typed(value, "InferenceObjective")?));
+            set.objectives
+                .push((AlphaGroup::XK8s, typed(value, "InferenceObjective")?));
         }
         ("llm-d.ai/v1alpha2", "InferenceObjective") => {
             let o: llm_d::InferenceObjective = typed(value, "InferenceObjective")?;
-            set.objectives.push((AlphaGroup::LlmD, objective_from_llm_d(&o)));
+            set.objectives
+                .push((AlphaGroup::LlmD, objective_from_llm_d(&o)));
         }
         ("inference.networking.x-k8s.io/v1alpha2", "InferenceModelRewrite") => {
-            set.rewrites.push((AlphaGroup::XK8s, typed(value, "InferenceModelRewrite")?));
+            set.rewrites
+                .push((AlphaGroup::XK8s, typed(value, "InferenceModelRewrite")?));
         }
         ("llm-d.ai/v1alpha2", "InferenceModelRewrite") => {
             let o: llm_d::InferenceModelRewrite = typed(value, "InferenceModelRewrite")?;
-            set.rewrites.push((AlphaGroup::LlmD, rewrite_from_llm_d(&o)));
+            set.rewrites
+                .push((AlphaGroup::LlmD, rewrite_from_llm_d(&o)));
         }
-        ("sluice.dev/v1alpha1", "EndpointPickerConfig") => set.epcs.push(typed(value, "EndpointPickerConfig")?),
+        ("sluice.dev/v1alpha1", "EndpointPickerConfig") => {
+            set.epcs.push(typed(value, "EndpointPickerConfig")?)
+        }
         (av, k) => {
             return Err(format!(
                 "unsupported object {av}/{k}: expected InferencePool, InferenceObjective, InferenceModelRewrite, \
@@ -188,7 +211,10 @@ pub struct ManifestDir {
 impl ManifestDir {
     /// A follower of `root` (a directory, or a single file).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        ManifestDir { root: root.into(), files: BTreeMap::new() }
+        ManifestDir {
+            root: root.into(),
+            files: BTreeMap::new(),
+        }
     }
 
     /// Re-reads what changed; returns the union of all files when anything did.
@@ -207,7 +233,10 @@ impl ManifestDir {
                     continue;
                 }
             };
-            let fp = Fingerprint { len: meta.len(), modified: meta.modified().ok() };
+            let fp = Fingerprint {
+                len: meta.len(),
+                modified: meta.modified().ok(),
+            };
             if let Some((old_fp, set)) = self.files.get(&path)
                 && *old_fp == fp
             {
@@ -229,7 +258,10 @@ impl ManifestDir {
                     }
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "cannot read manifest; keeping its previous objects");
-                        self.files.get(&path).map(|(_, s)| s.clone()).unwrap_or_default()
+                        self.files
+                            .get(&path)
+                            .map(|(_, s)| s.clone())
+                            .unwrap_or_default()
                     }
                 }
             };
@@ -281,7 +313,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut dir = ManifestDir::new(&root);
-    let first = dir.poll().map_err(|e| anyhow::anyhow!("cannot read manifests in {}: {e}", root.display()))?;
+    let first = dir
+        .poll()
+        .map_err(|e| anyhow::anyhow!("cannot read manifests in {}: {e}", root.display()))?;
     if let Some(set) = first {
         index.update(|i| sync_index(i, &set));
     }
@@ -299,7 +333,9 @@ pub async fn run(
                 index.update(|i| sync_index(i, &set));
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(dir = %root.display(), error = %e, "cannot read manifests; keeping the last state"),
+            Err(e) => {
+                tracing::warn!(dir = %root.display(), error = %e, "cannot read manifests; keeping the last state")
+            }
         }
     }
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use futures::Stream;
 use sluice_core::PoolRef;
 use sluice_proto::config::v1 as pb;
-use sluice_proto::config::v1::config_distribution_server::{ConfigDistribution, ConfigDistributionServer};
+use sluice_proto::config::v1::config_distribution_server::{
+    ConfigDistribution, ConfigDistributionServer,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,8 +36,16 @@ pub struct ConfigService {
 
 impl ConfigService {
     /// A service publishing what `hub` holds; streams end when `shutdown` turns true.
-    pub fn new(hub: Hub, controller_id: impl Into<String>, shutdown: watch::Receiver<bool>) -> Self {
-        ConfigService { hub, controller_id: controller_id.into(), shutdown }
+    pub fn new(
+        hub: Hub,
+        controller_id: impl Into<String>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        ConfigService {
+            hub,
+            controller_id: controller_id.into(),
+            shutdown,
+        }
     }
 
     /// The tonic server wrapping this service, with message size limits set.
@@ -56,17 +66,27 @@ impl ConfigDistribution for ConfigService {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let remote = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        let remote = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
-            Ok(Some(Ok(pb::SubscribeRequest { kind: Some(pb::subscribe_request::Kind::Hello(h)) }))) => h,
+            Ok(Some(Ok(pb::SubscribeRequest {
+                kind: Some(pb::subscribe_request::Kind::Hello(h)),
+            }))) => h,
             Ok(Some(Ok(_))) => {
-                return Err(Status::invalid_argument("the first message on a Subscribe stream must be a Hello"));
+                return Err(Status::invalid_argument(
+                    "the first message on a Subscribe stream must be a Hello",
+                ));
             }
             Ok(Some(Err(status))) => return Err(status),
             Ok(None) => return Err(Status::cancelled("stream closed before Hello")),
             Err(_) => {
-                return Err(Status::deadline_exceeded(format!("no Hello within {}s", HELLO_TIMEOUT.as_secs())));
+                return Err(Status::deadline_exceeded(format!(
+                    "no Hello within {}s",
+                    HELLO_TIMEOUT.as_secs()
+                )));
             }
         };
         if hello.pool_namespace.is_empty() || hello.pool_name.is_empty() {
@@ -75,13 +95,25 @@ impl ConfigDistribution for ConfigService {
                 hello.pool_namespace, hello.pool_name
             )));
         }
-        let pool = PoolRef { namespace: hello.pool_namespace.clone(), name: hello.pool_name.clone() };
-        let picker_id = if hello.picker_id.is_empty() { remote } else { hello.picker_id.clone() };
+        let pool = PoolRef {
+            namespace: hello.pool_namespace.clone(),
+            name: hello.pool_name.clone(),
+        };
+        let picker_id = if hello.picker_id.is_empty() {
+            remote
+        } else {
+            hello.picker_id.clone()
+        };
         tracing::info!(pool = %pool, picker = %picker_id, last_version = hello.last_applied_version,
             last_hash = hello.last_applied_hash, "picker subscribed");
 
         let hub = self.hub.clone();
-        let mut snapshots = hub.subscribe(&pool, &picker_id, hello.last_applied_version, hello.last_applied_hash);
+        let mut snapshots = hub.subscribe(
+            &pool,
+            &picker_id,
+            hello.last_applied_version,
+            hello.last_applied_hash,
+        );
         let (tx, rx) = mpsc::channel::<Result<pb::PoolConfig, Status>>(1);
         let mut shutdown = self.shutdown.clone();
         let controller_id = self.controller_id.clone();
@@ -96,7 +128,9 @@ impl ConfigDistribution for ConfigService {
             tokio::spawn(async move {
                 while let Some(msg) = inbound.next().await {
                     match msg {
-                        Ok(pb::SubscribeRequest { kind: Some(pb::subscribe_request::Kind::Ack(ack)) }) => {
+                        Ok(pb::SubscribeRequest {
+                            kind: Some(pb::subscribe_request::Kind::Ack(ack)),
+                        }) => {
                             if ack.accepted {
                                 tracing::debug!(pool = %pool, picker = %picker_id, version = ack.version, "picker applied config");
                             } else {
@@ -106,7 +140,9 @@ impl ConfigDistribution for ConfigService {
                             let error = (!ack.accepted).then_some(ack.error);
                             hub.record_ack(&pool, &picker_id, ack.version, ack.accepted, error);
                         }
-                        Ok(_) => tracing::debug!(pool = %pool, picker = %picker_id, "ignoring repeated Hello"),
+                        Ok(_) => {
+                            tracing::debug!(pool = %pool, picker = %picker_id, "ignoring repeated Hello")
+                        }
                         Err(status) => {
                             tracing::info!(pool = %pool, picker = %picker_id, %status, "picker stream failed");
                             break;
@@ -164,7 +200,10 @@ pub struct Keepalive {
 
 impl Default for Keepalive {
     fn default() -> Self {
-        Keepalive { interval: Duration::from_secs(10), timeout: Duration::from_secs(5) }
+        Keepalive {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+        }
     }
 }
 

@@ -53,14 +53,19 @@ pub struct Hub {
 impl Hub {
     /// An empty hub.
     pub fn new() -> Self {
-        Hub { inner: Default::default(), changes: Arc::new(watch::Sender::new(0)) }
+        Hub {
+            inner: Default::default(),
+            changes: Arc::new(watch::Sender::new(0)),
+        }
     }
 
     /// Publishes a pool's compiled content. The version is assigned here; content equal to
     /// what is published (same hash) is not republished. Returns the published version.
     pub fn publish(&self, mut snapshot: PoolSnapshot) -> u64 {
         let mut pools = self.inner.lock();
-        let entry = pools.entry(snapshot.pool.clone()).or_insert_with(PoolEntry::new);
+        let entry = pools
+            .entry(snapshot.pool.clone())
+            .or_insert_with(PoolEntry::new);
         if let Some(current) = entry.tx.borrow().as_ref()
             && current.content_hash == snapshot.content_hash
         {
@@ -77,12 +82,20 @@ impl Hub {
 
     /// The published snapshot of a pool, if any.
     pub fn current(&self, pool: &PoolRef) -> Option<Arc<PoolSnapshot>> {
-        self.inner.lock().get(pool).and_then(|e| e.tx.borrow().clone())
+        self.inner
+            .lock()
+            .get(pool)
+            .and_then(|e| e.tx.borrow().clone())
     }
 
     /// Every pool with a published snapshot.
     pub fn pools(&self) -> Vec<PoolRef> {
-        self.inner.lock().iter().filter(|(_, e)| e.tx.borrow().is_some()).map(|(p, _)| p.clone()).collect()
+        self.inner
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.tx.borrow().is_some())
+            .map(|(p, _)| p.clone())
+            .collect()
     }
 
     /// Subscribes a picker to a pool (which need not exist yet). `last_version` is what the
@@ -108,7 +121,14 @@ impl Hub {
                 entry.tx.send_replace(Some(Arc::new(restamped)));
             }
         }
-        entry.pickers.insert(picker_id.to_owned(), PickerState { version: 0, accepted: false, error: None });
+        entry.pickers.insert(
+            picker_id.to_owned(),
+            PickerState {
+                version: 0,
+                accepted: false,
+                error: None,
+            },
+        );
         let rx = entry.tx.subscribe();
         drop(pools);
         self.bump();
@@ -116,10 +136,24 @@ impl Hub {
     }
 
     /// Records that a picker already runs a version (it resumed with the current content).
-    pub fn record_ack(&self, pool: &PoolRef, picker_id: &str, version: u64, accepted: bool, error: Option<String>) {
+    pub fn record_ack(
+        &self,
+        pool: &PoolRef,
+        picker_id: &str,
+        version: u64,
+        accepted: bool,
+        error: Option<String>,
+    ) {
         let mut pools = self.inner.lock();
-        if let Some(state) = pools.get_mut(pool).and_then(|e| e.pickers.get_mut(picker_id)) {
-            *state = PickerState { version, accepted, error };
+        if let Some(state) = pools
+            .get_mut(pool)
+            .and_then(|e| e.pickers.get_mut(picker_id))
+        {
+            *state = PickerState {
+                version,
+                accepted,
+                error,
+            };
         }
         drop(pools);
         self.bump();
@@ -137,18 +171,32 @@ impl Hub {
 
     /// The pickers of a pool and what they run.
     pub fn pickers(&self, pool: &PoolRef) -> BTreeMap<String, PickerState> {
-        self.inner.lock().get(pool).map(|e| e.pickers.clone()).unwrap_or_default()
+        self.inner
+            .lock()
+            .get(pool)
+            .map(|e| e.pickers.clone())
+            .unwrap_or_default()
     }
 
     /// How many of a pool's pickers run its current version.
     pub fn counts(&self, pool: &PoolRef) -> PickerCounts {
         let pools = self.inner.lock();
-        let Some(entry) = pools.get(pool) else { return PickerCounts::default() };
+        let Some(entry) = pools.get(pool) else {
+            return PickerCounts::default();
+        };
         let current = entry.tx.borrow().as_ref().map(|s| s.version);
         PickerCounts {
             total: entry.pickers.len(),
-            in_sync: entry.pickers.values().filter(|p| p.accepted && Some(p.version) == current).count(),
-            refusing: entry.pickers.values().filter(|p| !p.accepted && p.error.is_some()).count(),
+            in_sync: entry
+                .pickers
+                .values()
+                .filter(|p| p.accepted && Some(p.version) == current)
+                .count(),
+            refusing: entry
+                .pickers
+                .values()
+                .filter(|p| !p.accepted && p.error.is_some())
+                .count(),
         }
     }
 
@@ -184,7 +232,11 @@ impl Hub {
 
 impl PoolEntry {
     fn new() -> Self {
-        PoolEntry { tx: watch::Sender::new(None), version: 0, pickers: BTreeMap::new() }
+        PoolEntry {
+            tx: watch::Sender::new(None),
+            version: 0,
+            pickers: BTreeMap::new(),
+        }
     }
 }
 
@@ -195,12 +247,23 @@ mod tests {
     use sluice_core::{Endpoint, EndpointPickerConfig};
 
     fn pool() -> PoolRef {
-        PoolRef { namespace: "ns".into(), name: "p".into() }
+        PoolRef {
+            namespace: "ns".into(),
+            name: "p".into(),
+        }
     }
 
     fn snap(port: u16) -> PoolSnapshot {
         let ep = Endpoint::from_address("ns", ([10, 0, 0, 1], port).into());
-        PoolSnapshot::new(pool(), 0, AppProtocol::Http, vec![ep], vec![], vec![], EndpointPickerConfig::default())
+        PoolSnapshot::new(
+            pool(),
+            0,
+            AppProtocol::Http,
+            vec![ep],
+            vec![],
+            vec![],
+            EndpointPickerConfig::default(),
+        )
     }
 
     #[test]
@@ -230,7 +293,11 @@ mod tests {
         let hub = Hub::new();
         hub.publish(snap(1));
         let rx = hub.subscribe(&pool(), "from-another-replica", 40, 0);
-        assert_eq!(rx.borrow().as_ref().unwrap().version, 41, "current content is restamped");
+        assert_eq!(
+            rx.borrow().as_ref().unwrap().version,
+            41,
+            "current content is restamped"
+        );
         assert_eq!(hub.publish(snap(2)), 42);
     }
 
@@ -242,9 +309,20 @@ mod tests {
         let v = hub.publish(snap(1));
         hub.record_ack(&pool(), "a", v, true, None);
         hub.record_ack(&pool(), "b", v, false, Some("bad".into()));
-        assert_eq!(hub.counts(&pool()), PickerCounts { total: 2, in_sync: 1, refusing: 1 });
+        assert_eq!(
+            hub.counts(&pool()),
+            PickerCounts {
+                total: 2,
+                in_sync: 1,
+                refusing: 1
+            }
+        );
         hub.publish(snap(2));
-        assert_eq!(hub.counts(&pool()).in_sync, 0, "a new version is not yet acknowledged");
+        assert_eq!(
+            hub.counts(&pool()).in_sync,
+            0,
+            "a new version is not yet acknowledged"
+        );
         hub.unsubscribe(&pool(), "b");
         assert_eq!(hub.counts(&pool()).total, 1);
     }

@@ -18,10 +18,15 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use sluice_api::alpha::{InferenceModelRewriteRule, PoolObjectReference};
-use sluice_api::{EndpointPickerConfig as EpcResource, InferencePool, InferencePoolSpec, llm_d, x_k8s};
+use sluice_api::{
+    EndpointPickerConfig as EpcResource, InferencePool, InferencePoolSpec, llm_d, x_k8s,
+};
 use sluice_core::endpoint::ACTIVE_PORTS_ANNOTATION;
 use sluice_core::snapshot::AppProtocol;
-use sluice_core::{Endpoint, EndpointKey, EndpointPickerConfig, ModelRewriteRule, Objective, PoolRef, PoolSnapshot, RewriteTarget};
+use sluice_core::{
+    Endpoint, EndpointKey, EndpointPickerConfig, ModelRewriteRule, Objective, PoolRef,
+    PoolSnapshot, RewriteTarget,
+};
 
 /// Validates a picker config before it may reach a picker; the error says what is wrong.
 pub type Validator = Arc<dyn Fn(&EndpointPickerConfig) -> Result<(), String> + Send + Sync>;
@@ -54,15 +59,24 @@ impl PodInfo {
     /// Extracts what the index needs from a Pod.
     pub fn from_pod(pod: &Pod) -> Self {
         let status = pod.status.as_ref();
-        let ip = status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok());
+        let ip = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
         let condition_ready = status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         let ready = condition_ready && pod.metadata.deletion_timestamp.is_none();
         let active_ports = pod.annotations().get(ACTIVE_PORTS_ANNOTATION).map(|v| {
-            v.split(',').filter_map(|p| p.trim().parse::<u16>().ok()).collect::<BTreeSet<_>>()
+            v.split(',')
+                .filter_map(|p| p.trim().parse::<u16>().ok())
+                .collect::<BTreeSet<_>>()
         });
-        PodInfo { ip, ready, labels: pod.labels().clone(), active_ports }
+        PodInfo {
+            ip,
+            ready,
+            labels: pod.labels().clone(),
+            active_ports,
+        }
     }
 }
 
@@ -76,7 +90,11 @@ struct ObjectMeta {
 fn meta_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectMeta {
     ObjectMeta {
         generation: m.generation,
-        created: m.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+        created: m
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -150,7 +168,10 @@ impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Index")
             .field("pools", &self.pools.len())
-            .field("pods", &self.pods.values().map(BTreeMap::len).sum::<usize>())
+            .field(
+                "pods",
+                &self.pods.values().map(BTreeMap::len).sum::<usize>(),
+            )
             .field("objectives", &self.objectives.len())
             .field("rewrites", &self.rewrites.len())
             .field("epcs", &self.epcs.len())
@@ -192,7 +213,10 @@ impl Index {
     }
 
     fn mark_pool(&mut self, ns: &str, name: &str) {
-        self.dirty.insert(PoolRef { namespace: ns.to_owned(), name: name.to_owned() });
+        self.dirty.insert(PoolRef {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        });
     }
 
     /// Whether any pool waits for a compile.
@@ -213,7 +237,11 @@ impl Index {
 
     /// Removes a pool.
     pub fn delete_pool(&mut self, ns: &str, name: &str) {
-        if self.pools.remove(&(ns.to_owned(), name.to_owned())).is_some() {
+        if self
+            .pools
+            .remove(&(ns.to_owned(), name.to_owned()))
+            .is_some()
+        {
             self.mark_pool(ns, name);
         }
     }
@@ -250,9 +278,15 @@ impl Index {
             .iter()
             .filter(|((n, _), spec)| {
                 n == ns
-                    && [old, new].into_iter().flatten().any(|p| selects(spec, &p.labels))
+                    && [old, new]
+                        .into_iter()
+                        .flatten()
+                        .any(|p| selects(spec, &p.labels))
             })
-            .map(|((n, name), _)| PoolRef { namespace: n.clone(), name: name.clone() })
+            .map(|((n, name), _)| PoolRef {
+                namespace: n.clone(),
+                name: name.clone(),
+            })
             .collect();
         self.dirty.extend(hit);
     }
@@ -280,7 +314,10 @@ impl Index {
             pool_ref: obj.spec.pool_ref.clone(),
             priority: obj.spec.effective_priority(),
         };
-        if let Some(old) = self.objectives.insert((ns.clone(), obj.name_any(), group), entry) {
+        if let Some(old) = self
+            .objectives
+            .insert((ns.clone(), obj.name_any(), group), entry)
+        {
             self.mark_pool(&ns, &old.pool_ref.name);
         }
         self.mark_pool(&ns, &obj.spec.pool_ref.name);
@@ -288,7 +325,10 @@ impl Index {
 
     /// Removes an InferenceObjective.
     pub fn delete_objective(&mut self, group: AlphaGroup, ns: &str, name: &str) {
-        if let Some(old) = self.objectives.remove(&(ns.to_owned(), name.to_owned(), group)) {
+        if let Some(old) = self
+            .objectives
+            .remove(&(ns.to_owned(), name.to_owned(), group))
+        {
             self.mark_pool(ns, &old.pool_ref.name);
         }
     }
@@ -301,7 +341,10 @@ impl Index {
             pool_ref: obj.spec.pool_ref.clone(),
             rules: obj.spec.rules.clone(),
         };
-        if let Some(old) = self.rewrites.insert((ns.clone(), obj.name_any(), group), entry) {
+        if let Some(old) = self
+            .rewrites
+            .insert((ns.clone(), obj.name_any(), group), entry)
+        {
             self.mark_pool(&ns, &old.pool_ref.name);
         }
         self.mark_pool(&ns, &obj.spec.pool_ref.name);
@@ -309,7 +352,10 @@ impl Index {
 
     /// Removes an InferenceModelRewrite.
     pub fn delete_rewrite(&mut self, group: AlphaGroup, ns: &str, name: &str) {
-        if let Some(old) = self.rewrites.remove(&(ns.to_owned(), name.to_owned(), group)) {
+        if let Some(old) = self
+            .rewrites
+            .remove(&(ns.to_owned(), name.to_owned(), group))
+        {
             self.mark_pool(ns, &old.pool_ref.name);
         }
     }
@@ -342,7 +388,11 @@ impl Index {
     pub fn keys(&self) -> IndexKeys {
         IndexKeys {
             pools: self.pools.keys().cloned().collect(),
-            pods: self.pods.iter().flat_map(|(ns, p)| p.keys().map(move |n| (ns.clone(), n.clone()))).collect(),
+            pods: self
+                .pods
+                .iter()
+                .flat_map(|(ns, p)| p.keys().map(move |n| (ns.clone(), n.clone())))
+                .collect(),
             objectives: self.objectives.keys().cloned().collect(),
             rewrites: self.rewrites.keys().cloned().collect(),
             epcs: self.epcs.keys().cloned().collect(),
@@ -354,13 +404,22 @@ impl Index {
     /// Compiles every dirty pool.
     pub fn compile_dirty(&mut self) -> Vec<(PoolRef, Compiled)> {
         let dirty = std::mem::take(&mut self.dirty);
-        dirty.into_iter().map(|p| (p.clone(), self.compile(&p))).collect()
+        dirty
+            .into_iter()
+            .map(|p| (p.clone(), self.compile(&p)))
+            .collect()
     }
 
     /// Marks every pool dirty (after a restart of the compile loop).
     pub fn mark_all(&mut self) {
-        let all: Vec<PoolRef> =
-            self.pools.keys().map(|(ns, name)| PoolRef { namespace: ns.clone(), name: name.clone() }).collect();
+        let all: Vec<PoolRef> = self
+            .pools
+            .keys()
+            .map(|(ns, name)| PoolRef {
+                namespace: ns.clone(),
+                name: name.clone(),
+            })
+            .collect();
         self.dirty.extend(all);
     }
 
@@ -422,7 +481,9 @@ impl Index {
     }
 
     fn judge_epcs(&mut self, pool: &PoolRef) {
-        let exists = self.pools.contains_key(&(pool.namespace.clone(), pool.name.clone()));
+        let exists = self
+            .pools
+            .contains_key(&(pool.namespace.clone(), pool.name.clone()));
         let bound = self.bound_epc(pool).map(|(k, _)| k);
         let mine: Vec<(ObjKey, EpcEntry)> = self
             .epcs
@@ -445,8 +506,14 @@ impl Index {
                     Err(e) => EpcVerdict::Invalid(e),
                 }
             };
-            self.epc_verdicts
-                .insert(key, ObjectStatus { generation: entry.meta.generation, pool: pool.clone(), verdict });
+            self.epc_verdicts.insert(
+                key,
+                ObjectStatus {
+                    generation: entry.meta.generation,
+                    pool: pool.clone(),
+                    verdict,
+                },
+            );
         }
     }
 
@@ -460,32 +527,59 @@ impl Index {
         self.objectives
             .iter()
             .map(|((ns, name, group), e)| {
-                let pool = PoolRef { namespace: ns.clone(), name: e.pool_ref.name.clone() };
+                let pool = PoolRef {
+                    namespace: ns.clone(),
+                    name: e.pool_ref.name.clone(),
+                };
                 let exists = e.pool_ref.refers_to_pool(&e.pool_ref.name)
-                    && self.pools.contains_key(&(ns.clone(), e.pool_ref.name.clone()));
-                (*group, (ns.clone(), name.clone()), ObjectStatus { generation: e.meta.generation, pool, verdict: exists })
+                    && self
+                        .pools
+                        .contains_key(&(ns.clone(), e.pool_ref.name.clone()));
+                (
+                    *group,
+                    (ns.clone(), name.clone()),
+                    ObjectStatus {
+                        generation: e.meta.generation,
+                        pool,
+                        verdict: exists,
+                    },
+                )
             })
             .collect()
     }
 
     fn endpoints(&self, ns: &str, spec: &InferencePoolSpec) -> Vec<Endpoint> {
-        let Some(pods) = self.pods.get(ns) else { return Vec::new() };
+        let Some(pods) = self.pods.get(ns) else {
+            return Vec::new();
+        };
         let ns_arc: Arc<str> = ns.into();
         let mut out = Vec::new();
         for (name, pod) in pods {
-            let (Some(ip), true) = (pod.ip, pod.ready) else { continue };
+            let (Some(ip), true) = (pod.ip, pod.ready) else {
+                continue;
+            };
             if !selects(spec, &pod.labels) {
                 continue;
             }
             let pod_arc: Arc<str> = name.as_str().into();
             for (rank, port) in spec.target_ports.iter().enumerate() {
-                let Ok(port) = u16::try_from(port.number) else { continue };
-                if pod.active_ports.as_ref().is_some_and(|active| !active.contains(&port)) {
+                let Ok(port) = u16::try_from(port.number) else {
+                    continue;
+                };
+                if pod
+                    .active_ports
+                    .as_ref()
+                    .is_some_and(|active| !active.contains(&port))
+                {
                     continue;
                 }
                 let address = SocketAddr::new(ip, port);
                 out.push(Endpoint {
-                    key: EndpointKey { namespace: ns_arc.clone(), pod: pod_arc.clone(), rank: rank as u32 },
+                    key: EndpointKey {
+                        namespace: ns_arc.clone(),
+                        pod: pod_arc.clone(),
+                        rank: rank as u32,
+                    },
                     address,
                     metrics_address: address,
                     labels: pod.labels.clone(),
@@ -506,14 +600,22 @@ impl Index {
                 *slot = (*group, e.priority);
             }
         }
-        by_name.into_iter().map(|(name, (_, priority))| Objective { name: name.to_owned(), priority }).collect()
+        by_name
+            .into_iter()
+            .map(|(name, (_, priority))| Objective {
+                name: name.to_owned(),
+                priority,
+            })
+            .collect()
     }
 
     fn rewrites_of(&self, pool: &PoolRef) -> Vec<ModelRewriteRule> {
         let mut sources: Vec<(&String, &String, &RewriteEntry)> = self
             .rewrites
             .iter()
-            .filter(|((ns, _, _), e)| *ns == pool.namespace && e.pool_ref.refers_to_pool(&pool.name))
+            .filter(|((ns, _, _), e)| {
+                *ns == pool.namespace && e.pool_ref.refers_to_pool(&pool.name)
+            })
             .map(|((ns, name, _), e)| (ns, name, e))
             .collect();
         // Oldest resource first: its rules take precedence.
@@ -558,7 +660,11 @@ pub struct IndexKeys {
 fn selects(spec: &InferencePoolSpec, labels: &BTreeMap<String, String>) -> bool {
     // An empty selector selects nothing (the CRD requires at least one label).
     !spec.selector.match_labels.is_empty()
-        && spec.selector.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && spec
+            .selector
+            .match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// Converts an `llm-d.ai` objective to the shared representation.

@@ -42,7 +42,10 @@ fn load(index: &mut Index, docs: &[&str]) {
 }
 
 fn pool() -> PoolRef {
-    PoolRef { namespace: "ns".into(), name: "pool".into() }
+    PoolRef {
+        namespace: "ns".into(),
+        name: "pool".into(),
+    }
 }
 
 fn publish(index: &mut Index) -> PoolSnapshot {
@@ -59,14 +62,26 @@ fn one_endpoint_per_ready_pod_and_target_port_with_labels() {
     let mut index = index_with(&[POOL, &p1, &p2]);
     let s = publish(&mut index);
     let addrs: Vec<String> = s.endpoints.iter().map(|e| e.address.to_string()).collect();
-    assert_eq!(addrs, ["10.0.0.1:8000", "10.0.0.1:8001"], "the unready pod has no endpoints");
+    assert_eq!(
+        addrs,
+        ["10.0.0.1:8000", "10.0.0.1:8001"],
+        "the unready pod has no endpoints"
+    );
     assert_eq!(s.endpoints[1].key.to_string(), "ns/p1-rank-1");
-    assert_eq!(s.endpoints[0].labels.get("zone").map(String::as_str), Some("a"));
+    assert_eq!(
+        s.endpoints[0].labels.get("zone").map(String::as_str),
+        Some("a")
+    );
 }
 
 #[test]
 fn active_ports_annotation_restricts_endpoints() {
-    let p1 = pod("p1", "10.0.0.1", true, "annotations: {inference.networking.k8s.io/active-ports: \"8001\"}");
+    let p1 = pod(
+        "p1",
+        "10.0.0.1",
+        true,
+        "annotations: {inference.networking.k8s.io/active-ports: \"8001\"}",
+    );
     let mut index = index_with(&[POOL, &p1]);
     let s = publish(&mut index);
     let addrs: Vec<String> = s.endpoints.iter().map(|e| e.address.to_string()).collect();
@@ -120,16 +135,33 @@ spec:
 "#;
     let mut index = index_with(&[POOL, obj, other_pool, newer, older]);
     let s = publish(&mut index);
-    assert_eq!(s.objectives, vec![Objective { name: "batch".into(), priority: -1 }]);
+    assert_eq!(
+        s.objectives,
+        vec![Objective {
+            name: "batch".into(),
+            priority: -1
+        }]
+    );
     assert!(s.objective("batch").unwrap().is_sheddable());
     let sources: Vec<&str> = s.rewrites.iter().map(|r| r.source.as_str()).collect();
-    assert_eq!(sources, ["ns/z-older", "ns/a-newer"], "oldest resource first");
+    assert_eq!(
+        sources,
+        ["ns/z-older", "ns/a-newer"],
+        "oldest resource first"
+    );
     assert_eq!(s.rewrites[0].targets[0].weight, 3);
     assert!(s.rewrites[0].matches.is_empty());
 
     load(&mut index, &[POOL, obj, obj_llmd]);
     let s = publish(&mut index);
-    assert_eq!(s.objectives, vec![Objective { name: "batch".into(), priority: 5 }], "llm-d.ai wins a name clash");
+    assert_eq!(
+        s.objectives,
+        vec![Objective {
+            name: "batch".into(),
+            priority: 5
+        }],
+        "llm-d.ai wins a name clash"
+    );
     assert!(s.rewrites.is_empty(), "deleted rewrites are gone");
 }
 
@@ -161,7 +193,10 @@ fn an_invalid_config_keeps_the_last_good_one_and_is_reported() {
     let p1 = pod("p1", "10.0.0.1", true, "");
     load(&mut index, &[POOL, BAD_EPC, &p1]);
     let s = publish(&mut index);
-    assert_eq!(s.picker_config, good.picker_config, "last good config stays");
+    assert_eq!(
+        s.picker_config, good.picker_config,
+        "last good config stays"
+    );
     assert_eq!(s.endpoints.len(), 2, "other changes still flow");
     let verdict = &index.epc_verdicts()[&("ns".to_owned(), "cfg".to_owned())];
     assert_eq!(verdict.generation, Some(2));
@@ -179,26 +214,44 @@ fn an_invalid_config_without_a_previous_good_one_is_withheld() {
 
 #[test]
 fn the_oldest_config_wins_and_the_other_is_a_conflict() {
-    let older = GOOD_EPC.replace("generation: 1", "generation: 1, creationTimestamp: \"2026-01-01T00:00:00Z\"");
+    let older = GOOD_EPC.replace(
+        "generation: 1",
+        "generation: 1, creationTimestamp: \"2026-01-01T00:00:00Z\"",
+    );
     let newer = GOOD_EPC
         .replace("name: cfg", "name: cfg2")
-        .replace("generation: 1", "generation: 1, creationTimestamp: \"2026-03-01T00:00:00Z\"")
+        .replace(
+            "generation: 1",
+            "generation: 1, creationTimestamp: \"2026-03-01T00:00:00Z\"",
+        )
         .replace("{type: queue-scorer}, ", "");
     let newer = newer.replace("{pluginRef: queue-scorer}, ", "");
     let mut index = index_with(&[POOL, &older, &newer]);
     assert_eq!(publish(&mut index).picker_config.plugins.len(), 2);
-    assert!(matches!(index.epc_verdicts()[&("ns".into(), "cfg2".into())].verdict, EpcVerdict::Conflict(_)));
-    assert!(matches!(index.epc_verdicts()[&("ns".into(), "cfg".into())].verdict, EpcVerdict::Accepted { .. }));
+    assert!(matches!(
+        index.epc_verdicts()[&("ns".into(), "cfg2".into())].verdict,
+        EpcVerdict::Conflict(_)
+    ));
+    assert!(matches!(
+        index.epc_verdicts()[&("ns".into(), "cfg".into())].verdict,
+        EpcVerdict::Accepted { .. }
+    ));
 }
 
 #[test]
 fn only_pools_selecting_a_changed_pod_become_dirty() {
-    let other = POOL.replace("name: pool", "name: other").replace("app: vllm", "app: sglang");
+    let other = POOL
+        .replace("name: pool", "name: other")
+        .replace("app: vllm", "app: sglang");
     let mut index = index_with(&[POOL, &other]);
     index.compile_dirty();
     let p1 = pod("p1", "10.0.0.1", true, "");
     load(&mut index, &[POOL, &other, &p1]);
-    let dirty: Vec<String> = index.compile_dirty().into_iter().map(|(p, _)| p.name).collect();
+    let dirty: Vec<String> = index
+        .compile_dirty()
+        .into_iter()
+        .map(|(p, _)| p.name)
+        .collect();
     assert_eq!(dirty, ["pool"]);
 }
 
@@ -213,8 +266,14 @@ fn a_deleted_pool_compiles_to_an_empty_snapshot() {
 
 #[test]
 fn unsupported_documents_are_skipped_with_their_position() {
-    let (set, errors) = parse_manifests(&format!("{POOL}\n---\nkind: Service\napiVersion: v1\n---\n: : bad"), "f.yaml");
+    let (set, errors) = parse_manifests(
+        &format!("{POOL}\n---\nkind: Service\napiVersion: v1\n---\n: : bad"),
+        "f.yaml",
+    );
     assert_eq!(set.pools.len(), 1);
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors[0].contains("f.yaml (document 2)") && errors[0].contains("v1/Service"), "{errors:?}");
+    assert!(
+        errors[0].contains("f.yaml (document 2)") && errors[0].contains("v1/Service"),
+        "{errors:?}"
+    );
 }

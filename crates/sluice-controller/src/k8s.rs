@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DeserializeGuard;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use sluice_api::{EndpointPickerConfig as EpcResource, InferencePool, llm_d, x_k8s};
@@ -42,7 +42,8 @@ pub async fn discover(client: &Client) -> InstalledApis {
     async fn has(client: &Client, gv: &str) -> (bool, bool, bool) {
         match client.list_api_group_resources(gv).await {
             Ok(list) => {
-                let names: BTreeSet<&str> = list.resources.iter().map(|r| r.name.as_str()).collect();
+                let names: BTreeSet<&str> =
+                    list.resources.iter().map(|r| r.name.as_str()).collect();
                 (
                     names.contains("inferenceobjectives"),
                     names.contains("inferencemodelrewrites"),
@@ -59,14 +60,20 @@ pub async fn discover(client: &Client) -> InstalledApis {
     let l = has(client, "llm-d.ai/v1alpha2").await;
     let epc = has(client, "sluice.dev/v1alpha1").await.2;
     let pool = has(client, "inference.networking.k8s.io/v1").await.2;
-    InstalledApis { x_k8s: (x.0, x.1), llm_d: (l.0, l.1), epc, pool }
+    InstalledApis {
+        x_k8s: (x.0, x.1),
+        llm_d: (l.0, l.1),
+        epc,
+        pool,
+    }
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<DeserializeGuard<K>>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned + Clone + Debug,
     K::DynamicType: Default,
-    DeserializeGuard<K>: Resource<DynamicType = K::DynamicType, Scope = k8s_openapi::NamespaceResourceScope>,
+    DeserializeGuard<K>:
+        Resource<DynamicType = K::DynamicType, Scope = k8s_openapi::NamespaceResourceScope>,
 {
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -89,11 +96,15 @@ pub async fn run(
         );
     }
     if !apis.epc {
-        tracing::warn!("EndpointPickerConfig (sluice.dev/v1alpha1) is not installed; every pool uses the default config");
+        tracing::warn!(
+            "EndpointPickerConfig (sluice.dev/v1alpha1) is not installed; every pool uses the default config"
+        );
     }
     if apis.x_k8s.0 && apis.llm_d.0 {
-        tracing::warn!("InferenceObjective is installed in both inference.networking.x-k8s.io and llm-d.ai; \
-            both are read and llm-d.ai wins name clashes");
+        tracing::warn!(
+            "InferenceObjective is installed in both inference.networking.x-k8s.io and llm-d.ai; \
+            both are read and llm-d.ai wins name clashes"
+        );
     }
     let ns = namespace.as_deref();
     let pending = Arc::new(AtomicUsize::new(0));
@@ -117,7 +128,13 @@ pub async fn run(
         "pods",
         index.clone(),
         pending.clone(),
-        |i, p: &Pod| i.apply_pod(&p.namespace().unwrap_or_default(), &p.name_any(), PodInfo::from_pod(p)),
+        |i, p: &Pod| {
+            i.apply_pod(
+                &p.namespace().unwrap_or_default(),
+                &p.name_any(),
+                PodInfo::from_pod(p),
+            )
+        },
         |i, ns, name| i.delete_pod(ns, name),
         |i| i.keys().pods,
     )));
@@ -132,9 +149,13 @@ pub async fn run(
             |i| i.keys().epcs,
         )));
     }
-    let group_keys = |set: BTreeSet<(String, String, AlphaGroup)>, g: AlphaGroup| -> BTreeSet<ObjKey> {
-        set.into_iter().filter(|k| k.2 == g).map(|(ns, n, _)| (ns, n)).collect()
-    };
+    let group_keys =
+        |set: BTreeSet<(String, String, AlphaGroup)>, g: AlphaGroup| -> BTreeSet<ObjKey> {
+            set.into_iter()
+                .filter(|k| k.2 == g)
+                .map(|(ns, n, _)| (ns, n))
+                .collect()
+        };
     if apis.x_k8s.0 {
         add(Box::pin(watch_kind(
             api::<x_k8s::InferenceObjective>(&client, ns),
@@ -163,7 +184,9 @@ pub async fn run(
             "inferenceobjectives.llm-d.ai",
             index.clone(),
             pending.clone(),
-            |i, o: &llm_d::InferenceObjective| i.apply_objective(AlphaGroup::LlmD, &objective_from_llm_d(o)),
+            |i, o: &llm_d::InferenceObjective| {
+                i.apply_objective(AlphaGroup::LlmD, &objective_from_llm_d(o))
+            },
             |i, ns, name| i.delete_objective(AlphaGroup::LlmD, ns, name),
             move |i| group_keys(i.keys().objectives, AlphaGroup::LlmD),
         )));
@@ -174,7 +197,9 @@ pub async fn run(
             "inferencemodelrewrites.llm-d.ai",
             index.clone(),
             pending.clone(),
-            |i, o: &llm_d::InferenceModelRewrite| i.apply_rewrite(AlphaGroup::LlmD, &rewrite_from_llm_d(o)),
+            |i, o: &llm_d::InferenceModelRewrite| {
+                i.apply_rewrite(AlphaGroup::LlmD, &rewrite_from_llm_d(o))
+            },
             |i, ns, name| i.delete_rewrite(AlphaGroup::LlmD, ns, name),
             move |i| group_keys(i.keys().rewrites, AlphaGroup::LlmD),
         )));
@@ -201,7 +226,9 @@ async fn watch_kind<K>(
     DeserializeGuard<K>: Resource + Clone + Debug + Send + DeserializeOwned + 'static,
     <DeserializeGuard<K> as Resource>::DynamicType: Default,
 {
-    let mut stream = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     let mut listed: Option<BTreeSet<ObjKey>> = None;
     let mut first_list_done = false;
     while let Some(event) = stream.next().await {
@@ -245,13 +272,21 @@ async fn watch_kind<K>(
     }
 }
 
-fn key_of<'a, K: Resource>(o: &'a DeserializeGuard<K>, what: &str) -> Option<(ObjKey, Option<&'a K>)> {
+fn key_of<'a, K: Resource>(
+    o: &'a DeserializeGuard<K>,
+    what: &str,
+) -> Option<(ObjKey, Option<&'a K>)> {
     match &o.0 {
         Ok(k) => Some(((k.namespace().unwrap_or_default(), k.name_any()), Some(k))),
         Err(invalid) => {
             tracing::warn!(resource = what, name = ?invalid.metadata.name, namespace = ?invalid.metadata.namespace,
                 error = %invalid.error, "object does not deserialize; skipped");
-            invalid.metadata.name.clone().map(|n| ((invalid.metadata.namespace.clone().unwrap_or_default(), n), None))
+            invalid.metadata.name.clone().map(|n| {
+                (
+                    (invalid.metadata.namespace.clone().unwrap_or_default(), n),
+                    None,
+                )
+            })
         }
     }
 }

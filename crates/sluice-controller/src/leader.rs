@@ -62,5 +62,9 @@ pub async fn elect(
             let _ = manager.release().await;
         }
     });
-    Ok(Election { leader: out, manager: manager_abort, wrapper: wrapper.abort_handle() })
+    Ok(Election {
+        leader: out,
+        manager: manager_abort,
+        wrapper: wrapper.abort_handle(),
+    })
 }

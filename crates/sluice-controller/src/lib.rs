@@ -51,7 +51,10 @@ pub fn validate_structure(cfg: &EndpointPickerConfig) -> Result<(), String> {
             problems.push(format!("plugins[{i}]: type is required"));
         }
         if !names.insert(p.instance_name().to_owned()) {
-            problems.push(format!("plugins[{i}]: duplicate plugin name {:?}", p.instance_name()));
+            problems.push(format!(
+                "plugins[{i}]: duplicate plugin name {:?}",
+                p.instance_name()
+            ));
         }
     }
     let mut profiles = BTreeSet::new();
@@ -59,7 +62,10 @@ pub fn validate_structure(cfg: &EndpointPickerConfig) -> Result<(), String> {
         if prof.name.trim().is_empty() {
             problems.push(format!("schedulingProfiles[{i}]: name is required"));
         } else if !profiles.insert(prof.name.as_str()) {
-            problems.push(format!("schedulingProfiles[{i}]: duplicate profile name {:?}", prof.name));
+            problems.push(format!(
+                "schedulingProfiles[{i}]: duplicate profile name {:?}",
+                prof.name
+            ));
         }
         for (j, r) in prof.plugins.iter().enumerate() {
             if !names.contains(&r.plugin_ref) {
@@ -72,8 +78,15 @@ pub fn validate_structure(cfg: &EndpointPickerConfig) -> Result<(), String> {
     }
     for gate in &cfg.feature_gates {
         if !FEATURE_GATES.contains(&gate.as_str()) {
-            problems.push(format!("featureGates: unknown feature gate {gate:?} (known: {})", FEATURE_GATES.join(", ")));
+            problems.push(format!(
+                "featureGates: unknown feature gate {gate:?} (known: {})",
+                FEATURE_GATES.join(", ")
+            ));
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
 }

@@ -77,7 +77,10 @@ impl SharedIndex {
                     tracing::debug!(pool = %pool, version, endpoints, "published");
                 }
                 Compiled::Deleted(snapshot) => {
-                    if hub.current(&pool).is_some_and(|s| !s.endpoints.is_empty() || !s.objectives.is_empty()) {
+                    if hub
+                        .current(&pool)
+                        .is_some_and(|s| !s.endpoints.is_empty() || !s.objectives.is_empty())
+                    {
                         let version = hub.publish(snapshot);
                         tracing::info!(pool = %pool, version, "pool deleted: published an empty config");
                     }

@@ -18,7 +18,9 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource};
 use serde_json::{Value, json};
-use sluice_api::condition::{Condition, REASON_CONFLICT, REASON_INVALID_CONFIG, REASON_POOL_NOT_FOUND, REASON_PENDING};
+use sluice_api::condition::{
+    Condition, REASON_CONFLICT, REASON_INVALID_CONFIG, REASON_PENDING, REASON_POOL_NOT_FOUND,
+};
 use sluice_api::{EndpointPickerConfig as EpcResource, llm_d, x_k8s};
 use tokio::sync::watch;
 
@@ -58,7 +60,10 @@ fn desired(index: &SharedIndex, hub: &Hub) -> BTreeMap<Target, Desired> {
             EpcVerdict::Accepted { .. } => (
                 "True",
                 "Accepted".to_owned(),
-                format!("in use by pool {}; {} of {} pickers run the current version", st.pool.name, counts.in_sync, counts.total),
+                format!(
+                    "in use by pool {}; {} of {} pickers run the current version",
+                    st.pool.name, counts.in_sync, counts.total
+                ),
                 None,
             ),
             EpcVerdict::Invalid(e) => (
@@ -70,7 +75,10 @@ fn desired(index: &SharedIndex, hub: &Hub) -> BTreeMap<Target, Desired> {
             EpcVerdict::PoolNotFound => (
                 "False",
                 REASON_POOL_NOT_FOUND.to_owned(),
-                format!("InferencePool {}/{} not found", st.pool.namespace, st.pool.name),
+                format!(
+                    "InferencePool {}/{} not found",
+                    st.pool.namespace, st.pool.name
+                ),
                 None,
             ),
             EpcVerdict::Conflict(m) => ("False", REASON_CONFLICT.to_owned(), m.clone(), None),
@@ -81,17 +89,45 @@ fn desired(index: &SharedIndex, hub: &Hub) -> BTreeMap<Target, Desired> {
             "pickersInSync": counts.in_sync as i64,
             "pickersTotal": counts.total as i64,
         });
-        out.insert(Target::Epc(ns, name), Desired { status, reason, message, generation: st.generation, extra, event });
+        out.insert(
+            Target::Epc(ns, name),
+            Desired {
+                status,
+                reason,
+                message,
+                generation: st.generation,
+                extra,
+                event,
+            },
+        );
     }
     for (group, (ns, name), st) in objectives {
         let (status, reason, message) = if st.verdict {
-            ("True", "Accepted".to_owned(), format!("in use by pool {}", st.pool.name))
+            (
+                "True",
+                "Accepted".to_owned(),
+                format!("in use by pool {}", st.pool.name),
+            )
         } else {
-            ("False", REASON_PENDING.to_owned(), format!("InferencePool {}/{} not found", st.pool.namespace, st.pool.name))
+            (
+                "False",
+                REASON_PENDING.to_owned(),
+                format!(
+                    "InferencePool {}/{} not found",
+                    st.pool.namespace, st.pool.name
+                ),
+            )
         };
         out.insert(
             Target::Objective(group, ns, name),
-            Desired { status, reason, message, generation: st.generation, extra: json!({}), event: None },
+            Desired {
+                status,
+                reason,
+                message,
+                generation: st.generation,
+                extra: json!({}),
+                event: None,
+            },
         );
     }
     out
@@ -103,8 +139,14 @@ fn condition(d: &Desired) -> Value {
         "False" => sluice_api::ConditionStatus::False,
         _ => sluice_api::ConditionStatus::Unknown,
     };
-    let c = Condition::new("Accepted", status, &d.reason, d.message.clone(), Time(k8s_openapi::jiff::Timestamp::now()))
-        .with_observed_generation(d.generation);
+    let c = Condition::new(
+        "Accepted",
+        status,
+        &d.reason,
+        d.message.clone(),
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    )
+    .with_observed_generation(d.generation);
     serde_json::to_value(c).unwrap_or_default()
 }
 
@@ -117,15 +159,24 @@ pub struct StatusWriter {
 
 impl std::fmt::Debug for StatusWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StatusWriter").field("written", &self.written.len()).finish()
+        f.debug_struct("StatusWriter")
+            .field("written", &self.written.len())
+            .finish()
     }
 }
 
 impl StatusWriter {
     /// A writer reporting Events as `identity`.
     pub fn new(client: Client, identity: &str) -> Self {
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.into()) };
-        StatusWriter { recorder: Recorder::new(client.clone(), reporter), client, written: BTreeMap::new() }
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(identity.into()),
+        };
+        StatusWriter {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            written: BTreeMap::new(),
+        }
     }
 
     /// Writes every status that differs from what this writer last wrote.
@@ -157,19 +208,30 @@ impl StatusWriter {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         match target {
             Target::Epc(ns, name) => {
-                let mut status = json!({"conditions": [condition(d)], "observedGeneration": d.generation});
+                let mut status =
+                    json!({"conditions": [condition(d)], "observedGeneration": d.generation});
                 if let (Some(s), Some(e)) = (status.as_object_mut(), d.extra.as_object()) {
-                    s.extend(e.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())));
+                    s.extend(
+                        e.iter()
+                            .filter(|(_, v)| !v.is_null())
+                            .map(|(k, v)| (k.clone(), v.clone())),
+                    );
                 }
                 let body = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "EndpointPickerConfig", "status": status});
-                Api::<EpcResource>::namespaced(self.client.clone(), ns).patch_status(name, &pp, &Patch::Apply(body)).await?;
+                Api::<EpcResource>::namespaced(self.client.clone(), ns)
+                    .patch_status(name, &pp, &Patch::Apply(body))
+                    .await?;
             }
             Target::Objective(group, ns, name) => {
                 let body = |av: &str| json!({"apiVersion": av, "kind": "InferenceObjective", "status": {"conditions": [condition(d)]}});
                 match group {
                     AlphaGroup::XK8s => {
                         Api::<x_k8s::InferenceObjective>::namespaced(self.client.clone(), ns)
-                            .patch_status(name, &pp, &Patch::Apply(body("inference.networking.x-k8s.io/v1alpha2")))
+                            .patch_status(
+                                name,
+                                &pp,
+                                &Patch::Apply(body("inference.networking.x-k8s.io/v1alpha2")),
+                            )
                             .await?;
                     }
                     AlphaGroup::LlmD => {
@@ -184,8 +246,15 @@ impl StatusWriter {
     }
 
     async fn event(&self, target: &Target, reason: &str, note: &str) {
-        let Target::Epc(ns, name) = target else { return };
-        let Ok(obj) = Api::<EpcResource>::namespaced(self.client.clone(), ns).get(name).await else { return };
+        let Target::Epc(ns, name) = target else {
+            return;
+        };
+        let Ok(obj) = Api::<EpcResource>::namespaced(self.client.clone(), ns)
+            .get(name)
+            .await
+        else {
+            return;
+        };
         let ev = Event {
             type_: EventType::Warning,
             reason: reason.into(),
@@ -199,6 +268,15 @@ impl StatusWriter {
     }
 }
 
+/// How often status is re-checked.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Least time between two passes (batches bursts of changes).
+    pub min_interval: Duration,
+    /// Longest time between two passes.
+    pub resync: Duration,
+}
+
 /// Writes status while `leader` is true, re-checking on every hub or index change (at most
 /// every `min_interval`) and at least every `resync`.
 pub async fn run(
@@ -208,9 +286,12 @@ pub async fn run(
     hub: Hub,
     mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
-    min_interval: Duration,
-    resync: Duration,
+    timing: Timing,
 ) {
+    let Timing {
+        min_interval,
+        resync,
+    } = timing;
     let mut writer = StatusWriter::new(client, &identity);
     let mut changes = hub.changes();
     let mut was_leader = false;

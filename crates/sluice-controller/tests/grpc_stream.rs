@@ -1,6 +1,9 @@
 //! The config stream end to end over real gRPC: controller hub + service on one side, the
 //! picker's `config_client` (compiled in from the picker crate) on the other.
 
+// Test helpers outside #[test] functions may fail loudly too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "../../sluice-picker/src/config_client.rs"]
 #[allow(dead_code)]
 mod config_client;
@@ -17,12 +20,26 @@ use sluice_core::{Endpoint, EndpointPickerConfig, PoolRef, PoolSnapshot};
 use tokio::sync::watch;
 
 fn pool() -> PoolRef {
-    PoolRef { namespace: "ns".into(), name: "pool".into() }
+    PoolRef {
+        namespace: "ns".into(),
+        name: "pool".into(),
+    }
 }
 
 fn snap(ports: &[u16]) -> PoolSnapshot {
-    let eps = ports.iter().map(|p| Endpoint::from_address("ns", ([10, 0, 0, 1], *p).into())).collect();
-    PoolSnapshot::new(pool(), 0, AppProtocol::Http, eps, vec![], vec![], EndpointPickerConfig::default())
+    let eps = ports
+        .iter()
+        .map(|p| Endpoint::from_address("ns", ([10, 0, 0, 1], *p).into()))
+        .collect();
+    PoolSnapshot::new(
+        pool(),
+        0,
+        AppProtocol::Http,
+        eps,
+        vec![],
+        vec![],
+        EndpointPickerConfig::default(),
+    )
 }
 
 struct Controller {
@@ -32,12 +49,26 @@ struct Controller {
 }
 
 async fn start_controller(hub: Hub, addr: Option<SocketAddr>) -> Controller {
-    let listener = tokio::net::TcpListener::bind(addr.unwrap_or(([127, 0, 0, 1], 0).into())).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr.unwrap_or(([127, 0, 0, 1], 0).into()))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, rx) = watch::channel(false);
-    let keepalive = Keepalive { interval: Duration::from_secs(1), timeout: Duration::from_secs(1) };
+    let keepalive = Keepalive {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+    };
     let task = tokio::spawn(async move {
-        sluice_controller::runtime::serve_grpc_on(listener, hub, "test".into(), keepalive, None, rx).await.unwrap();
+        sluice_controller::runtime::serve_grpc_on(
+            listener,
+            hub,
+            "test".into(),
+            keepalive,
+            None,
+            rx,
+        )
+        .await
+        .unwrap();
     });
     Controller { addr, stop, task }
 }
@@ -69,27 +100,45 @@ fn start_picker(addr: SocketAddr, id: &str, refuse_ports_over: Option<u16>) -> P
         Ok(())
     };
     let mut opts = ConfigClientOptions::new(format!("http://{addr}"), pool(), id);
-    opts.backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) };
+    opts.backoff = Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+    };
     opts.keepalive = Duration::from_secs(1);
     let (stop, stop_rx) = watch::channel(false);
     let (status_tx, status) = watch::channel(ClientStatus::default());
-    tokio::spawn(config_client::run_with_status(opts, apply, stop_rx, status_tx));
-    Picker { applied, status, _stop: stop }
+    tokio::spawn(config_client::run_with_status(
+        opts, apply, stop_rx, status_tx,
+    ));
+    Picker {
+        applied,
+        status,
+        _stop: stop,
+    }
 }
 
 impl Picker {
     async fn wait_applied(&mut self, f: impl Fn(&ClientStatus) -> bool) -> ClientStatus {
-        tokio::time::timeout(Duration::from_secs(5), self.status.wait_for(|s| f(s))).await.expect("timed out").unwrap().clone()
+        tokio::time::timeout(Duration::from_secs(5), self.status.wait_for(|s| f(s)))
+            .await
+            .expect("timed out")
+            .unwrap()
+            .clone()
     }
 
     fn last_ports(&self) -> Vec<u16> {
         let applied = self.applied.lock().unwrap();
-        applied.last().map(|s| s.endpoints.iter().map(|e| e.address.port()).collect()).unwrap_or_default()
+        applied
+            .last()
+            .map(|s| s.endpoints.iter().map(|e| e.address.port()).collect())
+            .unwrap_or_default()
     }
 }
 
 async fn within(hub: &Hub, f: impl FnMut(&Hub) -> bool) {
-    tokio::time::timeout(Duration::from_secs(5), hub.wait_until(f)).await.expect("timed out");
+    tokio::time::timeout(Duration::from_secs(5), hub.wait_until(f))
+        .await
+        .expect("timed out");
 }
 
 #[tokio::test]
@@ -120,7 +169,12 @@ async fn a_refused_snapshot_is_nacked_and_the_picker_keeps_its_last_good_config(
     hub.publish(snap(&[9000]));
     p.wait_applied(|s| s.refused == 1).await;
     assert_eq!(p.last_ports(), [8000]);
-    within(&hub, |h| h.pickers(&pool()).get("p").is_some_and(|s| !s.accepted && s.version == 2)).await;
+    within(&hub, |h| {
+        h.pickers(&pool())
+            .get("p")
+            .is_some_and(|s| !s.accepted && s.version == 2)
+    })
+    .await;
     let state = hub.pickers(&pool())["p"].clone();
     assert_eq!(state.error.as_deref(), Some("port above 8500"));
     assert_eq!(hub.counts(&pool()).refusing, 1);
@@ -134,7 +188,8 @@ async fn pickers_keep_serving_without_the_controller_and_resync_when_it_returns(
     let ctl = start_controller(hub.clone(), None).await;
     let addr = ctl.addr;
     let mut p = start_picker(addr, "p", None);
-    p.wait_applied(|s| s.applied_version == 1 && s.connected).await;
+    p.wait_applied(|s| s.applied_version == 1 && s.connected)
+        .await;
     ctl.kill().await;
     p.wait_applied(|s| !s.connected).await;
     assert_eq!(p.last_ports(), [8000], "the last good config stays");
@@ -143,8 +198,13 @@ async fn pickers_keep_serving_without_the_controller_and_resync_when_it_returns(
     let hub2 = Hub::new();
     hub2.publish(snap(&[8002]));
     let ctl2 = start_controller(hub2.clone(), Some(addr)).await;
-    let st = p.wait_applied(|s| s.connected && s.applied_hash == snap(&[8002]).content_hash).await;
-    assert!(st.applied_version > 1, "versions continue above what the picker ran: {st:?}");
+    let st = p
+        .wait_applied(|s| s.connected && s.applied_hash == snap(&[8002]).content_hash)
+        .await;
+    assert!(
+        st.applied_version > 1,
+        "versions continue above what the picker ran: {st:?}"
+    );
     assert_eq!(p.last_ports(), [8002]);
     ctl2.kill().await;
 }
@@ -162,7 +222,11 @@ async fn a_resuming_picker_that_runs_the_current_content_is_not_sent_it_again() 
     let ctl = start_controller(hub.clone(), Some(addr)).await;
     p.wait_applied(|s| s.connected && s.connects == 2).await;
     within(&hub, |h| h.counts(&pool()).in_sync == 1).await;
-    assert_eq!(p.applied.lock().unwrap().len(), 1, "unchanged content is not re-sent");
+    assert_eq!(
+        p.applied.lock().unwrap().len(),
+        1,
+        "unchanged content is not re-sent"
+    );
     ctl.kill().await;
 }
 

@@ -40,7 +40,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(10) }
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
     }
 }
 
@@ -63,7 +66,11 @@ pub struct ConfigClientOptions {
 
 impl ConfigClientOptions {
     /// Options with default backoff and keepalive and no TLS.
-    pub fn new(controller_address: impl Into<String>, pool: PoolRef, picker_id: impl Into<String>) -> Self {
+    pub fn new(
+        controller_address: impl Into<String>,
+        pool: PoolRef,
+        picker_id: impl Into<String>,
+    ) -> Self {
         ConfigClientOptions {
             controller_address: controller_address.into(),
             pool,
@@ -96,7 +103,13 @@ pub async fn run<F>(opts: ConfigClientOptions, apply: F, shutdown: watch::Receiv
 where
     F: Fn(PoolSnapshot) -> Result<(), String> + Send + Sync,
 {
-    run_with_status(opts, apply, shutdown, watch::Sender::new(ClientStatus::default())).await;
+    run_with_status(
+        opts,
+        apply,
+        shutdown,
+        watch::Sender::new(ClientStatus::default()),
+    )
+    .await;
 }
 
 /// Like [`run`], publishing what it observes to `status`.
@@ -122,11 +135,16 @@ pub async fn run_with_status<F>(
         match received {
             Ok(n) if n > 0 => wait = opts.backoff.initial,
             Ok(_) => {}
-            Err(error) => tracing::warn!(controller = %opts.controller_address, pool = %opts.pool, %error,
-                "config stream failed; serving the last good config"),
+            Err(error) => {
+                tracing::warn!(controller = %opts.controller_address, pool = %opts.pool, %error,
+                "config stream failed; serving the last good config")
+            }
         }
         let sleep = jitter.spread(wait);
-        tracing::debug!(delay_ms = sleep.as_millis() as u64, "reconnecting to the controller");
+        tracing::debug!(
+            delay_ms = sleep.as_millis() as u64,
+            "reconnecting to the controller"
+        );
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
             _ = shutdown.changed() => return,
@@ -145,16 +163,26 @@ where
     F: Fn(PoolSnapshot) -> Result<(), String> + Send + Sync,
 {
     let mut endpoint = Endpoint::from_shared(opts.controller_address.clone())
-        .map_err(|e| format!("invalid controller address {:?}: {e}", opts.controller_address))?
+        .map_err(|e| {
+            format!(
+                "invalid controller address {:?}: {e}",
+                opts.controller_address
+            )
+        })?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(opts.keepalive)
         .keep_alive_timeout((opts.keepalive / 2).max(Duration::from_secs(1)))
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     if let Some(tls) = &opts.tls {
-        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS settings: {e}"))?;
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS settings: {e}"))?;
     }
-    let channel = endpoint.connect().await.map_err(|e| format!("connect {}: {e}", opts.controller_address))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect {}: {e}", opts.controller_address))?;
     let mut client = ConfigDistributionClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -171,9 +199,11 @@ where
         last_applied_version: applied_version,
         last_applied_hash: applied_hash,
     };
-    tx.send(pb::SubscribeRequest { kind: Some(pb::subscribe_request::Kind::Hello(hello)) })
-        .await
-        .map_err(|_| "request stream closed".to_owned())?;
+    tx.send(pb::SubscribeRequest {
+        kind: Some(pb::subscribe_request::Kind::Hello(hello)),
+    })
+    .await
+    .map_err(|_| "request stream closed".to_owned())?;
     let mut inbound = client
         .subscribe(ReceiverStream::new(rx))
         .await
@@ -195,13 +225,18 @@ where
         received += 1;
         let version = msg.version;
         let controller = msg.controller_id.clone();
-        let outcome = PoolSnapshot::try_from(msg).map_err(|e| e.to_string()).and_then(|snapshot| {
-            if snapshot.pool != opts.pool {
-                return Err(format!("snapshot is for pool {}, this picker serves {}", snapshot.pool, opts.pool));
-            }
-            let hash = snapshot.content_hash;
-            apply(snapshot).map(|()| hash)
-        });
+        let outcome = PoolSnapshot::try_from(msg)
+            .map_err(|e| e.to_string())
+            .and_then(|snapshot| {
+                if snapshot.pool != opts.pool {
+                    return Err(format!(
+                        "snapshot is for pool {}, this picker serves {}",
+                        snapshot.pool, opts.pool
+                    ));
+                }
+                let hash = snapshot.content_hash;
+                apply(snapshot).map(|()| hash)
+            });
         let ack = match outcome {
             Ok(hash) => {
                 tracing::info!(pool = %opts.pool, version, %controller, "applied config");
@@ -209,15 +244,29 @@ where
                     s.applied_version = version;
                     s.applied_hash = hash;
                 });
-                pb::Ack { version, accepted: true, error: String::new() }
+                pb::Ack {
+                    version,
+                    accepted: true,
+                    error: String::new(),
+                }
             }
             Err(error) => {
                 tracing::warn!(pool = %opts.pool, version, %error, "refused config; keeping the last good one");
                 status.send_modify(|s| s.refused += 1);
-                pb::Ack { version, accepted: false, error }
+                pb::Ack {
+                    version,
+                    accepted: false,
+                    error,
+                }
             }
         };
-        if tx.send(pb::SubscribeRequest { kind: Some(pb::subscribe_request::Kind::Ack(ack)) }).await.is_err() {
+        if tx
+            .send(pb::SubscribeRequest {
+                kind: Some(pb::subscribe_request::Kind::Ack(ack)),
+            })
+            .await
+            .is_err()
+        {
             return Ok(received);
         }
     }
