@@ -14,7 +14,13 @@ const BLOCKS: usize = 250;
 const ENDPOINTS: usize = 100;
 
 fn keys() -> Vec<EndpointKey> {
-    (0..ENDPOINTS).map(|i| EndpointKey { namespace: "bench".into(), pod: format!("vllm-{i}").into(), rank: 0 }).collect()
+    (0..ENDPOINTS)
+        .map(|i| EndpointKey {
+            namespace: "bench".into(),
+            pod: format!("vllm-{i}").into(),
+            rank: 0,
+        })
+        .collect()
 }
 
 /// Request `r`'s block hashes: 64 conversations, each sharing its first 200 blocks.
@@ -28,7 +34,14 @@ fn hashes(r: u64) -> Vec<u64> {
         .collect()
 }
 
-fn run(ix: &PrefixIndex, keys: &[EndpointKey], reqs: &[Vec<u64>], thread: usize, iters: u64, insert: bool) {
+fn run(
+    ix: &PrefixIndex,
+    keys: &[EndpointKey],
+    reqs: &[Vec<u64>],
+    thread: usize,
+    iters: u64,
+    insert: bool,
+) {
     let mut out = Vec::new();
     for i in 0..iters {
         let r = (i as usize * 7 + thread * 13) % reqs.len();
@@ -51,21 +64,28 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefix_index");
     g.throughput(Throughput::Elements(1));
     for threads in [1usize, 2] {
-        for (name, insert) in [("insert_250_blocks", true), ("match_250_blocks_100_endpoints", false)] {
-            g.bench_with_input(BenchmarkId::new(name, format!("{threads}_threads")), &threads, |b, &threads| {
-                b.iter_custom(|iters| {
-                    // Each thread does `iters` operations; time per operation is wall time over
-                    // all of them, so the reported rate is the aggregate throughput.
-                    let start = Instant::now();
-                    std::thread::scope(|s| {
-                        for t in 0..threads {
-                            let (ix, keys, reqs) = (ix.clone(), keys.clone(), reqs.clone());
-                            s.spawn(move || run(&ix, &keys, &reqs, t, iters, insert));
-                        }
-                    });
-                    start.elapsed() / threads as u32
-                })
-            });
+        for (name, insert) in [
+            ("insert_250_blocks", true),
+            ("match_250_blocks_100_endpoints", false),
+        ] {
+            g.bench_with_input(
+                BenchmarkId::new(name, format!("{threads}_threads")),
+                &threads,
+                |b, &threads| {
+                    b.iter_custom(|iters| {
+                        // Each thread does `iters` operations; time per operation is wall time over
+                        // all of them, so the reported rate is the aggregate throughput.
+                        let start = Instant::now();
+                        std::thread::scope(|s| {
+                            for t in 0..threads {
+                                let (ix, keys, reqs) = (ix.clone(), keys.clone(), reqs.clone());
+                                s.spawn(move || run(&ix, &keys, &reqs, t, iters, insert));
+                            }
+                        });
+                        start.elapsed() / threads as u32
+                    })
+                },
+            );
         }
     }
     g.finish();

@@ -39,7 +39,9 @@ fn long_prompt(tenant: usize) -> String {
     let mut s = format!("You are assistant #{tenant}. ");
     let mut i = 0;
     while s.len() < 16_000 {
-        s.push_str(&format!("Turn {i}: the quick brown fox jumps over the lazy dog. "));
+        s.push_str(&format!(
+            "Turn {i}: the quick brown fox jumps over the lazy dog. "
+        ));
         i += 1;
     }
     s.truncate(16_000);
@@ -58,8 +60,15 @@ fn bench(c: &mut Criterion) {
     for n in [10usize, 100, 1000] {
         let cands = candidates(n);
         let s = Scheduler::default();
-        let req = LlmRequest { request_id: "r".into(), target_model: "llama".into(), prompt_tokens: 20, ..Default::default() };
-        g.bench_with_input(BenchmarkId::new("no_prefix", n), &n, |b, _| b.iter(|| black_box(decide(&s, &req, &cands))));
+        let req = LlmRequest {
+            request_id: "r".into(),
+            target_model: "llama".into(),
+            prompt_tokens: 20,
+            ..Default::default()
+        };
+        g.bench_with_input(BenchmarkId::new("no_prefix", n), &n, |b, _| {
+            b.iter(|| black_box(decide(&s, &req, &cands)))
+        });
 
         // Warm the index: 32 tenants' system prompts, each seen by one endpoint.
         let s = Scheduler::default();
@@ -83,7 +92,9 @@ fn bench(c: &mut Criterion) {
             prompt_tokens: 4000,
             ..Default::default()
         };
-        g.bench_with_input(BenchmarkId::new("prefix_4k_tokens", n), &n, |b, _| b.iter(|| black_box(decide(&s, &req, &cands))));
+        g.bench_with_input(BenchmarkId::new("prefix_4k_tokens", n), &n, |b, _| {
+            b.iter(|| black_box(decide(&s, &req, &cands)))
+        });
     }
     g.finish();
 }

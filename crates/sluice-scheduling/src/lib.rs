@@ -33,7 +33,7 @@ pub use plugin::{
     ProfileRuns, ResponseHooks, SaturationDetector, Scorer, ScorerCategory, TypedName,
 };
 pub use prefix_index::PrefixIndex;
-pub use registry::{DuplicateType, Factory, PluginEnv, PluginInit, Registry};
+pub use registry::{DuplicateType, Factory, PluginEnv, PluginInit, Registry, SharedState};
 pub use scheduler::{Scheduled, Scheduler, SchedulerOptions};
 pub use types::{
     Candidate, InFlightCounters, LlmRequest, Outcome, PluginError, ProfileFailure,

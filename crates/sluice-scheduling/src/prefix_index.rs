@@ -351,8 +351,10 @@ impl PrefixIndex {
         out.clear();
         // Dense server id ⇒ position in `endpoints`.
         let mut alive: Vec<(u32, usize)> = Vec::new();
+        let ids;
         {
             let t = self.servers.read();
+            ids = t.next_id as usize;
             for (pos, key) in endpoints.enumerate() {
                 out.push(0);
                 if let Some(s) = t.by_key.get(key) {
@@ -360,13 +362,31 @@ impl PrefixIndex {
                 }
             }
         }
-        for &h in hashes {
+        // For blocks many endpoints hold, mark the holders (generation = block number) so the
+        // intersection costs O(alive + holders) instead of O(alive × holders).
+        let mut marks: Vec<u32> = Vec::new();
+        for (step, &h) in hashes.iter().enumerate() {
             if alive.is_empty() {
                 break;
             }
             let shard = self.shards[shard_of(h)].read();
             let Some(set) = shard.get(&h) else { break };
-            alive.retain(|&(id, _)| set.contains(id));
+            match set {
+                EpSet::Many(v) if alive.len() > 2 => {
+                    if marks.is_empty() {
+                        marks.resize(ids, u32::MAX);
+                    }
+                    let generation = step as u32;
+                    for &id in v {
+                        if let Some(m) = marks.get_mut(id as usize) {
+                            *m = generation;
+                        }
+                    }
+                    alive.retain(|&(id, _)| marks.get(id as usize) == Some(&generation));
+                }
+                _ => alive.retain(|&(id, _)| set.contains(id)),
+            }
+            drop(shard);
             for &(_, pos) in &alive {
                 out[pos] += 1;
             }
@@ -449,6 +469,22 @@ mod tests {
         assert_eq!(matched(&ix, &[1, 2, 3, 9], &["a", "b", "c"]), vec![3, 2, 0]);
         // The walk stops at the first block nobody holds, even if later ones are held.
         assert_eq!(matched(&ix, &[9, 2, 3], &["a", "b"]), vec![0, 0]);
+    }
+
+    #[test]
+    fn many_holders_intersect_correctly() {
+        let ix = PrefixIndex::new();
+        let pods: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+        for (i, p) in pods.iter().enumerate() {
+            // p_i holds the first i+1 blocks.
+            let blocks: Vec<u64> = (1..=(i as u64 + 1)).collect();
+            ix.insert(&key(p), &blocks, 100);
+        }
+        let names: Vec<&str> = pods.iter().map(String::as_str).rev().collect();
+        assert_eq!(
+            matched(&ix, &[1, 2, 3, 4, 5, 6, 7, 8, 9], &names),
+            vec![8, 7, 6, 5, 4, 3, 2, 1]
+        );
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! visible in one place: [`Registry::with_builtins`] plus whatever other crates add with
 //! [`Registry::register`].
 
-use std::collections::BTreeMap;
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 
 use crate::cycle::{Clock, SystemClock};
@@ -41,13 +43,58 @@ impl PluginInit<'_> {
 pub struct PluginEnv {
     /// Where plugins read the time outside a scheduling cycle (for example to expire state).
     pub clock: Arc<dyn Clock>,
+    /// State that outlives one scheduler (see [`SharedState`]).
+    pub shared: SharedState,
 }
 
 impl Default for PluginEnv {
     fn default() -> Self {
         PluginEnv {
             clock: Arc::new(SystemClock),
+            shared: SharedState::default(),
         }
+    }
+}
+
+/// State plugins keep across scheduler rebuilds: the picker builds a new
+/// [`Scheduler`](crate::Scheduler) for every config it applies, and passing the same
+/// `SharedState` in [`SchedulerOptions`](crate::SchedulerOptions) lets the new prefix-cache
+/// plugin (or an SLO plugin's running-request queues) keep what the old one learned.
+///
+/// Keys are chosen by the plugin, conventionally `<type>/<instance name>`.
+#[derive(Clone, Default)]
+pub struct SharedState {
+    inner: Arc<Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>>,
+}
+
+impl fmt::Debug for SharedState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.inner.lock().keys()).finish()
+    }
+}
+
+impl SharedState {
+    /// The value under `key`, created with `make` when absent (or when the value there has
+    /// another type, which is then replaced).
+    pub fn get_or_insert_with<T: Any + Send + Sync>(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> T,
+    ) -> Arc<T> {
+        let mut m = self.inner.lock();
+        if let Some(v) = m.get(key)
+            && let Ok(t) = v.clone().downcast::<T>()
+        {
+            return t;
+        }
+        let v = Arc::new(make());
+        m.insert(key.to_owned(), v.clone());
+        v
+    }
+
+    /// Drops the value under `key`.
+    pub fn remove(&self, key: &str) {
+        self.inner.lock().remove(key);
     }
 }
 

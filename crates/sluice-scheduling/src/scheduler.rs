@@ -17,7 +17,7 @@ use crate::plugin::{
     ResponseHooks, SaturationDetector,
 };
 use crate::plugins::prefix::PrefixMatchInfo;
-use crate::registry::{PluginEnv, Registry};
+use crate::registry::{PluginEnv, Registry, SharedState};
 use crate::types::{
     Candidate, LlmRequest, Outcome, PluginError, ProfileFailure, ProfileRunResult, ResponseChunk,
     ScheduleError, SchedulingResult, ScoredEndpoint, ScorerScores,
@@ -35,6 +35,9 @@ pub struct SchedulerOptions {
     /// Record every scorer's scores in [`ProfileRunResult::scorer_scores`] (costs one
     /// allocation per scorer per request; for tests, debugging and simulations).
     pub record_scores: bool,
+    /// State kept across schedulers built with the same options (the prefix index, for
+    /// example); keep one per pool and pass it to every rebuild.
+    pub shared: SharedState,
 }
 
 impl Default for SchedulerOptions {
@@ -43,6 +46,7 @@ impl Default for SchedulerOptions {
             clock: Arc::new(SystemClock),
             seed: None,
             record_scores: false,
+            shared: SharedState::default(),
         }
     }
 }
@@ -157,6 +161,7 @@ impl Scheduler {
     ) -> Result<Scheduler, ConfigError> {
         let env = PluginEnv {
             clock: options.clock.clone(),
+            shared: options.shared.clone(),
         };
         let loaded = config::load(cfg, registry, &env)?;
         Ok(Scheduler::build(loaded, options))

@@ -594,3 +594,41 @@ fn departed_endpoints_lose_their_prefix_affinity() {
     s.retain_endpoints(&|k| &*k.pod != "pod-1");
     assert_eq!(score(&s), [0.0, 0.0]);
 }
+
+#[test]
+fn the_prefix_index_survives_a_scheduler_rebuild_with_the_same_shared_state() {
+    use sluice_scheduling::{Scheduler, SchedulerOptions, SharedState, parse_config_text};
+    let build = |shared: &SharedState| {
+        let cfg = parse_config_text(
+            "plugins: [{type: prefix-cache-scorer, parameters: {autoTune: false}}]",
+        )
+        .unwrap();
+        let opts = SchedulerOptions {
+            shared: shared.clone(),
+            record_scores: true,
+            seed: Some(1),
+            ..Default::default()
+        };
+        Scheduler::from_config_with(&cfg, &Registry::with_builtins(), opts).unwrap()
+    };
+    let cands = candidates(&[pod(0, 0.0), pod(0, 0.0)]);
+    let mut req = request("w", "m");
+    req.prompt = "z".repeat(64 * 2).into();
+    let shared = SharedState::default();
+    let old = build(&shared);
+    let mut w = old.schedule(&req, &cands[1..]).unwrap();
+    old.pre_request(&req, &mut w);
+    drop(old);
+    let scores = |s: &Scheduler| {
+        s.schedule(&req, &cands)
+            .unwrap()
+            .result
+            .primary()
+            .unwrap()
+            .scorer_scores[0]
+            .scores
+            .clone()
+    };
+    assert_eq!(scores(&build(&shared)), [0.0, 1.0]);
+    assert_eq!(scores(&build(&SharedState::default())), [0.0, 0.0]);
+}

@@ -182,10 +182,14 @@ impl PrefixCachePlugin {
             if p.hash_block_size.is_some() {
                 tracing::warn!(plugin = %init.typed_name, "hashBlockSize is a v1.0.0 parameter and is ignored; use blockSizeTokens");
             }
+            // Shared across rebuilds under the instance name, so that a config or endpoint change
+            // does not wipe what the index learned.
+            let key = format!("prefix-index/{}", init.typed_name.name);
+            let index = init.env.shared.get_or_insert_with(&key, PrefixIndex::new);
             Ok(Arc::new(PrefixCachePlugin::new(
                 init.typed_name.clone(),
                 p,
-                Arc::new(PrefixIndex::new()),
+                index,
                 scorer,
             )))
         }
