@@ -50,7 +50,10 @@ struct Settings {
 }
 
 fn env<T: FromStr>(key: &str, default: T) -> T {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 impl Settings {
@@ -88,7 +91,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
@@ -186,13 +192,19 @@ async fn run_mode(settings: &Settings, flow_control: bool) -> (Vec<Record>, Dura
     let servers: Vec<Arc<Server>> = (0..settings.servers)
         .map(|i| {
             Arc::new(Server {
-                engine: Mutex::new(Engine::new(settings.preset.config(), settings.seed + i as u64)),
+                engine: Mutex::new(Engine::new(
+                    settings.preset.config(),
+                    settings.seed + i as u64,
+                )),
                 waiters: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
             })
         })
         .collect();
-    let engine_tasks: Vec<_> = servers.iter().map(|s| tokio::spawn(s.clone().run(start))).collect();
+    let engine_tasks: Vec<_> = servers
+        .iter()
+        .map(|s| tokio::spawn(s.clone().run(start)))
+        .collect();
     let fc = flow_control.then(|| {
         let mut cfg = FlowControlConfig::default();
         cfg.default_request_ttl = settings.ttl;
@@ -200,7 +212,12 @@ async fn run_mode(settings: &Settings, flow_control: bool) -> (Vec<Record>, Dura
         cfg.workload.window = Duration::from_secs(10);
         // The engines' step completions are the only saturation changes; poll as upstream does.
         cfg.recheck_interval = Duration::from_millis(5);
-        FlowController::new(cfg, Arc::new(Utilization { servers: servers.clone() }))
+        FlowController::new(
+            cfg,
+            Arc::new(Utilization {
+                servers: servers.clone(),
+            }),
+        )
     });
     let records: Arc<Mutex<Vec<Record>>> = Arc::default();
     let mut generators = Vec::new();
@@ -217,21 +234,29 @@ async fn run_mode(settings: &Settings, flow_control: bool) -> (Vec<Record>, Dura
                     break;
                 }
                 tokio::time::sleep_until(start + at).await;
-                let (w, servers, fc, records) = (w.clone(), servers.clone(), fc.clone(), records.clone());
+                let (w, servers, fc, records) =
+                    (w.clone(), servers.clone(), fc.clone(), records.clone());
                 requests.push(tokio::spawn(async move {
                     let arrived = micros_since(start);
                     let guard = match &fc {
                         None => None,
                         Some(fc) => {
                             let r = FlowRequest {
-                                workload: WorkloadContext { workload_id: Arc::from(w.name), criticality: w.criticality },
+                                workload: WorkloadContext {
+                                    workload_id: Arc::from(w.name),
+                                    criticality: w.criticality,
+                                },
                                 bytes: u64::from(w.prompt_tokens) * 4,
                                 ..FlowRequest::default()
                             };
                             match fc.admit(r).await {
                                 Ok(g) => Some(g),
                                 Err(outcome) => {
-                                    records.lock().push(Record { workload: wi, status: outcome.http_status(), ttft: None });
+                                    records.lock().push(Record {
+                                        workload: wi,
+                                        status: outcome.http_status(),
+                                        ttft: None,
+                                    });
                                     return;
                                 }
                             }
@@ -250,7 +275,13 @@ async fn run_mode(settings: &Settings, flow_control: bool) -> (Vec<Record>, Dura
                             lora: None,
                         };
                         let id = engine.submit(req, micros_since(start)).unwrap();
-                        server.waiters.lock().insert(id, Waiter { first_token: Some(first_tx), done: done_tx });
+                        server.waiters.lock().insert(
+                            id,
+                            Waiter {
+                                first_token: Some(first_tx),
+                                done: done_tx,
+                            },
+                        );
                     }
                     server.wake.notify_one();
                     let first = first_rx.await.unwrap();
@@ -314,11 +345,18 @@ fn summarise(settings: &Settings, records: &[Record], workload: usize) -> Row {
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument that is not ours means another bench
     // target was asked for.
-    if std::env::args().skip(1).any(|a| !a.starts_with('-') && a != "fleet") {
+    if std::env::args()
+        .skip(1)
+        .any(|a| !a.starts_with('-') && a != "fleet")
+    {
         return;
     }
     let settings = Settings::from_env();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
     println!(
         "fleet: {} x {}, {} s of arrivals, TTL {:?}; workloads: {}",
         settings.servers,

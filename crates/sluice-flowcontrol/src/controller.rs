@@ -1,7 +1,10 @@
 //! The flow controller: admission, the dispatch task, TTLs and shutdown.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -249,6 +252,14 @@ impl FlowController {
         }
     }
 
+    /// [`FlowController::admit`] as an owned future: it borrows nothing, so a synchronous
+    /// session state machine (the picker's ext_proc session) can store it and poll it from
+    /// its stream's `poll_next`. Dropping it leaves the queue like dropping `admit`.
+    pub fn admit_owned(&self, request: FlowRequest) -> Admission {
+        let fc = self.clone();
+        Admission(Box::pin(async move { fc.admit(request).await }))
+    }
+
     /// Tells the dispatcher that saturation may have dropped (metrics refreshed, endpoints
     /// added). Cheap; call it freely.
     pub fn capacity_changed(&self) {
@@ -305,6 +316,23 @@ impl FlowController {
         registry.register_collector(Box::new(ScrapeCollector {
             source: Arc::downgrade(inner),
         }));
+    }
+}
+
+/// An admission in progress; see [`FlowController::admit_owned`].
+pub struct Admission(Pin<Box<dyn Future<Output = Result<AdmissionGuard, Outcome>> + Send>>);
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admission")
+    }
+}
+
+impl Future for Admission {
+    type Output = Result<AdmissionGuard, Outcome>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
     }
 }
 

@@ -43,8 +43,8 @@ pub use config::{
     UsageLimitPolicy, WorkloadConfig,
 };
 pub use controller::{
-    AdmissionGuard, DEFAULT_FLOW, FAIRNESS_ID_HEADER, FAIRNESS_ID_HEADER_ALIAS, FlowController,
-    FlowRequest, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS, parse_slo_ttft_ms,
+    Admission, AdmissionGuard, DEFAULT_FLOW, FAIRNESS_ID_HEADER, FAIRNESS_ID_HEADER_ALIAS,
+    FlowController, FlowRequest, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS, parse_slo_ttft_ms,
 };
 pub use outcome::{DROPPED_REASON_HEADER, Outcome};
 pub use saturation::{ConcurrencyLimit, ManualSaturation, SaturationSource};

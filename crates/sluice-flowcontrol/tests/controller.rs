@@ -8,6 +8,7 @@
     reason = "test code: helpers outside #[test] fns fail loudly; configs tweak a default"
 )]
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -665,4 +666,32 @@ async fn futures_join<T>(tasks: Vec<JoinHandle<T>>) -> Vec<Result<T, tokio::task
         out.push(t.await);
     }
     out
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owned_admission_can_be_stored_and_polled_by_a_state_machine() {
+    fn is_send_static<T: Send + 'static>(_: &T) {}
+    let sat = Arc::new(ManualSaturation::default());
+    let fc = FlowController::new(FlowControlConfig::default(), sat.clone());
+    // Room in the pool: ready on the first poll, as a synchronous session needs.
+    let mut adm = fc.admit_owned(req(0, "f", wl("w", 3)));
+    is_send_static(&adm);
+    let first =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut adm).poll(cx)))
+            .await;
+    let guard = match first {
+        std::task::Poll::Ready(r) => r.unwrap(),
+        std::task::Poll::Pending => panic!("an unsaturated pool must admit on the first poll"),
+    };
+    drop(guard);
+    // Saturated: pending until capacity frees; dropping it (stream reset) leaves the queue.
+    sat.set(1.0);
+    let mut adm = fc.admit_owned(req(0, "f", wl("w", 3)));
+    let polled =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut adm).poll(cx)))
+            .await;
+    assert!(polled.is_pending());
+    assert_eq!(fc.queued(), 1);
+    drop(adm);
+    assert_eq!((fc.queued(), fc.registry().total_active()), (0, 0));
 }
