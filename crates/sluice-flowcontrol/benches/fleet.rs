@@ -206,12 +206,14 @@ async fn run_mode(settings: &Settings, flow_control: bool) -> (Vec<Record>, Dura
         .map(|s| tokio::spawn(s.clone().run(start)))
         .collect();
     let fc = flow_control.then(|| {
-        let mut cfg = FlowControlConfig::default();
-        cfg.default_request_ttl = settings.ttl;
+        let mut cfg = FlowControlConfig {
+            default_request_ttl: settings.ttl,
+            // The engines' step completions are the only saturation changes; poll for them.
+            recheck_interval: Duration::from_millis(5),
+            ..FlowControlConfig::default()
+        };
         cfg.default_band.ordering = OrderingPolicy::WorkloadAware(ScoreParams::default());
         cfg.workload.window = Duration::from_secs(10);
-        // The engines' step completions are the only saturation changes; poll as upstream does.
-        cfg.recheck_interval = Duration::from_millis(5);
         FlowController::new(
             cfg,
             Arc::new(Utilization {
