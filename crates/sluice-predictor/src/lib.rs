@@ -138,7 +138,13 @@ pub trait LatencyPredictor: Send + Sync + fmt::Debug {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct PredictorConfig {
-    /// Mean or quantile predictions (default mean, like upstream's Helm chart).
+    /// What a prediction estimates. Default: the median (`Quantile { q: 0.5 }`), not
+    /// upstream's Helm `mean`: emergent serving latencies are right-skewed (a request
+    /// arriving mid-step, prefill chunks of later arrivals), so the mean sits above what
+    /// most requests see; on the step-level engine simulation in the tests the median fit
+    /// has about half the MAPE of the mean fit (test `median_mode_beats_mean_mode…`),
+    /// and its L1 loss shrugs off outlier samples. Use `Mean` for upstream parity, or
+    /// `Quantile { q: 0.9 }` for conservative (p90) headroom.
     pub objective: Objective,
     /// Samples kept per stratification bucket, newest first (upstream: 500).
     pub max_samples_per_bucket: usize,
@@ -163,7 +169,7 @@ pub struct PredictorConfig {
 impl Default for PredictorConfig {
     fn default() -> Self {
         PredictorConfig {
-            objective: Objective::Mean,
+            objective: Objective::Quantile { q: 0.5 },
             max_samples_per_bucket: 500,
             max_samples_total: 100_000,
             min_samples: 50,

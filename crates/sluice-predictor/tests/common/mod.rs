@@ -2,6 +2,8 @@
 //! tests and the benchmarks.
 #![allow(dead_code)]
 
+pub mod engine;
+
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice_predictor::{ClassId, Features, PodRole, TrainingSample};
