@@ -356,6 +356,19 @@ impl FlowControlConfig {
         Ok(cfg)
     }
 
+    /// The flow-control configuration of a whole EndpointPickerConfig: `None` unless the
+    /// `flowControl` feature gate is on (upstream's default is off), else the `flowControl`
+    /// section (defaults when absent) with its plugin references resolved.
+    pub fn from_picker_config(
+        cfg: &sluice_core::EndpointPickerConfig,
+    ) -> Result<Option<Self>, ConfigError> {
+        if !cfg.has_feature_gate("flowControl") {
+            return Ok(None);
+        }
+        let spec = cfg.flow_control.clone().unwrap_or_default();
+        Self::from_spec(&spec, &cfg.plugins).map(Some)
+    }
+
     /// The band configuration that applies to `priority`.
     pub fn band(&self, priority: i32) -> &BandConfig {
         match self.bands.get(&priority) {
@@ -722,6 +735,19 @@ mod tests {
         assert_eq!(cfg.usage_limit.ceiling(10, &all), 1.0);
         assert_eq!(cfg.usage_limit.ceiling(0, &all), 0.75);
         assert_eq!(cfg.usage_limit.ceiling(-5, &all), 0.5);
+    }
+
+    #[test]
+    fn flow_control_is_off_without_its_feature_gate() {
+        let mut cfg = sluice_core::EndpointPickerConfig::default();
+        assert_eq!(FlowControlConfig::from_picker_config(&cfg), Ok(None));
+        cfg.feature_gates.push("flowControl".into());
+        let on = FlowControlConfig::from_picker_config(&cfg)
+            .unwrap()
+            .unwrap();
+        assert_eq!(on, FlowControlConfig::default());
+        cfg.flow_control = Some(spec(serde_json::json!({"maxRequests": "x"})));
+        assert!(FlowControlConfig::from_picker_config(&cfg).is_err());
     }
 
     #[test]

@@ -211,6 +211,29 @@ impl FlowController {
         )
     }
 
+    /// Builds a [`FlowRequest`] from request headers (looked up by lower-case name): the
+    /// fairness id ([`FAIRNESS_ID_HEADER`] or its alias), `X-Workload-Context` and the TTFT
+    /// SLO ([`SLO_TTFT_HEADER`] or its alias). `priority` is the objective's priority.
+    pub fn request_from_headers<'h>(
+        &self,
+        priority: i32,
+        bytes: u64,
+        header: impl Fn(&str) -> Option<&'h str>,
+    ) -> FlowRequest {
+        let first = |names: [&str; 2]| names.into_iter().find_map(&header);
+        FlowRequest {
+            priority,
+            fairness_id: first([FAIRNESS_ID_HEADER, FAIRNESS_ID_HEADER_ALIAS])
+                .map(str::trim)
+                .filter(|f| !f.is_empty() && f.len() <= crate::workload::MAX_WORKLOAD_ID_LEN)
+                .map(Arc::from),
+            workload: self.workload_context(header(crate::workload::WORKLOAD_CONTEXT_HEADER)),
+            bytes,
+            slo_ttft: first([SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS]).and_then(parse_slo_ttft_ms),
+            ttl: None,
+        }
+    }
+
     /// Waits until the request may be scheduled, or returns why it may not.
     ///
     /// Resolves at once while the pool has room and nothing is queued. Dropping the future

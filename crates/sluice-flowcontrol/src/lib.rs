@@ -47,5 +47,5 @@ pub use controller::{
     FlowController, FlowRequest, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS, parse_slo_ttft_ms,
 };
 pub use outcome::{DROPPED_REASON_HEADER, Outcome};
-pub use saturation::{ConcurrencyLimit, ManualSaturation, SaturationSource};
+pub use saturation::{ConcurrencyLimit, FnSaturation, ManualSaturation, SaturationSource};
 pub use workload::{WORKLOAD_CONTEXT_HEADER, WorkloadContext, WorkloadRegistry, WorkloadStats};

@@ -81,3 +81,43 @@ impl SaturationSource for ManualSaturation {
         self.has_endpoints.load(Ordering::Acquire)
     }
 }
+
+type SaturationFn = dyn Fn(u64) -> f64 + Send + Sync;
+type EndpointsFn = dyn Fn() -> bool + Send + Sync;
+
+/// A saturation source from closures, so the picker can adapt its scheduler's detector
+/// (`Scheduler::saturation(&candidates)`) without a new type.
+pub struct FnSaturation {
+    saturation: Box<SaturationFn>,
+    has_endpoints: Box<EndpointsFn>,
+}
+
+impl FnSaturation {
+    /// `saturation(in_flight)` and `has_endpoints()` are called under the controller's lock
+    /// on every dispatch decision: keep them cheap and non-blocking.
+    pub fn new(
+        saturation: impl Fn(u64) -> f64 + Send + Sync + 'static,
+        has_endpoints: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            saturation: Box::new(saturation),
+            has_endpoints: Box::new(has_endpoints),
+        }
+    }
+}
+
+impl std::fmt::Debug for FnSaturation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnSaturation")
+    }
+}
+
+impl SaturationSource for FnSaturation {
+    fn saturation(&self, in_flight: u64) -> f64 {
+        (self.saturation)(in_flight)
+    }
+
+    fn has_endpoints(&self) -> bool {
+        (self.has_endpoints)()
+    }
+}

@@ -695,3 +695,36 @@ async fn an_owned_admission_can_be_stored_and_polled_by_a_state_machine() {
     drop(adm);
     assert_eq!((fc.queued(), fc.registry().total_active()), (0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_are_built_from_headers() {
+    let fc = FlowController::new(
+        FlowControlConfig::default(),
+        Arc::new(ManualSaturation::default()),
+    );
+    let headers = [
+        ("x-gateway-inference-fairness-id", "tenant-a"),
+        (
+            "x-workload-context",
+            r#"{"workload_id": "fraud-detection", "criticality": 5}"#,
+        ),
+        ("x-slo-ttft-ms", "250"),
+    ];
+    let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let r = fc.request_from_headers(7, 42, lookup);
+    assert_eq!(r.priority, 7);
+    assert_eq!(r.bytes, 42);
+    assert_eq!(r.fairness_id.as_deref(), Some("tenant-a"));
+    assert_eq!(
+        (&*r.workload.workload_id, r.workload.criticality),
+        ("fraud-detection", 5)
+    );
+    assert_eq!(r.slo_ttft, Some(Duration::from_millis(250)));
+    let none = fc.request_from_headers(0, 0, |_| None);
+    assert_eq!(none.fairness_id, None);
+    assert_eq!(
+        (&*none.workload.workload_id, none.workload.criticality),
+        ("default", 3)
+    );
+    assert_eq!(none.slo_ttft, None);
+}
