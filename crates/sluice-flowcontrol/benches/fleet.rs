@@ -344,6 +344,34 @@ fn summarise(settings: &Settings, records: &[Record], workload: usize) -> Row {
     }
 }
 
+/// Resident memory of this process in bytes (Linux), for the registry's footprint.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Seed 003's target: under 10 MB for 1,000 workloads. Measured on 100,000 (so the
+/// difference dwarfs allocator noise) and scaled.
+fn registry_footprint(rt: &tokio::runtime::Runtime) {
+    rt.block_on(async {
+        let reg = WorkloadRegistry::new(WorkloadConfig { max_workloads: 1_000_000, ..WorkloadConfig::default() });
+        let now = Instant::now();
+        let before = resident_bytes();
+        for i in 0..100_000u32 {
+            drop(reg.arrive(&Arc::from(format!("workload-{i:08}")), now));
+        }
+        if let (Some(b), Some(a)) = (before, resident_bytes()) {
+            let per = a.saturating_sub(b) as f64 / 100_000.0;
+            println!(
+                "workload registry: {per:.0} bytes per workload (RSS growth over 100,000), {:.2} MB per 1,000",
+                per * 1000.0 / 1e6
+            );
+        }
+        drop(reg);
+    });
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument that is not ours means another bench
     // target was asked for.
@@ -375,6 +403,7 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    registry_footprint(&rt);
     let wall = std::time::Instant::now();
     let (off, off_elapsed) = rt.block_on(run_mode(&settings, false));
     let (on, on_elapsed) = rt.block_on(run_mode(&settings, true));
