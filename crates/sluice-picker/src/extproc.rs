@@ -849,8 +849,13 @@ impl Session {
         };
         if self.resp.streaming {
             self.resp.sse.feed(&data);
-            let data = rewrite_model_back(&data, target, incoming).unwrap_or(data);
-            self.answer_body_chunk(data, eos, out);
+            if self.response_mode == MODE_FULL_DUPLEX {
+                let data = rewrite_model_back(&data, target, incoming).unwrap_or(data);
+                out.push_back(reply(Out::ResponseBody(streamed(data, eos))));
+            } else {
+                // STREAMED / BUFFERED: lengths are fixed by then; pass the bytes unchanged.
+                out.push_back(reply(Out::ResponseBody(BodyResponse::default())));
+            }
         } else if self.response_mode == MODE_FULL_DUPLEX && !self.resp.passthrough {
             if self.resp.buffer.len() + data.len() > self.opts.max_response_buffer_bytes {
                 // Too large to hold: forward what is held and stream the rest untouched.
@@ -867,37 +872,35 @@ impl Session {
                     push_streamed_body(out, &body, true, Out::ResponseBody);
                 }
             }
-        } else {
-            if eos && !self.resp.passthrough {
-                self.resp.usage = usage_from_json(&data);
-            }
-            let data = if self.resp.passthrough {
-                data
-            } else {
-                rewrite_model_back(&data, target, incoming).unwrap_or(data)
+        } else if self.response_mode == MODE_FULL_DUPLEX {
+            out.push_back(reply(Out::ResponseBody(streamed(data, eos))));
+        } else if self.response_mode == MODE_BUFFERED && eos {
+            // The whole body in one message, its headers still held: the rewritten body can
+            // carry a matching Content-Length (Envoy rejects a mismatch with a 500).
+            self.resp.usage = usage_from_json(&data);
+            let common = match rewrite_model_back(&data, target, incoming) {
+                Some(body) => CommonResponse {
+                    header_mutation: Some(HeaderMutation {
+                        set_headers: vec![set_header("content-length", &body.len().to_string())],
+                        remove_headers: Vec::new(),
+                    }),
+                    body_mutation: Some(BodyMutation {
+                        mutation: Some(body_mutation::Mutation::Body(body)),
+                    }),
+                    ..Default::default()
+                },
+                None => CommonResponse::default(),
             };
-            self.answer_body_chunk(data, eos, out);
+            out.push_back(reply(Out::ResponseBody(BodyResponse {
+                response: Some(common),
+            })));
+        } else {
+            // STREAMED: the headers (and any Content-Length) are gone; pass bytes unchanged.
+            out.push_back(reply(Out::ResponseBody(BodyResponse::default())));
         }
         if eos {
             self.resp.ended = true;
             self.finish_response();
-        }
-    }
-
-    fn answer_body_chunk(&self, data: Vec<u8>, eos: bool, out: &mut VecDeque<ProcessingResponse>) {
-        if self.response_mode == MODE_FULL_DUPLEX {
-            out.push_back(reply(Out::ResponseBody(streamed(data, eos))));
-        } else {
-            // Buffered / streamed mode: an answer per chunk, replacing it only when changed is
-            // indistinguishable, so always send the (possibly rewritten) bytes.
-            out.push_back(reply(Out::ResponseBody(BodyResponse {
-                response: Some(CommonResponse {
-                    body_mutation: Some(BodyMutation {
-                        mutation: Some(body_mutation::Mutation::Body(data)),
-                    }),
-                    ..Default::default()
-                }),
-            })));
         }
     }
 

