@@ -676,3 +676,53 @@ fn order_producers(
     let mut slots: Vec<Option<_>> = producers.into_iter().map(Some).collect();
     order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+
+    #[test]
+    fn handles_cross_threads_and_await_points() {
+        // The picker shares the scheduler between tasks and keeps a request's `Scheduled`
+        // across awaits.
+        send_sync::<Scheduler>();
+        send::<Scheduled>();
+        send_sync::<SchedulingResult>();
+    }
+
+    #[test]
+    fn producers_are_ordered_by_their_data_dependencies() {
+        #[derive(Debug)]
+        struct P(&'static [&'static str], &'static [&'static str]);
+        impl DataProducer for P {
+            fn produces(&self) -> &[&'static str] {
+                self.0
+            }
+            fn consumes(&self) -> &[&'static str] {
+                self.1
+            }
+            fn produce(
+                &self,
+                _: &mut Cycle,
+                _: &LlmRequest,
+                _: &[Candidate],
+            ) -> Result<(), PluginError> {
+                Ok(())
+            }
+        }
+        let ps: Vec<(Arc<str>, Arc<dyn DataProducer>)> = vec![
+            ("c".into(), Arc::new(P(&[], &["B"]))),
+            ("b".into(), Arc::new(P(&["B"], &["A"]))),
+            ("a".into(), Arc::new(P(&["A"], &[]))),
+            ("x".into(), Arc::new(P(&[], &[]))),
+        ];
+        let names: Vec<String> = order_producers(ps)
+            .into_iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        assert_eq!(names, ["a", "b", "c", "x"]);
+    }
+}
