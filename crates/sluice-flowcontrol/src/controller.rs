@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::FlowControlConfig;
-use crate::metrics::{self, Metrics, ScrapeCollector, Snapshot};
+use crate::metrics::{FlowMetrics, Snapshot};
 use crate::outcome::{DISPATCHED_LABEL, Outcome};
 use crate::queue::{ItemId, NewItem, Queues};
 use crate::saturation::SaturationSource;
@@ -126,7 +126,7 @@ struct Inner {
     handoffs: AtomicU64,
     wake: Notify,
     registry: WorkloadRegistry,
-    metrics: Metrics,
+    metrics: Arc<FlowMetrics>,
 }
 
 /// Removes a queued item when the waiting future is dropped (client disconnect).
@@ -178,6 +178,16 @@ impl FlowController {
     /// Starts a controller and its dispatch task. Must be called inside a tokio runtime.
     /// Time is tokio's clock, so tests can drive it with a paused runtime.
     pub fn new(config: FlowControlConfig, saturation: Arc<dyn SaturationSource>) -> Self {
+        Self::with_metrics(config, saturation, FlowMetrics::new(MAX_FLOW_LABELS))
+    }
+
+    /// Like [`FlowController::new`], reporting into shared `metrics` (registered once by
+    /// the picker) so a controller rebuilt for a new config keeps the same series.
+    pub fn with_metrics(
+        config: FlowControlConfig,
+        saturation: Arc<dyn SaturationSource>,
+        metrics: Arc<FlowMetrics>,
+    ) -> Self {
         let now = Instant::now();
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
@@ -190,8 +200,11 @@ impl FlowController {
             in_flight: AtomicU64::new(0),
             handoffs: AtomicU64::new(0),
             wake: Notify::new(),
-            metrics: Metrics::new(MAX_FLOW_LABELS),
+            metrics,
         });
+        let snapshot: std::sync::Weak<dyn Snapshot> =
+            Arc::downgrade(&inner) as std::sync::Weak<Inner>;
+        inner.metrics.attach(snapshot);
         let task = tokio::spawn(Inner::run(inner.clone()));
         Self {
             shared: Arc::new(Shared { inner, task }),
@@ -331,14 +344,11 @@ impl FlowController {
             .stats(workload_id, Instant::now())
     }
 
-    /// Adds the flow-control and per-workload series to `registry` (see [`crate::metrics`]
-    /// for names and the prefix convention).
+    /// Adds this controller's metrics (flow-control and per-workload series) to `registry`
+    /// (see [`crate::metrics`] for names, the prefix convention and sharing between
+    /// controllers).
     pub fn register(&self, registry: &mut Registry) {
-        let inner = &self.shared.inner;
-        metrics::register(&inner.metrics, registry);
-        registry.register_collector(Box::new(ScrapeCollector {
-            source: Arc::downgrade(inner),
-        }));
+        self.shared.inner.metrics.register(registry);
     }
 }
 

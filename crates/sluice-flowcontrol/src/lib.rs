@@ -93,6 +93,7 @@ pub use controller::{
     Admission, AdmissionGuard, DEFAULT_FLOW, FAIRNESS_ID_HEADER, FAIRNESS_ID_HEADER_ALIAS,
     FlowController, FlowRequest, SLO_TTFT_HEADER, SLO_TTFT_HEADER_ALIAS, parse_slo_ttft_ms,
 };
+pub use metrics::FlowMetrics;
 pub use outcome::{DROPPED_REASON_HEADER, Outcome};
 pub use saturation::{ConcurrencyLimit, FnSaturation, ManualSaturation, SaturationSource};
 pub use workload::{WORKLOAD_CONTEXT_HEADER, WorkloadContext, WorkloadRegistry, WorkloadStats};

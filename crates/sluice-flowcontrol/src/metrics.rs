@@ -4,8 +4,13 @@
 //! Names are registered without a prefix; the picker registers them under its own
 //! (`inference_extension_`) prefix and adds the `inference_pool` label with
 //! `Registry::sub_registry_with_label`, so the series read as upstream's.
+//!
+//! One [`FlowMetrics`] can serve several controllers in turn (the picker rebuilds its
+//! controller when a new config changes the `flowControl` section): register it once, pass
+//! it to [`crate::FlowController::with_metrics`], and scrape-time gauges sum over the
+//! controllers still alive.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -33,22 +38,25 @@ const CYCLE_BUCKETS: [f64; 12] = [
 type QueueLabels = [(&'static str, Arc<str>); 3];
 type TotalLabels = [(&'static str, Arc<str>); 2];
 
-/// The controller's own metric handles (cheap to update on the hot path).
+/// The flow-control series: handles updated on the hot path, plus scrape-time gauges read
+/// from the controllers attached to it.
 #[derive(Debug)]
-pub(crate) struct Metrics {
-    pub queue_duration: Family<QueueLabels, Histogram>,
-    pub requests_total: Family<TotalLabels, Counter>,
-    pub dispatch_cycle: Histogram,
-    pub pool_saturation: Gauge<f64, AtomicU64>,
+pub struct FlowMetrics {
+    pub(crate) queue_duration: Family<QueueLabels, Histogram>,
+    pub(crate) requests_total: Family<TotalLabels, Counter>,
+    pub(crate) dispatch_cycle: Histogram,
+    pub(crate) pool_saturation: Gauge<f64, AtomicU64>,
     flow_labels: Mutex<HashSet<Arc<str>>>,
     max_flow_labels: usize,
     other: Arc<str>,
-    priority_labels: Mutex<std::collections::HashMap<i32, Arc<str>>>,
+    priority_labels: Mutex<HashMap<i32, Arc<str>>>,
+    controllers: Mutex<Vec<Weak<dyn Snapshot>>>,
 }
 
-impl Metrics {
-    pub fn new(max_flow_labels: usize) -> Self {
-        Self {
+impl FlowMetrics {
+    /// Fresh series; at most `max_flow_labels` fairness ids get their own label.
+    pub fn new(max_flow_labels: usize) -> Arc<Self> {
+        Arc::new(Self {
             queue_duration: Family::new_with_constructor(|| Histogram::new(QUEUE_BUCKETS)),
             requests_total: Family::default(),
             dispatch_cycle: Histogram::new(CYCLE_BUCKETS),
@@ -56,13 +64,55 @@ impl Metrics {
             flow_labels: Mutex::new(HashSet::new()),
             max_flow_labels,
             other: Arc::from(OTHER_LABEL),
-            priority_labels: Mutex::new(std::collections::HashMap::new()),
-        }
+            priority_labels: Mutex::new(HashMap::new()),
+            controllers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Adds the series to `registry` (once per registry).
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "flow_control_request_queue_duration_seconds",
+            "Time a request spent in flow control, by outcome.",
+            self.queue_duration.clone(),
+        );
+        registry.register(
+            "flow_control_requests",
+            "Requests that reached a flow-control outcome.",
+            self.requests_total.clone(),
+        );
+        registry.register(
+            "flow_control_dispatch_cycle_duration_seconds",
+            "Duration of one dispatch cycle.",
+            self.dispatch_cycle.clone(),
+        );
+        registry.register(
+            "flow_control_pool_saturation",
+            "Pool saturation as last read by the flow controller.",
+            self.pool_saturation.clone(),
+        );
+        registry.register_collector(Box::new(ScrapeCollector {
+            source: Arc::downgrade(self),
+        }));
+    }
+
+    pub(crate) fn attach(&self, controller: Weak<dyn Snapshot>) {
+        let mut all = self.controllers.lock();
+        all.retain(|c| c.strong_count() > 0);
+        all.push(controller);
+    }
+
+    fn live(&self) -> Vec<Arc<dyn Snapshot>> {
+        self.controllers
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
     /// The label for a fairness id: its own for the first `max_flow_labels` ids seen,
     /// `other` after that, so a client cannot create series at will.
-    pub fn flow_label(&self, flow: &Arc<str>) -> Arc<str> {
+    pub(crate) fn flow_label(&self, flow: &Arc<str>) -> Arc<str> {
         let mut seen = self.flow_labels.lock();
         if let Some(l) = seen.get(flow) {
             return l.clone();
@@ -74,7 +124,7 @@ impl Metrics {
         self.other.clone()
     }
 
-    pub fn priority_label(&self, priority: i32) -> Arc<str> {
+    pub(crate) fn priority_label(&self, priority: i32) -> Arc<str> {
         self.priority_labels
             .lock()
             .entry(priority)
@@ -115,11 +165,11 @@ pub(crate) trait Snapshot: Send + Sync + 'static {
 }
 
 /// Emits gauges computed at scrape time so the hot path never updates them.
-pub(crate) struct ScrapeCollector<S: Snapshot> {
-    pub source: Weak<S>,
+struct ScrapeCollector {
+    source: Weak<FlowMetrics>,
 }
 
-impl<S: Snapshot> std::fmt::Debug for ScrapeCollector<S> {
+impl std::fmt::Debug for ScrapeCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ScrapeCollector").finish_non_exhaustive()
     }
@@ -147,12 +197,33 @@ where
     Ok(())
 }
 
-impl<S: Snapshot> Collector for ScrapeCollector<S> {
+impl Collector for ScrapeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Some(src) = self.source.upgrade() else {
+        let Some(metrics) = self.source.upgrade() else {
             return Ok(());
         };
-        let sizes = src.queue_sizes();
+        let mut merged_sizes: HashMap<(Arc<str>, i32), (u64, u64)> = HashMap::new();
+        let mut merged_workloads: HashMap<Arc<str>, (u64, f64, f64)> = HashMap::new();
+        let mut n = 0;
+        for c in metrics.live() {
+            for (f, p, q, b) in c.queue_sizes() {
+                let e = merged_sizes.entry((f, p)).or_default();
+                e.0 += q;
+                e.1 += b;
+            }
+            for (id, a, r, w) in c.workloads() {
+                let e = merged_workloads.entry(id).or_default();
+                e.0 += a;
+                e.1 += r;
+                e.2 = e.2.max(w);
+            }
+            n = c.max_workload_labels();
+        }
+        let mut sizes: Vec<_> = merged_sizes
+            .into_iter()
+            .map(|((f, p), (q, b))| (f, p, q, b))
+            .collect();
+        sizes.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         let size_rows: Vec<_> = sizes
             .iter()
             .map(|(f, p, n, _)| {
@@ -185,9 +256,11 @@ impl<S: Snapshot> Collector for ScrapeCollector<S> {
         )?;
 
         // Top-N workloads by active requests (then rate); the rest summed under "other".
-        let mut workloads = src.workloads();
+        let mut workloads: Vec<_> = merged_workloads
+            .into_iter()
+            .map(|(id, (a, r, w))| (id, a, r, w))
+            .collect();
         workloads.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.total_cmp(&a.2)).then(a.0.cmp(&b.0)));
-        let n = src.max_workload_labels();
         let mut active = Vec::new();
         let mut rate = Vec::new();
         let mut wait = Vec::new();
@@ -232,28 +305,4 @@ impl<S: Snapshot> Collector for ScrapeCollector<S> {
         )?;
         Ok(())
     }
-}
-
-/// Registers the handle-based series.
-pub(crate) fn register(metrics: &Metrics, registry: &mut Registry) {
-    registry.register(
-        "flow_control_request_queue_duration_seconds",
-        "Time a request spent in flow control, by outcome.",
-        metrics.queue_duration.clone(),
-    );
-    registry.register(
-        "flow_control_requests",
-        "Requests that reached a flow-control outcome.",
-        metrics.requests_total.clone(),
-    );
-    registry.register(
-        "flow_control_dispatch_cycle_duration_seconds",
-        "Duration of one dispatch cycle.",
-        metrics.dispatch_cycle.clone(),
-    );
-    registry.register(
-        "flow_control_pool_saturation",
-        "Pool saturation as last read by the flow controller.",
-        metrics.pool_saturation.clone(),
-    );
 }

@@ -728,3 +728,43 @@ async fn requests_are_built_from_headers() {
     );
     assert_eq!(none.slo_ttft, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn shared_metrics_survive_a_controller_rebuild() {
+    let metrics = FlowMetrics::new(100);
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let encode = |registry: &Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    };
+    let sat = Arc::new(ManualSaturation::default());
+    let old =
+        FlowController::with_metrics(FlowControlConfig::default(), sat.clone(), metrics.clone());
+    drop(old.admit(req(0, "f", wl("w", 3))).await.unwrap());
+    // A new config: the picker builds a new controller on the same series.
+    sat.set(1.0);
+    let new =
+        FlowController::with_metrics(FlowControlConfig::default(), sat.clone(), metrics.clone());
+    drop(old);
+    let fc = new.clone();
+    let waiting = tokio::spawn(async move { fc.admit(req(0, "g", wl("w", 3))).await.map(drop) });
+    until(|| new.queued() == 1).await;
+    let text = encode(&registry);
+    assert!(
+        text.contains(r#"flow_control_requests_total{outcome="Dispatched",priority="0"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"flow_control_queue_size{fairness_id="g",priority="0"} 1"#),
+        "{text}"
+    );
+    sat.set(0.0);
+    new.capacity_changed();
+    waiting.await.unwrap().unwrap();
+    assert!(
+        encode(&registry)
+            .contains(r#"flow_control_requests_total{outcome="Dispatched",priority="0"} 2"#)
+    );
+}
