@@ -50,6 +50,7 @@ pub struct FlowMetrics {
     max_flow_labels: usize,
     other: Arc<str>,
     priority_labels: Mutex<HashMap<i32, Arc<str>>>,
+    outcome_labels: Mutex<HashMap<&'static str, Arc<str>>>,
     controllers: Mutex<Vec<Weak<dyn Snapshot>>>,
 }
 
@@ -65,6 +66,7 @@ impl FlowMetrics {
             max_flow_labels,
             other: Arc::from(OTHER_LABEL),
             priority_labels: Mutex::new(HashMap::new()),
+            outcome_labels: Mutex::new(HashMap::new()),
             controllers: Mutex::new(Vec::new()),
         })
     }
@@ -140,7 +142,12 @@ impl FlowMetrics {
         waited_secs: f64,
     ) {
         let p = self.priority_label(priority);
-        let o: Arc<str> = Arc::from(outcome);
+        let o = self
+            .outcome_labels
+            .lock()
+            .entry(outcome)
+            .or_insert_with(|| Arc::from(outcome))
+            .clone();
         self.queue_duration
             .get_or_create(&[
                 ("fairness_id", flow_label.clone()),
