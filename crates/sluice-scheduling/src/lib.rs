@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod cycle;
+pub mod observe;
 pub mod plugin;
 pub mod plugins;
 pub mod prefix_index;
@@ -28,6 +29,7 @@ pub mod types;
 
 pub use config::{ConfigError, ConfigProblem, ProblemKind, default_config, parse_config_text};
 pub use cycle::{Clock, Cycle, CycleState, ManualClock, SystemClock};
+pub use observe::{ExtensionPoint, SchedulingObserver};
 pub use plugin::{
     Admitter, DataProducer, EndpointAware, Filter, Picker, Plugin, PreRequest, ProfileHandler,
     ProfileRuns, ResponseHooks, SaturationDetector, Scorer, ScorerCategory, TypedName,

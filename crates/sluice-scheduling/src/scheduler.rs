@@ -10,8 +10,12 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use sluice_core::{EndpointKey, EndpointPickerConfig};
 
+use std::collections::HashMap;
+use std::time::Instant;
+
 use crate::config::{self, ConfigError, LoadedProfile};
 use crate::cycle::{Clock, Cycle, CycleState, SystemClock, keys};
+use crate::observe::{ExtensionPoint, SchedulingObserver};
 use crate::plugin::{
     Admitter, DataProducer, EndpointAware, Plugin, PreRequest, ProfileHandler, ProfileRuns,
     ResponseHooks, SaturationDetector,
@@ -38,6 +42,8 @@ pub struct SchedulerOptions {
     /// State kept across schedulers built with the same options (the prefix index, for
     /// example); keep one per pool and pass it to every rebuild.
     pub shared: SharedState,
+    /// Receives plugin timings and prefix-cache outcomes for metrics; `None` skips timing.
+    pub observer: Option<Arc<dyn SchedulingObserver>>,
 }
 
 impl Default for SchedulerOptions {
@@ -47,6 +53,7 @@ impl Default for SchedulerOptions {
             seed: None,
             record_scores: false,
             shared: SharedState::default(),
+            observer: None,
         }
     }
 }
@@ -67,8 +74,10 @@ struct Inner {
     handler_name: Arc<str>,
     producers: Vec<(Arc<str>, Arc<dyn DataProducer>)>,
     admitters: Vec<(Arc<str>, Arc<dyn Admitter>)>,
-    pre_requests: Vec<Arc<dyn PreRequest>>,
-    response_hooks: Vec<Arc<dyn ResponseHooks>>,
+    pre_requests: Vec<(Arc<str>, Arc<dyn PreRequest>)>,
+    response_hooks: Vec<(Arc<str>, Arc<dyn ResponseHooks>)>,
+    observer: Option<Arc<dyn SchedulingObserver>>,
+    plugin_types: HashMap<Arc<str>, Arc<str>>,
     endpoint_aware: Vec<Arc<dyn EndpointAware>>,
     detector: Option<Arc<dyn SaturationDetector>>,
     clock: Arc<dyn Clock>,
@@ -196,6 +205,8 @@ impl Scheduler {
                 admitters: Vec::new(),
                 pre_requests: Vec::new(),
                 response_hooks: Vec::new(),
+                observer: None,
+                plugin_types: HashMap::new(),
                 endpoint_aware: Vec::new(),
                 detector: None,
                 clock: Arc::new(SystemClock),
@@ -221,16 +232,26 @@ impl Scheduler {
                 admitters.push((name.clone(), x));
             }
             if let Some(x) = p.clone().as_pre_request() {
-                pre_requests.push(x);
+                pre_requests.push((name.clone(), x));
             }
             if let Some(x) = p.clone().as_response_hooks() {
-                response_hooks.push(x);
+                response_hooks.push((name.clone(), x));
             }
             if let Some(x) = p.clone().as_endpoint_aware() {
                 endpoint_aware.push(x);
             }
         }
         let producers = order_producers(producers);
+        let plugin_types = loaded
+            .plugins
+            .iter()
+            .map(|p| {
+                (
+                    p.typed_name().name.clone(),
+                    p.typed_name().type_name.clone(),
+                )
+            })
+            .collect();
         let profile_names = loaded.profiles.iter().map(|p| p.name.clone()).collect();
         Scheduler {
             inner: Arc::new(Inner {
@@ -244,6 +265,8 @@ impl Scheduler {
                 admitters,
                 pre_requests,
                 response_hooks,
+                observer: options.observer.clone(),
+                plugin_types,
                 endpoint_aware,
                 detector: loaded.detector,
                 clock: options.clock,
@@ -341,6 +364,21 @@ impl Scheduler {
         }
     }
 
+    /// Runs `f`, reporting its duration to the observer when there is one.
+    #[inline]
+    fn timed<R>(&self, point: ExtensionPoint, name: &str, f: impl FnOnce() -> R) -> R {
+        match &self.inner.observer {
+            None => f(),
+            Some(o) => {
+                let start = Instant::now();
+                let r = f();
+                let type_name = self.inner.plugin_types.get(name).map_or("", |t| &**t);
+                o.plugin_duration(point, type_name, name, start.elapsed());
+                r
+            }
+        }
+    }
+
     fn new_cycle(&self, request: &LlmRequest) -> Cycle {
         let mut h = xxhash_rust::xxh64::Xxh64::new(self.inner.seed);
         h.write(request.request_id.as_bytes());
@@ -361,22 +399,51 @@ impl Scheduler {
         request: &LlmRequest,
         candidates: &[Candidate],
     ) -> Result<Scheduled, ScheduleError> {
+        let Some(observer) = &self.inner.observer else {
+            return self.schedule_inner(request, candidates);
+        };
+        let start = Instant::now();
+        let result = self.schedule_inner(request, candidates);
+        observer.schedule_duration(start.elapsed());
+        if let Ok(s) = &result
+            && let Some(info) = s
+                .cycle
+                .state
+                .get::<PrefixMatchInfo>(keys::PREFIX_CACHE_MATCH_INFO)
+            && let Some(target) = s.result.primary().and_then(|r| r.targets.first())
+            && info.total_blocks() > 0
+        {
+            let matched = info.matched.get(*target).copied().unwrap_or(0) as usize;
+            observer.prefix_match(matched, info.total_blocks(), info.block_size_tokens);
+        }
+        result
+    }
+
+    fn schedule_inner(
+        &self,
+        request: &LlmRequest,
+        candidates: &[Candidate],
+    ) -> Result<Scheduled, ScheduleError> {
         if candidates.is_empty() {
             return Err(ScheduleError::NoCandidates);
         }
         let inner = &*self.inner;
         let mut cycle = self.new_cycle(request);
         for (name, p) in &inner.producers {
-            if let Err(e) = p.produce(&mut cycle, request, candidates) {
+            if let Err(e) = self.timed(ExtensionPoint::PrepareData, name, || {
+                p.produce(&mut cycle, request, candidates)
+            }) {
                 tracing::debug!(plugin = &**name, error = %e, "data producer failed; scheduling without its data");
             }
         }
         for (name, a) in &inner.admitters {
-            a.admit(&mut cycle, request, candidates)
-                .map_err(|reason| ScheduleError::Shed {
-                    plugin: name.to_string(),
-                    reason,
-                })?;
+            self.timed(ExtensionPoint::Admitter, name, || {
+                a.admit(&mut cycle, request, candidates)
+            })
+            .map_err(|reason| ScheduleError::Shed {
+                plugin: name.to_string(),
+                reason,
+            })?;
         }
 
         let n_profiles = inner.profiles.len();
@@ -385,14 +452,16 @@ impl Scheduler {
         let mut ran = Vec::with_capacity(n_profiles);
         // Bounded rounds: a handler that keeps returning profiles cannot loop forever.
         for _ in 0..=n_profiles {
-            let picks = inner.handler.pick_profiles(
-                &mut cycle,
-                request,
-                &ProfileRuns {
-                    names: &inner.profile_names,
-                    results: &results,
-                },
-            );
+            let picks = self.timed(ExtensionPoint::ProfilePicker, &inner.handler_name, || {
+                inner.handler.pick_profiles(
+                    &mut cycle,
+                    request,
+                    &ProfileRuns {
+                        names: &inner.profile_names,
+                        results: &results,
+                    },
+                )
+            });
             let mut any = false;
             for i in picks {
                 if i >= n_profiles || results[i].is_some() {
@@ -423,14 +492,19 @@ impl Scheduler {
                 },
             });
         }
-        let primary = inner
-            .handler
-            .process_results(
-                &mut cycle,
-                request,
-                &ProfileRuns {
-                    names: &inner.profile_names,
-                    results: &results,
+        let primary = self
+            .timed(
+                ExtensionPoint::ProcessProfilesResults,
+                &inner.handler_name,
+                || {
+                    inner.handler.process_results(
+                        &mut cycle,
+                        request,
+                        &ProfileRuns {
+                            names: &inner.profile_names,
+                            results: &results,
+                        },
+                    )
                 },
             )
             .map_err(|e| match e {
@@ -490,8 +564,10 @@ impl Scheduler {
         };
         let mut eps: Vec<usize> = (0..candidates.len()).collect();
         for (name, f) in &profile.filters {
-            f.filter(cycle, request, candidates, &mut eps)
-                .map_err(|e| plugin_err(name, e))?;
+            self.timed(ExtensionPoint::Filter, name, || {
+                f.filter(cycle, request, candidates, &mut eps)
+            })
+            .map_err(|e| plugin_err(name, e))?;
             if eps.is_empty() {
                 return Ok(Err(ProfileFailure {
                     profile: profile.name.clone(),
@@ -505,8 +581,10 @@ impl Scheduler {
         let mut scorer_scores = Vec::new();
         for (name, s, weight) in &profile.scorers {
             buf.fill(0.0);
-            s.score(cycle, request, candidates, &eps, &mut buf)
-                .map_err(|e| plugin_err(name, e))?;
+            self.timed(ExtensionPoint::Scorer, name, || {
+                s.score(cycle, request, candidates, &eps, &mut buf)
+            })
+            .map_err(|e| plugin_err(name, e))?;
             for (t, v) in totals.iter_mut().zip(buf.iter_mut()) {
                 *v = if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) };
                 *t += *v * weight;
@@ -525,7 +603,9 @@ impl Scheduler {
             .map(|(&index, score)| ScoredEndpoint { index, score })
             .collect();
         let mut targets = Vec::with_capacity(1);
-        profile.picker.1.pick(cycle, &mut scored, &mut targets);
+        self.timed(ExtensionPoint::Picker, &profile.picker.0, || {
+            profile.picker.1.pick(cycle, &mut scored, &mut targets)
+        });
         if !scored.is_sorted_by_key(|s| s.index) {
             scored.sort_unstable_by_key(|s| s.index);
         }
@@ -560,8 +640,10 @@ impl Scheduler {
         let tokens = uncached_tokens(request, scheduled);
         target.in_flight.add(tokens);
         scheduled.accounted_tokens = Some(tokens);
-        for p in &self.inner.pre_requests {
-            p.pre_request(&mut scheduled.cycle, request, &scheduled.result);
+        for (name, p) in &self.inner.pre_requests {
+            self.timed(ExtensionPoint::PreRequest, name, || {
+                p.pre_request(&mut scheduled.cycle, request, &scheduled.result)
+            });
         }
     }
 
@@ -577,14 +659,16 @@ impl Scheduler {
         if scheduled.completed {
             return add;
         }
-        for p in &self.inner.response_hooks {
-            p.on_response_headers(
-                &mut scheduled.cycle,
-                request,
-                &scheduled.result,
-                headers,
-                &mut add,
-            );
+        for (name, p) in &self.inner.response_hooks {
+            self.timed(ExtensionPoint::ResponseReceived, name, || {
+                p.on_response_headers(
+                    &mut scheduled.cycle,
+                    request,
+                    &scheduled.result,
+                    headers,
+                    &mut add,
+                )
+            });
         }
         add
     }
@@ -599,8 +683,10 @@ impl Scheduler {
         if scheduled.completed {
             return;
         }
-        for p in &self.inner.response_hooks {
-            p.on_response_chunk(&mut scheduled.cycle, request, &scheduled.result, chunk);
+        for (name, p) in &self.inner.response_hooks {
+            self.timed(ExtensionPoint::ResponseStreaming, name, || {
+                p.on_response_chunk(&mut scheduled.cycle, request, &scheduled.result, chunk)
+            });
         }
     }
 
@@ -612,8 +698,10 @@ impl Scheduler {
         }
         scheduled.completed = true;
         scheduled.release();
-        for p in &self.inner.response_hooks {
-            p.on_complete(&mut scheduled.cycle, request, &scheduled.result, &outcome);
+        for (name, p) in &self.inner.response_hooks {
+            self.timed(ExtensionPoint::ResponseComplete, name, || {
+                p.on_complete(&mut scheduled.cycle, request, &scheduled.result, &outcome)
+            });
         }
     }
 }

@@ -632,3 +632,86 @@ fn the_prefix_index_survives_a_scheduler_rebuild_with_the_same_shared_state() {
     assert_eq!(scores(&build(&shared)), [0.0, 1.0]);
     assert_eq!(scores(&build(&SharedState::default())), [0.0, 0.0]);
 }
+
+#[derive(Debug, Default)]
+struct Metrics {
+    calls: Mutex<Vec<String>>,
+    prefix: Mutex<Vec<(usize, usize, usize)>>,
+    schedules: Mutex<u32>,
+}
+
+impl sluice_scheduling::SchedulingObserver for Metrics {
+    fn plugin_duration(
+        &self,
+        point: sluice_scheduling::ExtensionPoint,
+        t: &str,
+        n: &str,
+        _: std::time::Duration,
+    ) {
+        self.calls.lock().push(format!("{point} {t} {n}"));
+    }
+    fn schedule_duration(&self, _: std::time::Duration) {
+        *self.schedules.lock() += 1;
+    }
+    fn prefix_match(&self, matched: usize, total: usize, block: usize) {
+        self.prefix.lock().push((matched, total, block));
+    }
+}
+
+#[test]
+fn an_observer_sees_every_plugin_call_and_the_prefix_hit() {
+    use sluice_scheduling::{Scheduler, SchedulerOptions, parse_config_text};
+    let metrics = Arc::new(Metrics::default());
+    let cfg = parse_config_text(
+        "plugins: [{name: pfx, type: prefix-cache-scorer, parameters: {autoTune: false}}, {type: utilization-detector}, {type: session-affinity-scorer}]",
+    )
+    .unwrap();
+    let opts = SchedulerOptions {
+        observer: Some(metrics.clone()),
+        seed: Some(3),
+        ..Default::default()
+    };
+    let s = Scheduler::from_config_with(&cfg, &Registry::with_builtins(), opts).unwrap();
+    let cands = candidates(&[pod(0, 0.0)]);
+    let mut req = request("r", "m");
+    req.prompt = "q".repeat(64 * 4 + 10).into();
+    for _ in 0..2 {
+        let mut d = s.schedule(&req, &cands).unwrap();
+        s.pre_request(&req, &mut d);
+        s.response_headers(&req, &mut d, &[]);
+        s.response_chunk(
+            &req,
+            &mut d,
+            ResponseChunk {
+                data: b"x",
+                end_of_stream: true,
+            },
+        );
+        s.complete(&req, &mut d, Outcome::Success);
+    }
+    assert_eq!(*metrics.schedules.lock(), 2);
+    assert_eq!(
+        *metrics.prefix.lock(),
+        [(0, 4, 16), (4, 4, 16)],
+        "a miss, then a full hit"
+    );
+    let calls = metrics.calls.lock();
+    for want in [
+        "PrepareData prefix-cache-scorer pfx",
+        "ProfilePicker single-profile-handler single-profile-handler",
+        "Filter utilization-detector utilization-detector",
+        "Scorer prefix-cache-scorer pfx",
+        "Scorer session-affinity-scorer session-affinity-scorer",
+        "Picker max-score-picker max-score-picker",
+        "ProcessProfilesResults single-profile-handler single-profile-handler",
+        "PreRequest prefix-cache-scorer pfx",
+        "ResponseReceived session-affinity-scorer session-affinity-scorer",
+        "ResponseStreaming session-affinity-scorer session-affinity-scorer",
+        "ResponseComplete session-affinity-scorer session-affinity-scorer",
+    ] {
+        assert!(
+            calls.iter().any(|c| c == want),
+            "missing {want:?} in {calls:?}"
+        );
+    }
+}

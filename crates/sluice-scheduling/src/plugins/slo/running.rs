@@ -1,0 +1,242 @@
+//! Per-endpoint running-request queues (upstream `PodAddRequest` / `PodRemoveRequest`,
+//! reference §3.4): which requests this picker has dispatched to an endpoint and not yet seen
+//! finish, with each request's TPOT SLO, so that a new request is not allowed to push an
+//! endpoint past the tightest TPOT SLO of what already runs there.
+//!
+//! Entries leave on completion (every outcome: success, error, disconnect) and, as a safety
+//! net against a lost completion, after a TTL. Bounded per endpoint and by the endpoints the
+//! pool has (departed endpoints are dropped through `retain`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use sluice_core::EndpointKey;
+
+/// Largest number of tracked requests per endpoint; adds beyond it are refused (and the
+/// request simply does not constrain later TPOT checks), so a leak cannot grow memory.
+pub const MAX_PER_ENDPOINT: usize = 65_536;
+
+#[derive(Clone, Debug)]
+struct Entry {
+    id: u64,
+    tpot_slo_ms: f64,
+    added: Instant,
+}
+
+/// Why [`RunningRequests::add`] refused an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddError {
+    /// The id is already tracked (on any endpoint).
+    Duplicate,
+    /// The endpoint already tracks [`MAX_PER_ENDPOINT`] requests.
+    Full,
+}
+
+/// The queues of every endpoint. Lists are short (the requests running on one server), so
+/// a vector with a linear minimum beats a heap with an index map.
+#[derive(Debug)]
+pub struct RunningRequests {
+    ttl: Duration,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_endpoint: HashMap<EndpointKey, Vec<Entry>>,
+    where_is: HashMap<u64, EndpointKey>,
+    last_sweep: Option<Instant>,
+}
+
+impl RunningRequests {
+    /// Queues whose entries expire `ttl` after they were added.
+    pub fn new(ttl: Duration) -> Self {
+        RunningRequests {
+            ttl,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Tracks request `id` on `endpoint` with its TPOT SLO (0 = none).
+    pub fn add(
+        &self,
+        endpoint: &EndpointKey,
+        id: u64,
+        tpot_slo_ms: f64,
+        now: Instant,
+    ) -> Result<(), AddError> {
+        let mut g = self.inner.lock();
+        self.sweep_locked(&mut g, now);
+        if g.where_is.contains_key(&id) {
+            return Err(AddError::Duplicate);
+        }
+        let list = g.by_endpoint.entry(endpoint.clone()).or_default();
+        if list.len() >= MAX_PER_ENDPOINT {
+            return Err(AddError::Full);
+        }
+        list.push(Entry {
+            id,
+            tpot_slo_ms: if tpot_slo_ms.is_finite() { tpot_slo_ms.max(0.0) } else { 0.0 },
+            added: now,
+        });
+        g.where_is.insert(id, endpoint.clone());
+        Ok(())
+    }
+
+    /// Stops tracking `id`; returns whether it was tracked. Idempotent.
+    pub fn remove(&self, id: u64) -> bool {
+        let mut g = self.inner.lock();
+        let Some(key) = g.where_is.remove(&id) else {
+            return false;
+        };
+        if let Some(list) = g.by_endpoint.get_mut(&key) {
+            list.retain(|e| e.id != id);
+            if list.is_empty() {
+                g.by_endpoint.remove(&key);
+            }
+        }
+        true
+    }
+
+    /// Requests tracked on `endpoint`.
+    pub fn len(&self, endpoint: &EndpointKey) -> usize {
+        self.inner.lock().by_endpoint.get(endpoint).map_or(0, Vec::len)
+    }
+
+    /// Requests tracked in total.
+    pub fn total(&self) -> usize {
+        self.inner.lock().where_is.len()
+    }
+
+    /// Whether nothing is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.total() == 0
+    }
+
+    /// The smallest positive TPOT SLO among requests running on `endpoint` (0 if none).
+    pub fn min_tpot_slo(&self, endpoint: &EndpointKey) -> f64 {
+        self.inner
+            .lock()
+            .by_endpoint
+            .get(endpoint)
+            .map_or(0.0, |l| min_positive(l.iter().map(|e| e.tpot_slo_ms)))
+    }
+
+    /// For each key: (tracked requests, smallest positive TPOT SLO), under one lock.
+    pub fn snapshot<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a EndpointKey>,
+        out: &mut Vec<(usize, f64)>,
+    ) {
+        let g = self.inner.lock();
+        out.clear();
+        out.extend(keys.map(|k| {
+            g.by_endpoint.get(k).map_or((0, 0.0), |l| {
+                (l.len(), min_positive(l.iter().map(|e| e.tpot_slo_ms)))
+            })
+        }));
+    }
+
+    /// Drops entries older than the TTL. Also done on every add, at most once per second.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut g = self.inner.lock();
+        g.last_sweep = None;
+        self.sweep_locked(&mut g, now)
+    }
+
+    /// Forgets endpoints for which `keep` is false, with their requests.
+    pub fn retain(&self, keep: &dyn Fn(&EndpointKey) -> bool) {
+        let mut g = self.inner.lock();
+        let Inner {
+            by_endpoint,
+            where_is,
+            ..
+        } = &mut *g;
+        by_endpoint.retain(|k, list| {
+            let kept = keep(k);
+            if !kept {
+                for e in list.iter() {
+                    where_is.remove(&e.id);
+                }
+            }
+            kept
+        });
+    }
+
+    fn sweep_locked(&self, g: &mut Inner, now: Instant) -> usize {
+        if g
+            .last_sweep
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            return 0;
+        }
+        g.last_sweep = Some(now);
+        let ttl = self.ttl;
+        let Inner {
+            by_endpoint,
+            where_is,
+            ..
+        } = g;
+        let mut removed = 0;
+        by_endpoint.retain(|_, list| {
+            list.retain(|e| {
+                let keep = now.saturating_duration_since(e.added) < ttl;
+                if !keep {
+                    where_is.remove(&e.id);
+                    removed += 1;
+                }
+                keep
+            });
+            !list.is_empty()
+        });
+        if removed > 0 {
+            tracing::warn!(removed, ttl = ?ttl, "running-request entries expired without a completion");
+        }
+        removed
+    }
+}
+
+fn min_positive(it: impl Iterator<Item = f64>) -> f64 {
+    it.filter(|v| *v > 0.0).fold(0.0, |m, v| if m == 0.0 || v < m { v } else { m })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: &str) -> EndpointKey {
+        EndpointKey::new("ns", n, 0)
+    }
+
+    #[test]
+    fn add_remove_min_and_duplicates() {
+        let q = RunningRequests::new(Duration::from_secs(300));
+        let t = Instant::now();
+        q.add(&key("a"), 1, 50.0, t).unwrap();
+        q.add(&key("a"), 2, 0.0, t).unwrap();
+        q.add(&key("a"), 3, 20.0, t).unwrap();
+        assert_eq!(q.add(&key("b"), 3, 1.0, t), Err(AddError::Duplicate));
+        assert_eq!(q.len(&key("a")), 3);
+        assert_eq!(q.min_tpot_slo(&key("a")), 20.0, "no-SLO entries do not lower the min");
+        assert!(q.remove(3));
+        assert!(!q.remove(3), "idempotent");
+        assert_eq!(q.min_tpot_slo(&key("a")), 50.0);
+        q.remove(1);
+        q.remove(2);
+        assert!(q.is_empty());
+        assert_eq!(q.min_tpot_slo(&key("a")), 0.0);
+    }
+
+    #[test]
+    fn ttl_expires_lost_requests_and_retain_drops_departed_endpoints() {
+        let q = RunningRequests::new(Duration::from_secs(10));
+        let t = Instant::now();
+        q.add(&key("a"), 1, 0.0, t).unwrap();
+        q.add(&key("b"), 2, 0.0, t + Duration::from_secs(5)).unwrap();
+        assert_eq!(q.expire(t + Duration::from_secs(11)), 1);
+        assert_eq!(q.total(), 1);
+        q.retain(&|k| k != &key("b"));
+        assert!(q.is_empty());
+        assert!(!q.remove(2));
+    }
+}
