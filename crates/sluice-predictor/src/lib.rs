@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use features::{ClassId, ClassRegistry, Features, PodRole, Prediction, TrainingSample};
 pub use measure::{LatencyTracker, Measured};
-pub use model::{Model, ModelInfo, Objective};
+pub use model::{Model, ModelInfo, Objective, ParseObjectiveError};
 #[cfg(feature = "remote")]
 pub use remote::{RemoteConfig, RemotePredictor};
 pub use trainer::{InProcessPredictor, PredictorStats, Trainer};
@@ -172,7 +172,7 @@ pub struct PredictorConfig {
 impl Default for PredictorConfig {
     fn default() -> Self {
         PredictorConfig {
-            objective: Objective::Quantile { q: 0.5 },
+            objective: Objective::MEDIAN,
             max_samples_per_bucket: 500,
             max_samples_total: 50_000,
             min_samples: 50,
@@ -182,6 +182,26 @@ impl Default for PredictorConfig {
             queue_capacity: 16_384,
             max_classes: 64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_from_camel_case_json_with_defaults_for_the_rest() {
+        let cfg: PredictorConfig = serde_json::from_str(
+            r#"{"objective": {"type": "quantile", "q": 0.9}, "retrainIntervalMs": 1500, "maxClasses": 8}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.objective, Objective::Quantile { q: 0.9 });
+        assert_eq!(cfg.retrain_interval, Some(Duration::from_millis(1500)));
+        assert_eq!(cfg.max_classes, 8);
+        assert_eq!(cfg.min_samples, PredictorConfig::default().min_samples);
+        let manual: PredictorConfig =
+            serde_json::from_str(r#"{"retrainIntervalMs": null}"#).unwrap();
+        assert_eq!(manual.retrain_interval, None);
     }
 }
 

@@ -52,7 +52,7 @@ use crate::features::{ClassId, Features, PodRole};
 
 /// What a prediction estimates.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase", tag = "objective")]
+#[serde(rename_all = "lowercase", tag = "type")]
 pub enum Objective {
     /// The expected latency (upstream's Helm setting `mean`).
     Mean,
@@ -61,6 +61,40 @@ pub enum Objective {
         /// The quantile, in (0, 1).
         q: f64,
     },
+}
+
+impl Objective {
+    /// The median: the default.
+    pub const MEDIAN: Objective = Objective::Quantile { q: 0.5 };
+}
+
+/// An objective spelled wrongly.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "latency objective {0:?} is not recognised; expected mean, median, p<1..99> (e.g. p90) or a quantile in (0, 1) (e.g. 0.9)"
+)]
+pub struct ParseObjectiveError(String);
+
+impl std::str::FromStr for Objective {
+    type Err = ParseObjectiveError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseObjectiveError(s.to_owned());
+        let t = s.trim().to_ascii_lowercase();
+        let q = match t.as_str() {
+            "mean" => return Ok(Objective::Mean),
+            "median" => 0.5,
+            _ => match t.strip_prefix('p') {
+                Some(pct) => pct.parse::<u8>().map_err(|_| err())? as f64 / 100.0,
+                None => t.parse::<f64>().map_err(|_| err())?,
+            },
+        };
+        if q > 0.0 && q < 1.0 {
+            Ok(Objective::Quantile { q })
+        } else {
+            Err(err())
+        }
+    }
 }
 
 pub(crate) const TTFT_P: usize = 16;
@@ -571,6 +605,18 @@ fn quantile(values: &mut [f64], q: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objectives_parse_from_their_usual_spellings() {
+        assert_eq!("mean".parse(), Ok(Objective::Mean));
+        assert_eq!("Median".parse(), Ok(Objective::MEDIAN));
+        assert_eq!("p90".parse(), Ok(Objective::Quantile { q: 0.9 }));
+        assert_eq!("0.75".parse(), Ok(Objective::Quantile { q: 0.75 }));
+        for bad in ["p0", "p100", "1.5", "fast", ""] {
+            let err = bad.parse::<Objective>().unwrap_err();
+            assert!(err.to_string().contains("expected mean, median"), "{err}");
+        }
+    }
 
     #[test]
     fn cholesky_solves_a_known_system() {

@@ -330,6 +330,11 @@ impl RemotePredictor {
         self.inner.flush().await;
     }
 
+    /// Sends what is still buffered, then stops the flush task (for graceful shutdown).
+    pub async fn close(self) {
+        self.inner.flush().await;
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> RemoteStats {
         let i = &self.inner;

@@ -236,6 +236,19 @@ async fn training_samples_are_uploaded_in_upstreams_shape() {
 }
 
 #[tokio::test]
+async fn closing_sends_what_is_still_buffered() {
+    let (server, addr) = start(Mode::Ok).await;
+    let p = RemotePredictor::new(config(addr)).unwrap();
+    p.record(TrainingSample {
+        features_at_dispatch: Features::default(),
+        ttft_ms: Some(9.0),
+        tpot_ms: None,
+    });
+    p.close().await;
+    assert_eq!(server.seen.lock().training.len(), 1);
+}
+
+#[tokio::test]
 async fn the_training_buffer_is_bounded() {
     let (server, addr) = start(Mode::Ok).await;
     let p = RemotePredictor::new(RemoteConfig {
