@@ -291,4 +291,10 @@ pub trait SaturationDetector: Send + Sync + fmt::Debug {
 pub trait EndpointAware: Send + Sync + fmt::Debug {
     /// Forget every endpoint for which `keep` returns false.
     fn retain_endpoints(&self, keep: &dyn Fn(&EndpointKey) -> bool);
+
+    /// How many per-endpoint entries the plugin holds (for the prefix index: (block,
+    /// endpoint) pairs, upstream's `prefix_indexer_size`).
+    fn state_size(&self) -> usize {
+        0
+    }
 }

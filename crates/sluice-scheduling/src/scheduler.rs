@@ -379,6 +379,17 @@ impl Scheduler {
         }
     }
 
+    /// Entries held by plugins with per-endpoint state (the prefix index's (block, endpoint)
+    /// pairs): the value of upstream's `inference_extension_prefix_indexer_size`. Takes each
+    /// endpoint's lock briefly; meant for a periodic gauge refresh, not the request path.
+    pub fn endpoint_state_size(&self) -> usize {
+        self.inner
+            .endpoint_aware
+            .iter()
+            .map(|p| p.state_size())
+            .sum()
+    }
+
     fn new_cycle(&self, request: &LlmRequest) -> Cycle {
         let mut h = xxhash_rust::xxh64::Xxh64::new(self.inner.seed);
         h.write(request.request_id.as_bytes());

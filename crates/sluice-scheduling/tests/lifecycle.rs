@@ -591,8 +591,10 @@ fn departed_endpoints_lose_their_prefix_affinity() {
         r.result.primary().unwrap().scorer_scores[0].scores.clone()
     };
     assert_eq!(score(&s), [0.0, 1.0]);
+    assert_eq!(s.endpoint_state_size(), 3, "three blocks on one endpoint");
     s.retain_endpoints(&|k| &*k.pod != "pod-1");
     assert_eq!(score(&s), [0.0, 0.0]);
+    assert_eq!(s.endpoint_state_size(), 0);
 }
 
 #[test]

@@ -342,6 +342,10 @@ impl EndpointAware for PrefixCachePlugin {
     fn retain_endpoints(&self, keep: &dyn Fn(&sluice_core::EndpointKey) -> bool) {
         self.index.retain(keep);
     }
+
+    fn state_size(&self) -> usize {
+        self.index.len()
+    }
 }
 
 #[cfg(test)]

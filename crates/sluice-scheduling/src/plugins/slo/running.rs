@@ -205,7 +205,11 @@ mod tests {
     use super::*;
 
     fn key(n: &str) -> EndpointKey {
-        EndpointKey::new("ns", n, 0)
+        EndpointKey {
+            namespace: "ns".into(),
+            pod: n.into(),
+            rank: 0,
+        }
     }
 
     #[test]
