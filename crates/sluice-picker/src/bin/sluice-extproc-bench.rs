@@ -1,0 +1,471 @@
+//! Benchmark helpers for `cargo xtask bench-extproc`:
+//!
+//! - `floor`: a do-nothing ext_proc processor (the floor of `extproc-floor.md`): in
+//!   FULL_DUPLEX_STREAMED mode it holds the request-headers answer until the body ends,
+//!   then sets `x-gateway-destination-endpoint` to a fixed endpoint and echoes every body
+//!   chunk; in BUFFERED mode it answers headers with CONTINUE and the body with the mutation.
+//! - `http`: a closed-loop HTTP load driver printing one JSON line (rate, p50, p99).
+//! - `grpc`: drives an ext_proc server directly (no Envoy) with complete request/response
+//!   conversations and prints one JSON line (rate).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody,
+    HttpHeaders, ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
+    body_mutation,
+};
+use futures::Stream;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sluice_picker::errors::set_header;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Debug, Parser)]
+#[command(about = "ext_proc benchmark helpers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the do-nothing processor.
+    Floor {
+        /// Listen port on 127.0.0.1.
+        #[arg(long)]
+        port: u16,
+        /// The endpoint every request is sent to.
+        #[arg(long)]
+        endpoint: String,
+    },
+    /// Closed-loop HTTP load.
+    Http {
+        /// Target base URL.
+        #[arg(long)]
+        url: String,
+        /// Concurrent connections.
+        #[arg(long)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long)]
+        duration: f64,
+        /// Model name in the body.
+        #[arg(long)]
+        model: String,
+        /// Request body size (the prompt is padded to it).
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+    },
+    /// Drive an ext_proc server directly.
+    Grpc {
+        /// `http://127.0.0.1:PORT` of a plaintext ext_proc server.
+        #[arg(long)]
+        addr: String,
+        /// Concurrent streams.
+        #[arg(long)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long)]
+        duration: f64,
+        /// Model name in the body.
+        #[arg(long)]
+        model: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Floor { port, endpoint } => floor(port, endpoint).await,
+            Cmd::Http {
+                url,
+                concurrency,
+                duration,
+                model,
+                body_bytes,
+            } => http_load(url, concurrency, duration, model, body_bytes).await,
+            Cmd::Grpc {
+                addr,
+                concurrency,
+                duration,
+                model,
+            } => grpc_load(addr, concurrency, duration, model).await,
+        }
+    })
+}
+
+// ---------------------------------------------------------------- floor
+
+#[derive(Debug, Clone)]
+struct Floor {
+    endpoint: Arc<str>,
+}
+
+struct FloorStream {
+    inbound: Streaming<ProcessingRequest>,
+    endpoint: Arc<str>,
+    out: VecDeque<ProcessingResponse>,
+    headers_pending: bool,
+    full_duplex: bool,
+    done: bool,
+}
+
+fn reply(r: Out) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(r),
+        ..Default::default()
+    }
+}
+
+fn echo(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
+    BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::StreamedResponse(
+                    StreamedBodyResponse {
+                        body,
+                        end_of_stream,
+                        ..Default::default()
+                    },
+                )),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+impl FloorStream {
+    fn mutation(&self) -> CommonResponse {
+        CommonResponse {
+            header_mutation: Some(HeaderMutation {
+                set_headers: vec![set_header("x-gateway-destination-endpoint", &self.endpoint)],
+                remove_headers: Vec::new(),
+            }),
+            clear_route_cache: true,
+            ..Default::default()
+        }
+    }
+
+    fn handle(&mut self, msg: ProcessingRequest) {
+        if let Some(pc) = &msg.protocol_config {
+            self.full_duplex = pc.request_body_mode == 4;
+        }
+        match msg.request {
+            Some(In::RequestHeaders(h)) => {
+                if h.end_of_stream || !self.full_duplex {
+                    let m = self.mutation();
+                    let common = if h.end_of_stream { Some(m) } else { None };
+                    self.out
+                        .push_back(reply(Out::RequestHeaders(HeadersResponse {
+                            response: common,
+                        })));
+                } else {
+                    self.headers_pending = true;
+                }
+            }
+            Some(In::RequestBody(b)) => {
+                if self.full_duplex {
+                    if self.headers_pending && b.end_of_stream {
+                        self.headers_pending = false;
+                        let m = self.mutation();
+                        self.out
+                            .push_back(reply(Out::RequestHeaders(HeadersResponse {
+                                response: Some(m),
+                            })));
+                    }
+                    self.out
+                        .push_back(reply(Out::RequestBody(echo(b.body, b.end_of_stream))));
+                } else {
+                    let m = self.mutation();
+                    self.out
+                        .push_back(reply(Out::RequestBody(BodyResponse { response: Some(m) })));
+                }
+            }
+            Some(In::ResponseHeaders(_)) => self
+                .out
+                .push_back(reply(Out::ResponseHeaders(HeadersResponse::default()))),
+            Some(In::ResponseBody(b)) => {
+                let r = if self.full_duplex {
+                    echo(b.body, b.end_of_stream)
+                } else {
+                    BodyResponse::default()
+                };
+                self.out.push_back(reply(Out::ResponseBody(r)));
+            }
+            Some(In::RequestTrailers(_)) => self
+                .out
+                .push_back(reply(Out::RequestTrailers(TrailersResponse::default()))),
+            Some(In::ResponseTrailers(_)) => self
+                .out
+                .push_back(reply(Out::ResponseTrailers(TrailersResponse::default()))),
+            None => {}
+        }
+    }
+}
+
+impl Stream for FloorStream {
+    type Item = Result<ProcessingResponse, Status>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(r) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(r)));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inbound).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(m))) => this.handle(m),
+                Poll::Ready(_) => this.done = true,
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for Floor {
+    type ProcessStream = FloorStream;
+    async fn process(
+        &self,
+        req: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        Ok(Response::new(FloorStream {
+            inbound: req.into_inner(),
+            endpoint: Arc::clone(&self.endpoint),
+            out: VecDeque::with_capacity(4),
+            headers_pending: false,
+            full_duplex: true,
+            done: false,
+        }))
+    }
+}
+
+async fn floor(port: u16, endpoint: String) -> Result<()> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(ExternalProcessorServer::new(Floor {
+            endpoint: endpoint.into(),
+        }))
+        .serve(addr)
+        .await
+        .context("floor processor")
+}
+
+// ---------------------------------------------------------------- load
+
+fn body_of(model: &str, bytes: usize) -> Bytes {
+    let head = format!(r#"{{"model":"{model}","max_tokens":1,"prompt":""#);
+    let pad = bytes.saturating_sub(head.len() + 2).max(1);
+    Bytes::from(format!("{head}{}\"}}", "a".repeat(pad)))
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+async fn http_load(
+    url: String,
+    concurrency: usize,
+    duration: f64,
+    model: String,
+    body_bytes: usize,
+) -> Result<()> {
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(concurrency)
+        .build(HttpConnector::new());
+    let body = body_of(&model, body_bytes);
+    let stop = Arc::new(AtomicBool::new(false));
+    let uri: http::Uri = format!("{url}/v1/completions").parse()?;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, body, stop, uri) =
+            (client.clone(), body.clone(), Arc::clone(&stop), uri.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let req = http::Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()));
+                let Ok(req) = req else { break };
+                let t = Instant::now();
+                match client.request(req).await {
+                    Ok(resp) => {
+                        let ok = resp.status().is_success();
+                        let _ = resp.into_body().collect().await;
+                        if ok {
+                            lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "requests": all.len(), "errors": errors, "rps": all.len() as f64 / wall,
+            "p50_ms": percentile(&all, 0.5), "p99_ms": percentile(&all, 0.99),
+        })
+    );
+    Ok(())
+}
+
+fn hdrs(pairs: &[(&str, &str)], eos: bool) -> HttpHeaders {
+    HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_string(),
+                    raw_value: v.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+        end_of_stream: eos,
+        ..Default::default()
+    }
+}
+
+async fn one_conversation(
+    client: &mut ExternalProcessorClient<tonic::transport::Channel>,
+    body: &Bytes,
+) -> Result<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let msg = |r: In| ProcessingRequest {
+        request: Some(r),
+        ..Default::default()
+    };
+    tx.send(msg(In::RequestHeaders(hdrs(
+        &[(":method", "POST"), (":path", "/v1/completions")],
+        false,
+    ))))
+    .await?;
+    tx.send(msg(In::RequestBody(HttpBody {
+        body: body.to_vec(),
+        end_of_stream: true,
+        ..Default::default()
+    })))
+    .await?;
+    let mut responses = client
+        .process(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Headers answer, then the body.
+    for _ in 0..2 {
+        let r = responses.next().await.context("stream ended early")??;
+        if let Some(Out::ImmediateResponse(ir)) = r.response {
+            anyhow::bail!(
+                "picker answered {:?}: {}",
+                ir.status,
+                String::from_utf8_lossy(&ir.body)
+            );
+        }
+    }
+    tx.send(msg(In::ResponseHeaders(hdrs(
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+    ))))
+    .await?;
+    tx.send(msg(In::ResponseBody(HttpBody {
+        body: br#"{"object":"text_completion","usage":{"prompt_tokens":10,"completion_tokens":1}}"#
+            .to_vec(),
+        end_of_stream: true,
+        ..Default::default()
+    })))
+    .await?;
+    drop(tx);
+    while let Some(r) = responses.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+async fn grpc_load(addr: String, concurrency: usize, duration: f64, model: String) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(addr)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let body = body_of(&model, 1024);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let mut client = ExternalProcessorClient::new(channel.clone());
+        let (body, stop) = (body.clone(), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let (mut n, mut errors) = (0u64, 0u64);
+            let mut first_error = None;
+            while !stop.load(Ordering::Relaxed) {
+                match one_conversation(&mut client, &body).await {
+                    Ok(()) => n += 1,
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert(format!("{e:#}"));
+                    }
+                }
+            }
+            (n, errors, first_error)
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut n, mut errors, mut first) = (0, 0, None);
+    for t in tasks {
+        let (a, b, f) = t.await?;
+        n += a;
+        errors += b;
+        first = first.or(f);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"requests": n, "errors": errors, "rps": n as f64 / wall, "first_error": first})
+    );
+    Ok(())
+}

@@ -1,0 +1,464 @@
+//! `cargo xtask bench-extproc`: sluice-picker against a do-nothing ext_proc processor (the
+//! floor of `extproc-floor.md`), both behind their own Envoy (FULL_DUPLEX_STREAMED, one
+//! worker, plaintext gRPC) in front of the same simulated fleet, measured side by side and
+//! alternating: rate, p50 and p99 at each concurrency, and each processor's CPU per request
+//! (from `/proc/<pid>/stat`). Then sluice-picker alone, pinned to one core, driven over gRPC
+//! without Envoy.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Options for the bench.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Seconds per measured cell.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Alternating rounds (floor, sluice, floor, sluice, ...).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub concurrency: Vec<usize>,
+    /// Simulated endpoints behind sluice-picker.
+    #[arg(long, default_value_t = 8)]
+    pub endpoints: usize,
+    /// Skip `cargo build --release`.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Proc> {
+        let f = std::fs::File::create(&log)?;
+        let f2 = f.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    fn check(&mut self) -> Result<()> {
+        if let Some(s) = self.child.try_wait()? {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            bail!(
+                "{} exited with {s}:\n{}",
+                self.name,
+                log.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// CPU seconds (user + system) used so far.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        ticks / 100.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_port_run(n: usize) -> Result<u16> {
+    for _ in 0..200 {
+        let base = free_port()?;
+        if base as usize + n >= 65535 {
+            continue;
+        }
+        let held: std::io::Result<Vec<TcpListener>> = (0..n as u16)
+            .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
+            .collect();
+        if held.is_ok() {
+            return Ok(base);
+        }
+    }
+    bail!("found no {n} consecutive free ports")
+}
+
+fn wait_port(addr: SocketAddr, procs: &mut [&mut Proc], what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        for p in procs.iter_mut() {
+            p.check()?;
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out waiting for {what} on {addr}")
+}
+
+fn envoy_ready(admin: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(
+        s,
+        "GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut b = String::new();
+    let _ = s.read_to_string(&mut b);
+    b.contains("LIVE")
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Cell {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_req: f64,
+    errors: f64,
+}
+
+fn drive(
+    bench: &Path,
+    url: &str,
+    conc: usize,
+    secs: f64,
+    model: &str,
+    proc_: &Proc,
+) -> Result<Cell> {
+    let cpu0 = proc_.cpu_seconds();
+    let out = Command::new(bench)
+        .args([
+            "http",
+            "--url",
+            url,
+            "--concurrency",
+            &conc.to_string(),
+            "--duration",
+            &secs.to_string(),
+        ])
+        .args(["--model", model])
+        .output()
+        .context("running the HTTP driver")?;
+    let cpu1 = proc_.cpu_seconds();
+    if !out.status.success() {
+        bail!(
+            "HTTP driver failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("driver output")?;
+    let n = v["requests"].as_f64().unwrap_or(0.0);
+    Ok(Cell {
+        rps: v["rps"].as_f64().unwrap_or(0.0),
+        p50_ms: v["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        p99_ms: v["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        cpu_us_per_req: if n > 0.0 {
+            (cpu1 - cpu0) * 1e6 / n
+        } else {
+            f64::NAN
+        },
+        errors: v["errors"].as_f64().unwrap_or(0.0),
+    })
+}
+
+fn mean(cells: &[Cell]) -> Cell {
+    let n = cells.len().max(1) as f64;
+    let s = |f: fn(&Cell) -> f64| cells.iter().map(f).sum::<f64>() / n;
+    Cell {
+        rps: s(|c| c.rps),
+        p50_ms: s(|c| c.p50_ms),
+        p99_ms: s(|c| c.p99_ms),
+        cpu_us_per_req: s(|c| c.cpu_us_per_req),
+        errors: s(|c| c.errors),
+    }
+}
+
+/// Runs the bench.
+pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if !args.no_build {
+        let status = Command::new(&cargo)
+            .current_dir(root)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "sluice-picker",
+                "-p",
+                "sluice-sim",
+            ])
+            .status()?;
+        if !status.success() {
+            bail!("cargo build --release failed");
+        }
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = |n: &str| target.join("release").join(n);
+    let bench = bin("sluice-extproc-bench");
+    let envoy = crate::install_envoy(root)?;
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let model = "meta-llama/Llama-3.1-8B-Instruct";
+
+    // A fast simulator: 1000x time scale makes model latency negligible next to the proxy path.
+    let base = free_port_run(args.endpoints)?;
+    let mut sim = Proc::spawn(
+        "sluice-sim fleet",
+        Command::new(bin("sluice-sim")).args([
+            "fleet",
+            "-n",
+            &args.endpoints.to_string(),
+            "--base-port",
+            &base.to_string(),
+            "--time-scale",
+            "1000",
+        ]),
+        dir.join("sim.log"),
+    )?;
+    let eps: Vec<String> = (0..args.endpoints as u16)
+        .map(|i| format!("127.0.0.1:{}", base + i))
+        .collect();
+    wait_port(
+        format!("127.0.0.1:{base}").parse()?,
+        &mut [&mut sim],
+        "the simulated fleet",
+    )?;
+
+    let (floor_port, picker_port) = (free_port()?, free_port()?);
+    let mut floor = Proc::spawn(
+        "floor processor",
+        Command::new(&bench).args([
+            "floor",
+            "--port",
+            &floor_port.to_string(),
+            "--endpoint",
+            &eps[0],
+        ]),
+        dir.join("floor.log"),
+    )?;
+    let mut picker = Proc::spawn(
+        "sluice-picker",
+        Command::new(bin("sluice-picker")).args([
+            "--endpoints",
+            &eps.join(","),
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-serving=false",
+            "--grpc-port",
+            &picker_port.to_string(),
+            "--grpc-health-port",
+            &free_port()?.to_string(),
+            "--metrics-port",
+            &free_port()?.to_string(),
+        ]),
+        dir.join("picker.log"),
+    )?;
+    wait_port(
+        format!("127.0.0.1:{floor_port}").parse()?,
+        &mut [&mut floor],
+        "the floor processor",
+    )?;
+    wait_port(
+        format!("127.0.0.1:{picker_port}").parse()?,
+        &mut [&mut picker],
+        "sluice-picker",
+    )?;
+
+    let start_envoy = |name: &str, extproc: u16| -> Result<(Proc, String)> {
+        let (listen, admin) = (free_port()?, free_port()?);
+        let cfg = dir.join(format!("envoy-{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            crate::demo::render_envoy(root, listen, admin, extproc, false, true)?,
+        )?;
+        let mut p = Proc::spawn(
+            &format!("envoy ({name})"),
+            Command::new(&envoy).arg("-c").arg(&cfg).args([
+                "--use-dynamic-base-id",
+                "--concurrency",
+                "1",
+                "-l",
+                "error",
+            ]),
+            dir.join(format!("envoy-{name}.log")),
+        )?;
+        let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !envoy_ready(admin_addr) {
+            p.check()?;
+            if Instant::now() > deadline {
+                bail!("Envoy ({name}) did not become ready");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok((p, format!("http://127.0.0.1:{listen}")))
+    };
+    let (_envoy_floor, url_floor) = start_envoy("floor", floor_port)?;
+    let (_envoy_picker, url_picker) = start_envoy("sluice", picker_port)?;
+
+    eprintln!("bench: warming up");
+    drive(&bench, &url_floor, 4, 2.0, model, &floor)?;
+    drive(&bench, &url_picker, 4, 2.0, model, &picker)?;
+
+    let mut rows = Vec::new();
+    for &c in &args.concurrency {
+        let (mut f_cells, mut s_cells) = (Vec::new(), Vec::new());
+        for r in 0..args.rounds {
+            eprintln!("bench: concurrency {c}, round {}", r + 1);
+            f_cells.push(drive(&bench, &url_floor, c, args.duration, model, &floor)?);
+            s_cells.push(drive(
+                &bench,
+                &url_picker,
+                c,
+                args.duration,
+                model,
+                &picker,
+            )?);
+        }
+        rows.push((c, mean(&f_cells), mean(&s_cells)));
+    }
+
+    println!(
+        "\nThrough Envoy 1.40 (FULL_DUPLEX_STREAMED, --concurrency 1) to {} simulated endpoints, {}s per cell, {} alternating rounds (means):",
+        args.endpoints, args.duration, args.rounds
+    );
+    println!(
+        "{:>5} | {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} {:>9} | {:>6} {:>8} {:>6}",
+        "conc",
+        "floor/s",
+        "p50 ms",
+        "p99 ms",
+        "cpu us/r",
+        "sluice/s",
+        "p50 ms",
+        "p99 ms",
+        "cpu us/r",
+        "rate%",
+        "dp50 ms",
+        "cpu x"
+    );
+    for (c, f, s) in &rows {
+        println!(
+            "{:>5} | {:>8.0} {:>8.3} {:>8.3} {:>9.1} | {:>8.0} {:>8.3} {:>8.3} {:>9.1} | {:>6.1} {:>8.3} {:>6.2}",
+            c,
+            f.rps,
+            f.p50_ms,
+            f.p99_ms,
+            f.cpu_us_per_req,
+            s.rps,
+            s.p50_ms,
+            s.p99_ms,
+            s.cpu_us_per_req,
+            100.0 * s.rps / f.rps,
+            s.p50_ms - f.p50_ms,
+            s.cpu_us_per_req / f.cpu_us_per_req
+        );
+        if f.errors + s.errors > 0.0 {
+            println!(
+                "      (errors per cell: floor {:.0}, sluice {:.0})",
+                f.errors, s.errors
+            );
+        }
+    }
+    drop(picker);
+
+    // gRPC only: one picker pinned to one core, the driver on the other.
+    let port = free_port()?;
+    let pinned = Proc::spawn(
+        "sluice-picker (pinned)",
+        Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(bin("sluice-picker"))
+            .args([
+                "--endpoints",
+                &eps.join(","),
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-serving=false",
+                "--grpc-port",
+                &port.to_string(),
+                "--grpc-health-port",
+                &free_port()?.to_string(),
+                "--metrics-port",
+                &free_port()?.to_string(),
+            ]),
+        dir.join("picker-pinned.log"),
+    )?;
+    let mut pinned = pinned;
+    wait_port(
+        format!("127.0.0.1:{port}").parse()?,
+        &mut [&mut pinned],
+        "pinned sluice-picker",
+    )?;
+    let cpu0 = pinned.cpu_seconds();
+    let out = Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(&bench)
+        .args([
+            "grpc",
+            "--addr",
+            &format!("http://127.0.0.1:{port}"),
+            "--concurrency",
+            "64",
+        ])
+        .args(["--duration", &args.duration.to_string(), "--model", model])
+        .output()?;
+    let cpu1 = pinned.cpu_seconds();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "gRPC driver output: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let n = v["requests"].as_f64().unwrap_or(0.0);
+    println!(
+        "\ngRPC only (no Envoy), sluice-picker pinned to 1 core, 64 concurrent streams: {:.0} requests/s, {:.1} us CPU per request, errors {}{}",
+        v["rps"].as_f64().unwrap_or(0.0),
+        if n > 0.0 {
+            (cpu1 - cpu0) * 1e6 / n
+        } else {
+            f64::NAN
+        },
+        v["errors"],
+        v["first_error"]
+            .as_str()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    sim.check()?;
+    Ok(())
+}
