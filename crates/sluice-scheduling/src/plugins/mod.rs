@@ -74,4 +74,5 @@ pub fn register_builtins(r: &mut Registry) {
     for t in external::EXTERNAL_TYPES {
         r.replace(t, ExternalPlugin::factory);
     }
+    slo::register(r);
 }

@@ -1,0 +1,791 @@
+//! `predicted-latency-scorer` (alias `slo-aware-routing`): scores endpoints by predicted
+//! headroom against the request's SLOs, sheds sheddable requests no endpoint can serve in
+//! time, and — as PreRequest and response hooks — tracks running requests and turns served
+//! requests into training samples.
+//!
+//! Per request (seeds 000/002/004, reference §3.3, §6, §9):
+//!
+//! 1. Features per candidate (KV usage, prompt tokens, waiting, this picker's in-flight
+//!    requests and uncached prompt tokens, the prefix-cache score the prefix producer wrote
+//!    before any profile ran, role and hardware class) and **one** batch prediction.
+//! 2. `headroom = SLO − prediction`. TTFT is valid when `pred < SLO` (no TTFT header ⇒ never
+//!    valid, so the lowest predicted latency wins). TPOT is checked against
+//!    `min(SLO, tightest TPOT SLO already running there) × sloBufferFactor`, so a new
+//!    request does not push a pod past what its running requests were promised; no TPOT SLO
+//!    anywhere, no TPOT model yet, or a prefill-role pod ⇒ TPOT is not constrained.
+//! 3. Valid endpoints get weights 2..=101 by `headroomSelectionStrategy`; invalid ones get
+//!    `invalidWeightFraction` (1 %) of the mean valid weight, so the weighted random picker
+//!    still explores them about 1 % as often as a valid one.
+//! 4. No valid endpoint: a sheddable request (priority < 0) with a TTFT SLO is shed (429)
+//!    with the reason; any other request goes to the endpoint with the least negative
+//!    headroom (upstream's order: only TPOT short, then only TTFT short, then both).
+//! 5. No prediction (no model yet, predictor error, or a remote predictor that cannot answer
+//!    synchronously) ⇒ composite score `(wkv·(1−kv) + wq·relQueue + wp·prefix)` — never a
+//!    failure. Training continues from that traffic, which is how the first model appears.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sluice_core::endpoint::HARDWARE_CLASS_LABEL;
+use sluice_predictor::{Features, LatencyTracker, PodRole, Prediction};
+
+use super::headers::Slo;
+use super::metrics::SloLabels;
+use super::running::RunningRequests;
+use super::SloServices;
+use crate::cycle::{Clock, Cycle, keys};
+use crate::plugin::{
+    EndpointAware, Plugin, PreRequest, ResponseHooks, Scorer, ScorerCategory, TypedName,
+};
+use crate::plugins::prefix::PrefixMatchInfo;
+use crate::registry::PluginInit;
+use crate::types::{Candidate, LlmRequest, Outcome, PluginError, ResponseChunk, SchedulingResult};
+
+/// How valid endpoints are weighted.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadroomStrategy {
+    /// The least positive headroom weighs most: packs endpoints tightly (default).
+    #[default]
+    Least,
+    /// The most headroom weighs most: spreads load, leaves room for spikes.
+    Most,
+    /// Among valid endpoints, the lowest composite score weighs most.
+    CompositeLeast,
+    /// Among valid endpoints, the highest composite score weighs most.
+    CompositeMost,
+    /// Ignore predictions: composite score over every endpoint (training continues).
+    CompositeOnly,
+}
+
+/// Parameters, with upstream's names and defaults (`headroomTTFTWeight` etc. are accepted
+/// as aliases of the current names).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ScorerParams {
+    /// See [`HeadroomStrategy`].
+    pub headroom_selection_strategy: HeadroomStrategy,
+    /// Share of TTFT in the headroom blend.
+    #[serde(alias = "headroomTTFTWeight", alias = "ttftWeight")]
+    pub ttft_weight: f64,
+    /// Share of TPOT in the headroom blend.
+    #[serde(alias = "headroomTPOTWeight", alias = "tpotWeight")]
+    pub tpot_weight: f64,
+    /// Composite: weight of free KV cache.
+    #[serde(rename = "compositeKVWeight")]
+    pub composite_kv_weight: f64,
+    /// Composite: weight of a short queue.
+    pub composite_queue_weight: f64,
+    /// Composite: weight of the prefix-cache score.
+    pub composite_prefix_weight: f64,
+    /// Multiplies the TPOT SLO (> 0).
+    pub slo_buffer_factor: f64,
+    /// An invalid endpoint's weight as a fraction of the mean valid weight (0..=1).
+    pub invalid_weight_fraction: f64,
+    /// How long a running-request entry may live without a completion (e.g. `5m`, `300s`).
+    #[serde(rename = "contextTTL")]
+    pub context_ttl: String,
+    /// Pod label whose value (`prefill`/`decode`) is the endpoint's role; empty = none.
+    pub endpoint_role_label: String,
+    /// Pod label naming the endpoint's hardware/engine class.
+    pub hardware_class_label: String,
+}
+
+impl Default for ScorerParams {
+    fn default() -> Self {
+        ScorerParams {
+            headroom_selection_strategy: HeadroomStrategy::Least,
+            ttft_weight: 0.8,
+            tpot_weight: 0.2,
+            composite_kv_weight: 1.0,
+            composite_queue_weight: 1.0,
+            composite_prefix_weight: 1.0,
+            slo_buffer_factor: 1.0,
+            invalid_weight_fraction: 0.01,
+            context_ttl: "5m".into(),
+            endpoint_role_label: String::new(),
+            hardware_class_label: HARDWARE_CLASS_LABEL.into(),
+        }
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((s, "s"), |i| s.split_at(i));
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("contextTTL {s:?} is not a duration; expected e.g. \"5m\", \"300s\""))?;
+    let secs = match unit {
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => {
+            return Err(format!(
+                "contextTTL {s:?} has unit {unit:?}; expected ms, s, m or h"
+            ));
+        }
+    };
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!(
+            "contextTTL {s:?} is out of range; expected a duration > 0 and ≤ 24h"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl ScorerParams {
+    fn validate(&self) -> Result<Duration, String> {
+        let fin = |v: f64| v.is_finite() && v >= 0.0;
+        if !fin(self.ttft_weight) || !fin(self.tpot_weight) {
+            return Err(format!(
+                "ttftWeight {} / tpotWeight {} are invalid; expected finite numbers ≥ 0",
+                self.ttft_weight, self.tpot_weight
+            ));
+        }
+        if !fin(self.composite_kv_weight)
+            || !fin(self.composite_queue_weight)
+            || !fin(self.composite_prefix_weight)
+        {
+            return Err("composite weights must be finite numbers ≥ 0".into());
+        }
+        if !(self.slo_buffer_factor.is_finite() && self.slo_buffer_factor > 0.0) {
+            return Err(format!(
+                "sloBufferFactor is {}; expected a number > 0",
+                self.slo_buffer_factor
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.invalid_weight_fraction) {
+            return Err(format!(
+                "invalidWeightFraction is {}; expected a number in [0, 1]",
+                self.invalid_weight_fraction
+            ));
+        }
+        parse_ttl(&self.context_ttl)
+    }
+}
+
+/// How the scorer decided for this request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// At least one endpoint is predicted to meet the SLOs.
+    Valid {
+        /// How many.
+        valid: usize,
+    },
+    /// None is; the request goes to the least negative headroom.
+    LeastNegative,
+    /// No prediction; composite score. The reason is for logs.
+    Fallback(String),
+    /// `composite-only` strategy.
+    CompositeOnly,
+}
+
+/// What the scorer found for one endpoint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EndpointPrediction {
+    /// Index into the candidate slice.
+    pub candidate: usize,
+    /// The features predicted from (kept for the training sample if it is chosen).
+    pub features: Features,
+    /// The prediction, when there is one.
+    pub prediction: Option<Prediction>,
+    /// `TTFT SLO − predicted TTFT`, ms.
+    pub ttft_headroom_ms: f64,
+    /// `TPOT bound − predicted TPOT`, ms (0 when TPOT is not constrained).
+    pub tpot_headroom_ms: f64,
+    /// Predicted to meet both SLOs.
+    pub valid: bool,
+    /// The weight given to the picker, before scaling into [0, 1].
+    pub weight: f64,
+}
+
+/// The scorer's per-request record, in the cycle state under [`PredictedLatencyScorer::state_key`].
+#[derive(Clone, Debug)]
+pub struct SloCycleState {
+    /// The request's SLOs.
+    pub slo: Slo,
+    /// What the scorer did.
+    pub decision: Decision,
+    /// Per scored endpoint.
+    pub endpoints: Vec<EndpointPrediction>,
+    /// Wall time of the batch prediction.
+    pub prediction_time: Duration,
+}
+
+/// What the response hooks need, from PreRequest to completion.
+#[derive(Debug)]
+struct Tracking {
+    id: u64,
+    dispatched_at: Instant,
+    tracker: LatencyTracker,
+    features: Features,
+    slo: Slo,
+    labels: SloLabels,
+}
+
+/// The scorer plugin.
+#[derive(Debug)]
+pub struct PredictedLatencyScorer {
+    name: TypedName,
+    params: ScorerParams,
+    services: Arc<SloServices>,
+    running: Arc<RunningRequests>,
+    clock: Arc<dyn Clock>,
+    state_key: String,
+    tracking_key: String,
+}
+
+const EPS: f64 = 1e-9;
+
+impl PredictedLatencyScorer {
+    /// A scorer over shared services and running-request queues.
+    pub fn new(
+        name: TypedName,
+        params: ScorerParams,
+        services: Arc<SloServices>,
+        running: Arc<RunningRequests>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let state_key = format!("predicted-latency/{}", name.name);
+        let tracking_key = format!("predicted-latency-tracking/{}", name.name);
+        PredictedLatencyScorer {
+            name,
+            params,
+            services,
+            running,
+            clock,
+            state_key,
+            tracking_key,
+        }
+    }
+
+    pub(crate) fn factory(init: &PluginInit<'_>) -> Result<Arc<dyn Plugin>, String> {
+        let p: ScorerParams = init.parse().map_err(|e| {
+            format!("{e}; expected {{headroomSelectionStrategy: least|most|composite-least|composite-most|composite-only, ttftWeight, tpotWeight, compositeKVWeight, compositeQueueWeight, compositePrefixWeight, sloBufferFactor, invalidWeightFraction, contextTTL, endpointRoleLabel, hardwareClassLabel}}")
+        })?;
+        let ttl = p.validate()?;
+        let services = SloServices::from_shared(&init.env.shared);
+        // Kept across scheduler rebuilds, so a config change does not forget what runs where.
+        let running = init.env.shared.get_or_insert_with(
+            &format!("predicted-latency-running/{}", init.typed_name.name),
+            || RunningRequests::new(ttl),
+        );
+        Ok(Arc::new(PredictedLatencyScorer::new(
+            init.typed_name.clone(),
+            p,
+            services,
+            running,
+            init.env.clock.clone(),
+        )))
+    }
+
+    /// The cycle-state key of this instance's [`SloCycleState`].
+    pub fn state_key(&self) -> &str {
+        &self.state_key
+    }
+
+    /// The running-request queues this scorer keeps.
+    pub fn running(&self) -> &Arc<RunningRequests> {
+        &self.running
+    }
+
+    fn features(
+        &self,
+        request: &LlmRequest,
+        c: &Candidate,
+        prefix_score: f64,
+        exclude: Option<u64>,
+    ) -> Features {
+        let m = c.metrics_or_zero();
+        let labels = &c.endpoint.labels;
+        let role = if self.params.endpoint_role_label.is_empty() {
+            PodRole::Both
+        } else {
+            PodRole::from_label(
+                labels
+                    .get(&self.params.endpoint_role_label)
+                    .map(String::as_str),
+            )
+        };
+        let mut running = c.in_flight.requests();
+        let mut tokens = c.in_flight.tokens();
+        // At PreRequest the scheduler has already counted this request in flight; the
+        // features must describe the endpoint as the request found it.
+        if let Some(own) = exclude {
+            running = running.saturating_sub(1);
+            tokens = tokens.saturating_sub(own);
+        }
+        Features {
+            kv_cache_usage: m.kv_cache_usage,
+            input_tokens: request.prompt_tokens,
+            waiting: m.waiting_queue_size,
+            running,
+            prefix_cache_score: prefix_score,
+            prefill_tokens_in_flight: u32::try_from(tokens).unwrap_or(u32::MAX),
+            tokens_generated: 0,
+            role,
+            class: self.services.classes().class_of(
+                labels
+                    .get(&self.params.hardware_class_label)
+                    .map(String::as_str),
+            ),
+        }
+        .sanitised()
+    }
+
+    /// Composite score in [0, 1] per endpoint (reference §6).
+    fn composite(&self, candidates: &[Candidate], endpoints: &[usize], prefix: &[f64], out: &mut [f64]) {
+        let (mut wkv, mut wq, mut wp) = (
+            self.params.composite_kv_weight,
+            self.params.composite_queue_weight,
+            self.params.composite_prefix_weight,
+        );
+        let sum = wkv + wq + wp;
+        if sum <= 0.0 {
+            (wkv, wq, wp) = (1.0, 0.0, 0.0);
+        } else {
+            (wkv, wq, wp) = (wkv / sum, wq / sum, wp / sum);
+        }
+        let max_q = endpoints
+            .iter()
+            .map(|&i| candidates[i].metrics_or_zero().waiting_queue_size)
+            .max()
+            .unwrap_or(0);
+        for (k, &i) in endpoints.iter().enumerate() {
+            let m = candidates[i].metrics_or_zero();
+            let rel_q = if max_q > 0 {
+                f64::from(max_q - m.waiting_queue_size.min(max_q)) / f64::from(max_q)
+            } else {
+                1.0
+            };
+            let c = wkv * (1.0 - m.kv_cache_usage.clamp(0.0, 1.0)) + wq * rel_q + wp * prefix[k];
+            out[k] = c.clamp(0.0, 1.0);
+        }
+    }
+
+    fn blend(&self) -> (f64, f64) {
+        let (a, b) = (self.params.ttft_weight, self.params.tpot_weight);
+        if a + b <= 0.0 { (1.0, 0.0) } else { (a / (a + b), b / (a + b)) }
+    }
+
+    fn labels(request: &LlmRequest) -> SloLabels {
+        // The scheduler sees the model after rewrite only; both labels carry it until the
+        // picker passes the requested name.
+        SloLabels {
+            model_name: request.target_model.clone(),
+            target_model_name: request.target_model.clone(),
+        }
+    }
+}
+
+impl Plugin for PredictedLatencyScorer {
+    fn typed_name(&self) -> &TypedName {
+        &self.name
+    }
+    fn as_scorer(self: Arc<Self>) -> Option<Arc<dyn Scorer>> {
+        Some(self)
+    }
+    fn as_pre_request(self: Arc<Self>) -> Option<Arc<dyn PreRequest>> {
+        Some(self)
+    }
+    fn as_response_hooks(self: Arc<Self>) -> Option<Arc<dyn ResponseHooks>> {
+        Some(self)
+    }
+    fn as_endpoint_aware(self: Arc<Self>) -> Option<Arc<dyn EndpointAware>> {
+        Some(self)
+    }
+}
+
+/// Min–max normalised `|v|`, 0.5 for all when the range is empty.
+fn norm(v: f64, min: f64, max: f64) -> f64 {
+    if max - min > EPS { (v - min) / (max - min) } else { 0.5 }
+}
+
+fn range(it: impl Iterator<Item = f64>) -> (f64, f64) {
+    it.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    })
+}
+
+impl Scorer for PredictedLatencyScorer {
+    fn category(&self) -> ScorerCategory {
+        ScorerCategory::Balance
+    }
+
+    fn score(
+        &self,
+        cycle: &mut Cycle,
+        request: &LlmRequest,
+        candidates: &[Candidate],
+        endpoints: &[usize],
+        out: &mut [f64],
+    ) -> Result<(), PluginError> {
+        let slo = Slo::from_request(request);
+        let prefix_info = cycle
+            .state
+            .get::<PrefixMatchInfo>(keys::PREFIX_CACHE_MATCH_INFO);
+        let prefix: Vec<f64> = endpoints
+            .iter()
+            .map(|&i| prefix_info.map_or(0.0, |p| p.score(i)))
+            .collect();
+        let features: Vec<Features> = endpoints
+            .iter()
+            .zip(&prefix)
+            .map(|(&i, &p)| self.features(request, &candidates[i], p, None))
+            .collect();
+        let mut state = SloCycleState {
+            slo,
+            decision: Decision::CompositeOnly,
+            endpoints: endpoints
+                .iter()
+                .zip(&features)
+                .map(|(&candidate, &features)| EndpointPrediction {
+                    candidate,
+                    features,
+                    prediction: None,
+                    ttft_headroom_ms: 0.0,
+                    tpot_headroom_ms: 0.0,
+                    valid: false,
+                    weight: 0.0,
+                })
+                .collect(),
+            prediction_time: Duration::ZERO,
+        };
+        let strategy = self.params.headroom_selection_strategy;
+        let predictions = if strategy == HeadroomStrategy::CompositeOnly {
+            None
+        } else {
+            let started = Instant::now();
+            let answer = match self.services.predictor() {
+                Some(p) => p.predict_batch(&features).try_now(),
+                None => None,
+            };
+            state.prediction_time = started.elapsed();
+            match answer {
+                Some(Ok(p)) if p.len() == features.len() => {
+                    self.services.metrics().observe_prediction_duration(
+                        &Self::labels(request),
+                        state.prediction_time.as_secs_f64(),
+                    );
+                    Some(p)
+                }
+                Some(Ok(p)) => {
+                    state.decision = Decision::Fallback(format!(
+                        "predictor returned {} rows for {} endpoints",
+                        p.len(),
+                        features.len()
+                    ));
+                    None
+                }
+                Some(Err(e)) => {
+                    state.decision = Decision::Fallback(e.to_string());
+                    None
+                }
+                None => {
+                    state.decision = Decision::Fallback(
+                        "latency predictor cannot answer synchronously or is not available".into(),
+                    );
+                    None
+                }
+            }
+        };
+        let Some(predictions) = predictions else {
+            self.composite(candidates, endpoints, &prefix, out);
+            for (e, o) in state.endpoints.iter_mut().zip(out.iter()) {
+                e.weight = *o;
+            }
+            tracing::trace!(decision = ?state.decision, "predicted-latency scorer fell back to the composite score");
+            cycle.state.insert(self.state_key.clone(), state);
+            return Ok(());
+        };
+
+        // Headroom and validity.
+        let mut queue = Vec::with_capacity(endpoints.len());
+        self.running.snapshot(
+            endpoints.iter().map(|&i| &candidates[i].endpoint.key),
+            &mut queue,
+        );
+        let buf = self.params.slo_buffer_factor;
+        for ((e, p), &(_, pod_min_tpot)) in state.endpoints.iter_mut().zip(&predictions).zip(&queue) {
+            e.prediction = Some(*p);
+            e.ttft_headroom_ms = slo.ttft_ms - p.ttft_ms;
+            let ttft_valid = p.ttft_ms < slo.ttft_ms;
+            let bound = match (slo.tpot_ms > 0.0, pod_min_tpot > 0.0) {
+                (true, true) => slo.tpot_ms.min(pod_min_tpot) * buf,
+                (true, false) => slo.tpot_ms * buf,
+                (false, true) => pod_min_tpot * buf,
+                (false, false) => 0.0,
+            };
+            let (tpot_valid, tpot_headroom) = match p.tpot_ms {
+                Some(t) if bound > 0.0 && e.features.role != PodRole::Prefill => {
+                    (t < bound, bound - t)
+                }
+                _ => (true, 0.0),
+            };
+            e.tpot_headroom_ms = tpot_headroom;
+            e.valid = ttft_valid && tpot_valid;
+        }
+        let (a, b) = self.blend();
+        let n_valid = state.endpoints.iter().filter(|e| e.valid).count();
+        if n_valid > 0 {
+            let valid = || state.endpoints.iter().filter(|e| e.valid);
+            let (min_t, max_t) = range(valid().map(|e| e.ttft_headroom_ms));
+            let (min_p, max_p) = range(valid().map(|e| e.tpot_headroom_ms));
+            let (a, b) = match (max_t - min_t > EPS, max_p - min_p > EPS) {
+                (false, true) => (0.0, 1.0),
+                (true, false) => (1.0, 0.0),
+                _ => (a, b),
+            };
+            let mut composite = vec![0.0; endpoints.len()];
+            if matches!(
+                strategy,
+                HeadroomStrategy::CompositeLeast | HeadroomStrategy::CompositeMost
+            ) {
+                self.composite(candidates, endpoints, &prefix, &mut composite);
+            }
+            let mut sum = 0.0;
+            for (k, e) in state.endpoints.iter_mut().enumerate() {
+                if !e.valid {
+                    continue;
+                }
+                let c = a * norm(e.ttft_headroom_ms, min_t, max_t)
+                    + b * norm(e.tpot_headroom_ms, min_p, max_p);
+                e.weight = match strategy {
+                    HeadroomStrategy::Least => ((1.0 - c) * 99.0).floor() + 2.0,
+                    HeadroomStrategy::Most => (c * 99.0).floor() + 2.0,
+                    HeadroomStrategy::CompositeMost => (1.0 + 99.0 * composite[k]).round() + 1.0,
+                    HeadroomStrategy::CompositeLeast | HeadroomStrategy::CompositeOnly => {
+                        101.0 - (1.0 + 99.0 * composite[k]).round() + 1.0
+                    }
+                };
+                sum += e.weight;
+            }
+            let invalid_weight = self.params.invalid_weight_fraction * sum / n_valid as f64;
+            for (e, o) in state.endpoints.iter_mut().zip(out.iter_mut()) {
+                if !e.valid {
+                    e.weight = invalid_weight;
+                }
+                *o = e.weight / 102.0;
+            }
+            state.decision = Decision::Valid { valid: n_valid };
+        } else {
+            if request.priority < 0 && slo.has_ttft() {
+                let best = state
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| e.prediction.map(|p| (e.candidate, p.ttft_ms)))
+                    .min_by(|x, y| x.1.total_cmp(&y.1));
+                let detail = best.map_or(String::new(), |(i, t)| {
+                    format!(
+                        "; the best predicted TTFT is {t:.0} ms on {}",
+                        candidates[i].endpoint.key
+                    )
+                });
+                return Err(PluginError::Shed(format!(
+                    "no endpoint is predicted to meet the request's SLOs (TTFT {} ms, TPOT {} ms) and the request is sheddable (priority {}){detail}",
+                    slo.ttft_ms, slo.tpot_ms, request.priority
+                )));
+            }
+            // Upstream's order: only TPOT short, then only TTFT short, then both.
+            let class = |e: &EndpointPrediction| match (
+                e.ttft_headroom_ms < 0.0,
+                e.tpot_headroom_ms < 0.0,
+            ) {
+                (false, _) => 0,
+                (true, false) => 1,
+                (true, true) => 2,
+            };
+            let best_class = state.endpoints.iter().map(class).min().unwrap_or(0);
+            let in_class = || state.endpoints.iter().filter(|e| class(e) == best_class);
+            let (min_t, max_t) = range(in_class().map(|e| e.ttft_headroom_ms.abs()));
+            let (min_p, max_p) = range(in_class().map(|e| e.tpot_headroom_ms.abs()));
+            let deficit = |e: &EndpointPrediction| {
+                a * norm(e.ttft_headroom_ms.abs(), min_t, max_t)
+                    + b * norm(e.tpot_headroom_ms.abs(), min_p, max_p)
+            };
+            let best = in_class().map(deficit).fold(f64::INFINITY, f64::min);
+            for (e, o) in state.endpoints.iter_mut().zip(out.iter_mut()) {
+                let chosen = class(e) == best_class && (deficit(e) - best).abs() <= EPS;
+                e.weight = if chosen { 1.0 } else { 0.0 };
+                *o = e.weight;
+            }
+            state.decision = Decision::LeastNegative;
+        }
+        cycle.state.insert(self.state_key.clone(), state);
+        Ok(())
+    }
+}
+
+impl PreRequest for PredictedLatencyScorer {
+    fn pre_request(&self, cycle: &mut Cycle, request: &LlmRequest, result: &SchedulingResult) {
+        let Some(target) = result.targets.first() else {
+            return;
+        };
+        let target_index = result.primary().and_then(|r| r.targets.first().copied());
+        let slo = Slo::from_request(request);
+        let state = cycle.state.get::<SloCycleState>(&self.state_key);
+        let known = state.and_then(|s| {
+            s.endpoints
+                .iter()
+                .find(|e| Some(e.candidate) == target_index)
+                .copied()
+        });
+        let labels = Self::labels(request);
+        let features = match known {
+            Some(e) => {
+                if let Some(p) = e.prediction {
+                    self.services
+                        .metrics()
+                        .observe_predicted(&labels, p.ttft_ms, p.tpot_ms);
+                }
+                e.features
+            }
+            None => {
+                // This scorer was not in the primary profile (opt-out, fallback profile):
+                // still learn from the request, with the target's features as they were.
+                let prefix = match (
+                    cycle
+                        .state
+                        .get::<PrefixMatchInfo>(keys::PREFIX_CACHE_MATCH_INFO),
+                    target_index,
+                ) {
+                    (Some(p), Some(i)) => p.score(i),
+                    _ => 0.0,
+                };
+                let own = u64::from(request.prompt_tokens)
+                    - (f64::from(request.prompt_tokens) * prefix).floor() as u64;
+                self.features(request, target, prefix, Some(own.min(target.in_flight.tokens())))
+            }
+        };
+        let now = self.clock.now();
+        let id = self.services.next_request_id();
+        if let Err(e) = self.running.add(&target.endpoint.key, id, slo.tpot_ms, now) {
+            tracing::debug!(error = ?e, endpoint = %target.endpoint.key, "request not tracked in the running-request queue");
+        }
+        cycle.state.insert(
+            self.tracking_key.clone(),
+            Tracking {
+                id,
+                dispatched_at: now,
+                // Streaming until the response headers say otherwise.
+                tracker: LatencyTracker::dispatched(features, now, true),
+                features,
+                slo,
+                labels,
+            },
+        );
+    }
+}
+
+impl ResponseHooks for PredictedLatencyScorer {
+    fn on_response_headers(
+        &self,
+        cycle: &mut Cycle,
+        _request: &LlmRequest,
+        _result: &SchedulingResult,
+        headers: &[(String, String)],
+        _add_headers: &mut Vec<(String, String)>,
+    ) {
+        let Some(t) = cycle.state.get_mut::<Tracking>(&self.tracking_key) else {
+            return;
+        };
+        let content_type = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.as_str());
+        if let Some(ct) = content_type
+            && !ct.contains("text/event-stream")
+        {
+            // Not streamed: TTFT is the whole response (upstream's non-streaming mode). No
+            // chunk has arrived before the headers, so restarting the tracker loses nothing.
+            t.tracker = LatencyTracker::dispatched(t.features, t.dispatched_at, false);
+        }
+    }
+
+    fn on_response_chunk(
+        &self,
+        cycle: &mut Cycle,
+        _request: &LlmRequest,
+        _result: &SchedulingResult,
+        chunk: ResponseChunk<'_>,
+    ) {
+        if chunk.data.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        if let Some(t) = cycle.state.get_mut::<Tracking>(&self.tracking_key) {
+            t.tracker.on_chunk(now);
+        }
+    }
+
+    fn on_complete(
+        &self,
+        cycle: &mut Cycle,
+        _request: &LlmRequest,
+        _result: &SchedulingResult,
+        outcome: &Outcome,
+    ) {
+        let Some(t) = cycle.state.remove::<Tracking>(&self.tracking_key) else {
+            return;
+        };
+        self.running.remove(t.id);
+        // Errors and disconnects say nothing reliable about latency: no sample, no metric.
+        if *outcome != Outcome::Success {
+            return;
+        }
+        let now = self.clock.now();
+        let Some(m) = t.tracker.finish(now) else {
+            return;
+        };
+        let metrics = self.services.metrics();
+        metrics.observe_ttft(&t.labels, m.ttft_ms, t.slo.ttft_ms);
+        if let Some(tpot) = m.tpot_ms {
+            metrics.observe_tpot(&t.labels, tpot, t.slo.tpot_ms);
+        }
+        if let Some(p) = self.services.predictor()
+            && let Some(sample) = t.tracker.training_sample(now)
+        {
+            debug_assert_eq!(sample.features_at_dispatch, t.features);
+            p.record(sample);
+        }
+    }
+}
+
+impl EndpointAware for PredictedLatencyScorer {
+    fn retain_endpoints(&self, keep: &dyn Fn(&sluice_core::EndpointKey) -> bool) {
+        self.running.retain(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_parsing() {
+        assert_eq!(parse_ttl("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_ttl("300").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_ttl("1500ms").unwrap(), Duration::from_millis(1500));
+        assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("5d").unwrap_err().contains("unit"));
+        assert!(parse_ttl("abc").is_err());
+    }
+
+    #[test]
+    fn params_reject_bad_values_with_the_field_name() {
+        let p = ScorerParams {
+            slo_buffer_factor: 0.0,
+            ..ScorerParams::default()
+        };
+        assert!(p.validate().unwrap_err().contains("sloBufferFactor"));
+        let p = ScorerParams {
+            invalid_weight_fraction: 2.0,
+            ..ScorerParams::default()
+        };
+        assert!(p.validate().unwrap_err().contains("invalidWeightFraction"));
+    }
+}
