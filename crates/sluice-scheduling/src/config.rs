@@ -329,12 +329,15 @@ pub(crate) fn load(
         })
     };
 
-    // "No config at all" is upstream's default config; an empty document is no config.
+    // "No config at all" is upstream's default config; a document without plugins and
+    // profiles gets the default plugins and profile and keeps its other settings.
     let default_cfg;
     let cfg = if cfg.plugins.is_empty() && cfg.scheduling_profiles.is_empty() {
+        let d = default_config();
         default_cfg = EndpointPickerConfig {
-            feature_gates: cfg.feature_gates.clone(),
-            ..default_config()
+            plugins: d.plugins,
+            scheduling_profiles: d.scheduling_profiles,
+            ..cfg.clone()
         };
         &default_cfg
     } else {

@@ -165,6 +165,21 @@ fn no_config_equals_upstream_default() {
         s.config()
     );
     assert_eq!(default_config().plugins.len(), 4);
+    // Other settings of a plugin-less document are kept.
+    let fc = load("featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 30s}").unwrap();
+    assert_eq!(
+        fc.config()
+            .flow_control
+            .as_ref()
+            .unwrap()
+            .default_request_ttl
+            .as_deref(),
+        Some("30s")
+    );
+    assert_eq!(
+        fc.config().scheduling_profiles,
+        s.config().scheduling_profiles
+    );
 }
 
 #[test]

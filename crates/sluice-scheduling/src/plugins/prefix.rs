@@ -131,11 +131,15 @@ pub fn block_hashes(
     }
     let mut prev = h.digest();
     let limit = prompt.len().min(max_blocks.saturating_mul(chars_per_block));
+    out.reserve(limit / chars_per_block);
+    // One-shot hashing of `block ‖ le64(prev)` from one reused buffer: the same value as
+    // streaming the two parts, at a fraction of the cost for 64-byte blocks.
+    let mut buf = Vec::with_capacity(chars_per_block + 8);
     for block in prompt[..limit].chunks_exact(chars_per_block) {
-        let mut h = Xxh64::new(0);
-        h.update(block);
-        h.update(&prev.to_le_bytes());
-        prev = h.digest();
+        buf.clear();
+        buf.extend_from_slice(block);
+        buf.extend_from_slice(&prev.to_le_bytes());
+        prev = xxhash_rust::xxh64::xxh64(&buf, 0);
         out.push(prev);
     }
 }
