@@ -56,7 +56,9 @@ impl PredictedLatencyProfileHandler {
             format!("{e}; expected {{sloProfile: string, defaultProfile: string, prefixProfile: string}}")
         })?;
         if p.slo_profile.is_empty() {
-            return Err("sloProfile is empty; expected the name of the predicted-latency profile".into());
+            return Err(
+                "sloProfile is empty; expected the name of the predicted-latency profile".into(),
+            );
         }
         Ok(Arc::new(PredictedLatencyProfileHandler::new(
             init.typed_name.clone(),

@@ -48,7 +48,11 @@ fn read_ms(request: &LlmRequest, name: &str, alias: &str) -> f64 {
     match raw.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => v,
         _ => {
-            tracing::debug!(header = name, value = raw, "SLO header is not a positive number of milliseconds; ignoring it");
+            tracing::debug!(
+                header = name,
+                value = raw,
+                "SLO header is not a positive number of milliseconds; ignoring it"
+            );
             0.0
         }
     }
@@ -93,9 +97,18 @@ mod tests {
 
     #[test]
     fn opt_out_by_new_header_or_legacy_false() {
-        assert!(opted_out(&req(&[("x-prediction-based-scheduling-off", "")])));
-        assert!(opted_out(&req(&[("x-prediction-based-scheduling", "False")])));
-        assert!(!opted_out(&req(&[("x-prediction-based-scheduling", "true")])));
+        assert!(opted_out(&req(&[(
+            "x-prediction-based-scheduling-off",
+            ""
+        )])));
+        assert!(opted_out(&req(&[(
+            "x-prediction-based-scheduling",
+            "False"
+        )])));
+        assert!(!opted_out(&req(&[(
+            "x-prediction-based-scheduling",
+            "true"
+        )])));
         assert!(!opted_out(&req(&[])));
     }
 }

@@ -131,31 +131,109 @@ impl SloMetrics {
                 r.register(format!("{P}{}", $name), $help, self.$field.clone());
             };
         }
-        reg!(ttft, "ttft_seconds", "Inference model TTFT distribution in seconds for each model and target model.");
-        reg!(ttft_gauge, "ttft_seconds_gauge", "Inference model TTFT gauge in seconds for each model and target model.");
-        reg!(predicted_ttft, "predicted_ttft_seconds", "Inference model Predicted TTFT distribution in seconds for each model and target model.");
-        reg!(predicted_ttft_gauge, "predicted_ttft_seconds_gauge", "Inference model Predicted TTFT gauge in seconds for each model and target model.");
-        reg!(ttft_prediction_duration, "ttft_prediction_duration_seconds", "Duration taken to generate TTFT predictions in seconds for each model and target model.");
-        reg!(ttft_prediction_duration_gauge, "ttft_prediction_duration_seconds_gauge", "Latest duration taken to generate TTFT predictions in seconds for each model and target model.");
-        reg!(tpot, "tpot_seconds", "Inference model TPOT distribution in seconds for each model and target model.");
-        reg!(tpot_gauge, "tpot_seconds_gauge", "Inference model TPOT gauge in seconds for each model and target model.");
-        reg!(predicted_tpot, "predicted_tpot_seconds", "Inference model Predicted TPOT distribution in seconds for each model and target model.");
-        reg!(predicted_tpot_gauge, "predicted_tpot_seconds_gauge", "Inference model Predicted TPOT gauge in seconds for each model and target model.");
-        reg!(tpot_prediction_duration, "tpot_prediction_duration_seconds", "Duration taken to generate TPOT predictions in seconds for each model and target model.");
-        reg!(tpot_prediction_duration_gauge, "tpot_prediction_duration_seconds_gauge", "Latest duration taken to generate TPOT predictions in seconds for each model and target model.");
-        reg!(ttft_slo_violation, "ttft_slo_violation", "Boolean indicator (0 or 1) of whether the last TTFT measurement violated the SLO threshold for each model and target model.");
-        reg!(ttft_slo_violation_total, "ttft_slo_violation_total", "Counter of TTFT SLO violations for each model and target model (monotonic; exposed as a gauge).");
-        reg!(tpot_slo_violation, "tpot_slo_violation", "Boolean indicator (0 or 1) of whether the last TPOT measurement violated the SLO threshold for each model and target model.");
-        reg!(tpot_slo_violation_total, "tpot_slo_violation_total", "Counter of TPOT SLO violations for each model and target model (monotonic; exposed as a gauge).");
-        reg!(ttft_slo_threshold, "ttft_slo_threshold_seconds", "Current TTFT SLO threshold in seconds for each model and target model.");
-        reg!(tpot_slo_threshold, "tpot_slo_threshold_seconds", "Current TPOT SLO threshold in seconds for each model and target model.");
+        reg!(
+            ttft,
+            "ttft_seconds",
+            "Inference model TTFT distribution in seconds for each model and target model."
+        );
+        reg!(
+            ttft_gauge,
+            "ttft_seconds_gauge",
+            "Inference model TTFT gauge in seconds for each model and target model."
+        );
+        reg!(
+            predicted_ttft,
+            "predicted_ttft_seconds",
+            "Inference model Predicted TTFT distribution in seconds for each model and target model."
+        );
+        reg!(
+            predicted_ttft_gauge,
+            "predicted_ttft_seconds_gauge",
+            "Inference model Predicted TTFT gauge in seconds for each model and target model."
+        );
+        reg!(
+            ttft_prediction_duration,
+            "ttft_prediction_duration_seconds",
+            "Duration taken to generate TTFT predictions in seconds for each model and target model."
+        );
+        reg!(
+            ttft_prediction_duration_gauge,
+            "ttft_prediction_duration_seconds_gauge",
+            "Latest duration taken to generate TTFT predictions in seconds for each model and target model."
+        );
+        reg!(
+            tpot,
+            "tpot_seconds",
+            "Inference model TPOT distribution in seconds for each model and target model."
+        );
+        reg!(
+            tpot_gauge,
+            "tpot_seconds_gauge",
+            "Inference model TPOT gauge in seconds for each model and target model."
+        );
+        reg!(
+            predicted_tpot,
+            "predicted_tpot_seconds",
+            "Inference model Predicted TPOT distribution in seconds for each model and target model."
+        );
+        reg!(
+            predicted_tpot_gauge,
+            "predicted_tpot_seconds_gauge",
+            "Inference model Predicted TPOT gauge in seconds for each model and target model."
+        );
+        reg!(
+            tpot_prediction_duration,
+            "tpot_prediction_duration_seconds",
+            "Duration taken to generate TPOT predictions in seconds for each model and target model."
+        );
+        reg!(
+            tpot_prediction_duration_gauge,
+            "tpot_prediction_duration_seconds_gauge",
+            "Latest duration taken to generate TPOT predictions in seconds for each model and target model."
+        );
+        reg!(
+            ttft_slo_violation,
+            "ttft_slo_violation",
+            "Boolean indicator (0 or 1) of whether the last TTFT measurement violated the SLO threshold for each model and target model."
+        );
+        reg!(
+            ttft_slo_violation_total,
+            "ttft_slo_violation_total",
+            "Counter of TTFT SLO violations for each model and target model (monotonic; exposed as a gauge)."
+        );
+        reg!(
+            tpot_slo_violation,
+            "tpot_slo_violation",
+            "Boolean indicator (0 or 1) of whether the last TPOT measurement violated the SLO threshold for each model and target model."
+        );
+        reg!(
+            tpot_slo_violation_total,
+            "tpot_slo_violation_total",
+            "Counter of TPOT SLO violations for each model and target model (monotonic; exposed as a gauge)."
+        );
+        reg!(
+            ttft_slo_threshold,
+            "ttft_slo_threshold_seconds",
+            "Current TTFT SLO threshold in seconds for each model and target model."
+        );
+        reg!(
+            tpot_slo_threshold,
+            "tpot_slo_threshold_seconds",
+            "Current TPOT SLO threshold in seconds for each model and target model."
+        );
     }
 
     /// Records the duration of one bulk prediction (it covers TTFT and TPOT).
     pub fn observe_prediction_duration(&self, l: &SloLabels, seconds: f64) {
         for (h, g) in [
-            (&self.ttft_prediction_duration, &self.ttft_prediction_duration_gauge),
-            (&self.tpot_prediction_duration, &self.tpot_prediction_duration_gauge),
+            (
+                &self.ttft_prediction_duration,
+                &self.ttft_prediction_duration_gauge,
+            ),
+            (
+                &self.tpot_prediction_duration,
+                &self.tpot_prediction_duration_gauge,
+            ),
         ] {
             h.get_or_create(l).observe(seconds);
             g.get_or_create(l).set(seconds);
@@ -165,7 +243,9 @@ impl SloMetrics {
     /// Records what was predicted for the chosen endpoint.
     pub fn observe_predicted(&self, l: &SloLabels, ttft_ms: f64, tpot_ms: Option<f64>) {
         self.predicted_ttft.get_or_create(l).observe(ttft_ms / 1e3);
-        self.predicted_ttft_gauge.get_or_create(l).set(ttft_ms / 1e3);
+        self.predicted_ttft_gauge
+            .get_or_create(l)
+            .set(ttft_ms / 1e3);
         if let Some(t) = tpot_ms {
             self.predicted_tpot.get_or_create(l).observe(t / 1e3);
             self.predicted_tpot_gauge.get_or_create(l).set(t / 1e3);

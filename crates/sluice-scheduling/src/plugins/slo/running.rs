@@ -76,7 +76,11 @@ impl RunningRequests {
         }
         list.push(Entry {
             id,
-            tpot_slo_ms: if tpot_slo_ms.is_finite() { tpot_slo_ms.max(0.0) } else { 0.0 },
+            tpot_slo_ms: if tpot_slo_ms.is_finite() {
+                tpot_slo_ms.max(0.0)
+            } else {
+                0.0
+            },
             added: now,
         });
         g.where_is.insert(id, endpoint.clone());
@@ -100,7 +104,11 @@ impl RunningRequests {
 
     /// Requests tracked on `endpoint`.
     pub fn len(&self, endpoint: &EndpointKey) -> usize {
-        self.inner.lock().by_endpoint.get(endpoint).map_or(0, Vec::len)
+        self.inner
+            .lock()
+            .by_endpoint
+            .get(endpoint)
+            .map_or(0, Vec::len)
     }
 
     /// Requests tracked in total.
@@ -164,8 +172,7 @@ impl RunningRequests {
     }
 
     fn sweep_locked(&self, g: &mut Inner, now: Instant) -> usize {
-        if g
-            .last_sweep
+        if g.last_sweep
             .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
         {
             return 0;
@@ -197,7 +204,8 @@ impl RunningRequests {
 }
 
 fn min_positive(it: impl Iterator<Item = f64>) -> f64 {
-    it.filter(|v| *v > 0.0).fold(0.0, |m, v| if m == 0.0 || v < m { v } else { m })
+    it.filter(|v| *v > 0.0)
+        .fold(0.0, |m, v| if m == 0.0 || v < m { v } else { m })
 }
 
 #[cfg(test)]
@@ -221,7 +229,11 @@ mod tests {
         q.add(&key("a"), 3, 20.0, t).unwrap();
         assert_eq!(q.add(&key("b"), 3, 1.0, t), Err(AddError::Duplicate));
         assert_eq!(q.len(&key("a")), 3);
-        assert_eq!(q.min_tpot_slo(&key("a")), 20.0, "no-SLO entries do not lower the min");
+        assert_eq!(
+            q.min_tpot_slo(&key("a")),
+            20.0,
+            "no-SLO entries do not lower the min"
+        );
         assert!(q.remove(3));
         assert!(!q.remove(3), "idempotent");
         assert_eq!(q.min_tpot_slo(&key("a")), 50.0);
@@ -236,7 +248,8 @@ mod tests {
         let q = RunningRequests::new(Duration::from_secs(10));
         let t = Instant::now();
         q.add(&key("a"), 1, 0.0, t).unwrap();
-        q.add(&key("b"), 2, 0.0, t + Duration::from_secs(5)).unwrap();
+        q.add(&key("b"), 2, 0.0, t + Duration::from_secs(5))
+            .unwrap();
         assert_eq!(q.expire(t + Duration::from_secs(11)), 1);
         assert_eq!(q.total(), 1);
         q.retain(&|k| k != &key("b"));

@@ -30,10 +30,10 @@ use serde::Deserialize;
 use sluice_core::endpoint::HARDWARE_CLASS_LABEL;
 use sluice_predictor::{Features, LatencyTracker, PodRole, Prediction};
 
+use super::SloServices;
 use super::headers::Slo;
 use super::metrics::SloLabels;
 use super::running::RunningRequests;
-use super::SloServices;
 use crate::cycle::{Clock, Cycle, keys};
 use crate::plugin::{
     EndpointAware, Plugin, PreRequest, ResponseHooks, Scorer, ScorerCategory, TypedName,
@@ -115,9 +115,9 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .map_or((s, "s"), |i| s.split_at(i));
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("contextTTL {s:?} is not a duration; expected e.g. \"5m\", \"300s\""))?;
+    let v: f64 = num.parse().map_err(|_| {
+        format!("contextTTL {s:?} is not a duration; expected e.g. \"5m\", \"300s\"")
+    })?;
     let secs = match unit {
         "ms" => v / 1e3,
         "s" => v,
@@ -338,7 +338,13 @@ impl PredictedLatencyScorer {
     }
 
     /// Composite score in [0, 1] per endpoint (reference §6).
-    fn composite(&self, candidates: &[Candidate], endpoints: &[usize], prefix: &[f64], out: &mut [f64]) {
+    fn composite(
+        &self,
+        candidates: &[Candidate],
+        endpoints: &[usize],
+        prefix: &[f64],
+        out: &mut [f64],
+    ) {
         let (mut wkv, mut wq, mut wp) = (
             self.params.composite_kv_weight,
             self.params.composite_queue_weight,
@@ -369,7 +375,11 @@ impl PredictedLatencyScorer {
 
     fn blend(&self) -> (f64, f64) {
         let (a, b) = (self.params.ttft_weight, self.params.tpot_weight);
-        if a + b <= 0.0 { (1.0, 0.0) } else { (a / (a + b), b / (a + b)) }
+        if a + b <= 0.0 {
+            (1.0, 0.0)
+        } else {
+            (a / (a + b), b / (a + b))
+        }
     }
 
     fn labels(request: &LlmRequest) -> SloLabels {
@@ -402,7 +412,11 @@ impl Plugin for PredictedLatencyScorer {
 
 /// Min–max normalised `|v|`, 0.5 for all when the range is empty.
 fn norm(v: f64, min: f64, max: f64) -> f64 {
-    if max - min > EPS { (v - min) / (max - min) } else { 0.5 }
+    if max - min > EPS {
+        (v - min) / (max - min)
+    } else {
+        0.5
+    }
 }
 
 fn range(it: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -510,7 +524,8 @@ impl Scorer for PredictedLatencyScorer {
             &mut queue,
         );
         let buf = self.params.slo_buffer_factor;
-        for ((e, p), &(_, pod_min_tpot)) in state.endpoints.iter_mut().zip(&predictions).zip(&queue) {
+        for ((e, p), &(_, pod_min_tpot)) in state.endpoints.iter_mut().zip(&predictions).zip(&queue)
+        {
             e.prediction = Some(*p);
             e.ttft_headroom_ms = slo.ttft_ms - p.ttft_ms;
             let ttft_valid = p.ttft_ms < slo.ttft_ms;
@@ -591,21 +606,23 @@ impl Scorer for PredictedLatencyScorer {
                 )));
             }
             // Upstream's order: only TPOT short, then only TTFT short, then both.
-            let class = |e: &EndpointPrediction| match (
-                e.ttft_headroom_ms < 0.0,
-                e.tpot_headroom_ms < 0.0,
-            ) {
-                (false, _) => 0,
-                (true, false) => 1,
-                (true, true) => 2,
-            };
+            let class =
+                |e: &EndpointPrediction| match (e.ttft_headroom_ms < 0.0, e.tpot_headroom_ms < 0.0)
+                {
+                    (false, _) => 0,
+                    (true, false) => 1,
+                    (true, true) => 2,
+                };
             let best_class = state.endpoints.iter().map(class).min().unwrap_or(0);
             let in_class = || state.endpoints.iter().filter(|e| class(e) == best_class);
-            let (min_t, max_t) = range(in_class().map(|e| e.ttft_headroom_ms.abs()));
-            let (min_p, max_p) = range(in_class().map(|e| e.tpot_headroom_ms.abs()));
+            // Only shortfalls count: a pod that meets TTFT but misses TPOT is judged by
+            // how far it misses TPOT, not by how much TTFT room it has.
+            let short = |h: f64| (-h).max(0.0);
+            let (min_t, max_t) = range(in_class().map(|e| short(e.ttft_headroom_ms)));
+            let (min_p, max_p) = range(in_class().map(|e| short(e.tpot_headroom_ms)));
             let deficit = |e: &EndpointPrediction| {
-                a * norm(e.ttft_headroom_ms.abs(), min_t, max_t)
-                    + b * norm(e.tpot_headroom_ms.abs(), min_p, max_p)
+                a * norm(short(e.ttft_headroom_ms), min_t, max_t)
+                    + b * norm(short(e.tpot_headroom_ms), min_p, max_p)
             };
             let best = in_class().map(deficit).fold(f64::INFINITY, f64::min);
             for (e, o) in state.endpoints.iter_mut().zip(out.iter_mut()) {
@@ -658,7 +675,12 @@ impl PreRequest for PredictedLatencyScorer {
                 };
                 let own = u64::from(request.prompt_tokens)
                     - (f64::from(request.prompt_tokens) * prefix).floor() as u64;
-                self.features(request, target, prefix, Some(own.min(target.in_flight.tokens())))
+                self.features(
+                    request,
+                    target,
+                    prefix,
+                    Some(own.min(target.in_flight.tokens())),
+                )
             }
         };
         let now = self.clock.now();

@@ -1,0 +1,567 @@
+//! Predicted-latency (SLO-aware) routing: the seeds' behaviour, pinned with a scripted
+//! predictor, a fixed scheduler seed and a manual clock.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use sluice_predictor::{
+    Features, LatencyPredictor, PredictError, PredictFuture, Prediction, TrainingSample,
+};
+use sluice_scheduling::plugins::slo::{
+    self, Decision, RunningRequests, SloCycleState, SloServices,
+};
+use sluice_scheduling::{
+    Candidate, LlmRequest, ManualClock, Outcome, Registry, ResponseChunk, ScheduleError, Scheduled,
+    Scheduler, SchedulerOptions, SharedState, parse_config_text,
+};
+
+use common::{Pod, candidates, pod, pod_index};
+
+/// Predicts from a table keyed by the endpoint's waiting-queue length (each test pod gets
+/// its own), records training samples, and can be switched to fail.
+#[derive(Debug, Default)]
+struct Scripted {
+    table: Mutex<HashMap<u32, Prediction>>,
+    fail: Mutex<Option<PredictError>>,
+    samples: Mutex<Vec<TrainingSample>>,
+    calls: Mutex<Vec<usize>>,
+}
+
+impl Scripted {
+    fn new(rows: &[(u32, f64, Option<f64>)]) -> Arc<Self> {
+        let s = Scripted::default();
+        for &(w, ttft, tpot) in rows {
+            s.table.lock().insert(
+                w,
+                Prediction {
+                    ttft_ms: ttft,
+                    tpot_ms: tpot,
+                },
+            );
+        }
+        Arc::new(s)
+    }
+}
+
+impl LatencyPredictor for Scripted {
+    fn predict_batch<'a>(&'a self, batch: &'a [Features]) -> PredictFuture<'a> {
+        self.calls.lock().push(batch.len());
+        if let Some(e) = self.fail.lock().clone() {
+            return PredictFuture::ready(Err(e));
+        }
+        let t = self.table.lock();
+        PredictFuture::ready(Ok(batch
+            .iter()
+            .map(|f| {
+                t.get(&f.waiting).copied().unwrap_or(Prediction {
+                    ttft_ms: 1e6,
+                    tpot_ms: None,
+                })
+            })
+            .collect()))
+    }
+    fn record(&self, sample: TrainingSample) {
+        self.samples.lock().push(sample);
+    }
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+struct Setup {
+    scheduler: Scheduler,
+    shared: SharedState,
+    clock: Arc<ManualClock>,
+}
+
+impl Setup {
+    fn running(&self) -> Arc<RunningRequests> {
+        self.shared
+            .get_or_insert_with("predicted-latency-running/predicted-latency-scorer", || {
+                RunningRequests::new(Duration::from_secs(1))
+            })
+    }
+}
+
+fn setup_with(yaml: &str, services: SloServices) -> Setup {
+    let shared = SharedState::default();
+    SloServices::install(&shared, services);
+    let clock = ManualClock::new();
+    let cfg = parse_config_text(yaml).unwrap_or_else(|e| panic!("{e}"));
+    let scheduler = Scheduler::from_config_with(
+        &cfg,
+        &Registry::with_builtins(),
+        SchedulerOptions {
+            seed: Some(42),
+            clock: clock.clone(),
+            shared: shared.clone(),
+            record_scores: true,
+            ..SchedulerOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    Setup {
+        scheduler,
+        shared,
+        clock,
+    }
+}
+
+fn setup(p: &Arc<Scripted>) -> Setup {
+    setup_with(slo::SLO_CONFIG_YAML, SloServices::with_predictor(p.clone()))
+}
+
+fn with_strategy(strategy: &str) -> String {
+    slo::SLO_CONFIG_YAML.replace(
+        "  - type: predicted-latency-scorer\n",
+        &format!(
+            "  - type: predicted-latency-scorer\n    parameters:\n      headroomSelectionStrategy: {strategy}\n"
+        ),
+    )
+}
+
+fn req(id: usize, headers: &[(&str, &str)], priority: i32) -> LlmRequest {
+    LlmRequest {
+        request_id: format!("req-{id}"),
+        target_model: "m".into(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        priority,
+        prompt_tokens: 100,
+        ..LlmRequest::default()
+    }
+}
+
+/// Pods whose waiting length is their id in the scripted table.
+fn pods(n: u32) -> Vec<Pod> {
+    (0..n).map(|w| pod(w, 0.1)).collect()
+}
+
+fn state(s: &Scheduled) -> &SloCycleState {
+    s.cycle
+        .state
+        .get::<SloCycleState>("predicted-latency/predicted-latency-scorer")
+        .expect("the SLO scorer ran")
+}
+
+/// Picks per pod over `n` requests.
+fn histogram(setup: &Setup, cands: &[Candidate], n: usize, headers: &[(&str, &str)]) -> Vec<usize> {
+    let mut counts = vec![0; cands.len()];
+    for i in 0..n {
+        let s = setup
+            .scheduler
+            .schedule(&req(i, headers, 0), cands)
+            .unwrap();
+        counts[pod_index(&s.result.targets[0])] += 1;
+    }
+    counts
+}
+
+const SLO: &[(&str, &str)] = &[("x-slo-ttft-ms", "400"), ("x-slo-tpot-ms", "50")];
+
+#[test]
+fn valid_pods_are_preferred_and_the_strategy_decides_among_them() {
+    // TTFT 100/200/300 ms are under the 400 ms SLO; pod 3 (500 ms) is not.
+    let p = Scripted::new(&[
+        (0, 100.0, Some(20.0)),
+        (1, 200.0, Some(20.0)),
+        (2, 300.0, Some(20.0)),
+        (3, 500.0, Some(20.0)),
+    ]);
+    let cands = candidates(&pods(4));
+    let least = setup_with(
+        &with_strategy("least"),
+        SloServices::with_predictor(p.clone()),
+    );
+    let c = histogram(&least, &cands, 3000, SLO);
+    assert!(
+        c[2] > c[1] && c[1] > c[0],
+        "least: the smallest positive headroom (300 ms) wins most: {c:?}"
+    );
+    assert!(c[3] < 60, "the invalid pod is only explored: {c:?}");
+    let s = least.scheduler.schedule(&req(1, SLO, 0), &cands).unwrap();
+    assert_eq!(s.result.primary_profile.as_ref(), "slo");
+    assert_eq!(state(&s).decision, Decision::Valid { valid: 3 });
+    assert_eq!(
+        p.calls.lock().last(),
+        Some(&4),
+        "one batch call covers every candidate"
+    );
+
+    let most = setup_with(
+        &with_strategy("most"),
+        SloServices::with_predictor(p.clone()),
+    );
+    let c = histogram(&most, &cands, 3000, SLO);
+    assert!(
+        c[0] > c[1] && c[1] > c[2],
+        "most: the largest headroom (100 ms) wins most: {c:?}"
+    );
+
+    // composite-most among valid pods: the emptiest queue (pod 0) weighs most; pod 3 is
+    // still only explored because it is invalid.
+    let cm = setup_with(
+        &with_strategy("composite-most"),
+        SloServices::with_predictor(p.clone()),
+    );
+    let c = histogram(&cm, &cands, 3000, SLO);
+    assert!(c[0] > c[2] && c[3] < 60, "{c:?}");
+}
+
+#[test]
+fn tpot_counts_and_a_running_tighter_tpot_slo_protects_its_pod() {
+    // Both pods meet TTFT; pod 0 misses the 50 ms TPOT SLO.
+    let p = Scripted::new(&[(0, 100.0, Some(60.0)), (1, 300.0, Some(30.0))]);
+    let s = setup(&p);
+    let cands = candidates(&pods(2));
+    let c = histogram(&s, &cands, 2000, SLO);
+    assert!(c[1] > c[0] * 20, "{c:?}");
+
+    // A request with a 25 ms TPOT SLO now runs on pod 1: a new 50 ms request must not
+    // land there (30 ms predicted > 25 ms), so no pod is valid and it goes to the least
+    // negative headroom.
+    let tight_req = req(
+        9999,
+        &[("x-slo-ttft-ms", "400"), ("x-slo-tpot-ms", "25")],
+        0,
+    );
+    let mut tight = s.scheduler.schedule(&tight_req, &cands).unwrap();
+    let target = pod_index(&tight.result.targets[0]);
+    assert_eq!(
+        target, 1,
+        "pod 1 is the least negative for a 25 ms TPOT SLO"
+    );
+    s.scheduler.pre_request(&tight_req, &mut tight);
+    let next = s.scheduler.schedule(&req(10_000, SLO, 0), &cands).unwrap();
+    let st = state(&next);
+    assert!(
+        st.endpoints.iter().all(|e| !e.valid),
+        "pod 1's bound is now 25 ms: {st:?}"
+    );
+}
+
+#[test]
+fn no_valid_pod_non_sheddable_goes_to_least_negative_headroom() {
+    let p = Scripted::new(&[
+        (0, 900.0, Some(20.0)),
+        (1, 450.0, Some(20.0)),
+        (2, 700.0, Some(20.0)),
+    ]);
+    let s = setup(&p);
+    let cands = candidates(&pods(3));
+    for i in 0..200 {
+        let r = s.scheduler.schedule(&req(i, SLO, 0), &cands).unwrap();
+        assert_eq!(pod_index(&r.result.targets[0]), 1, "request {i}");
+        assert_eq!(state(&r).decision, Decision::LeastNegative);
+    }
+    // Without SLO headers every pod is "invalid" and the lowest predicted TTFT wins; a
+    // sheddable request without a TTFT SLO is not shed.
+    let r = s.scheduler.schedule(&req(1, &[], -1), &cands).unwrap();
+    assert_eq!(pod_index(&r.result.targets[0]), 1);
+}
+
+#[test]
+fn no_valid_pod_sheddable_request_is_shed_with_429_and_a_reason() {
+    let p = Scripted::new(&[(0, 900.0, Some(20.0)), (1, 450.0, Some(20.0))]);
+    let s = setup(&p);
+    let cands = candidates(&pods(2));
+    let err = s
+        .scheduler
+        .schedule(&req(1, SLO, -1), &cands)
+        .expect_err("sheddable request with no valid pod");
+    assert_eq!(err.http_status(), 429);
+    let ScheduleError::Shed { plugin, reason } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(plugin, "predicted-latency-scorer");
+    assert!(reason.contains("SLO") && reason.contains("450"), "{reason}");
+    // The same request with priority 0 is served.
+    assert!(s.scheduler.schedule(&req(1, SLO, 0), &cands).is_ok());
+}
+
+#[test]
+fn invalid_pods_are_drawn_about_one_percent_as_often_as_a_valid_one() {
+    let p = Scripted::new(&[(0, 100.0, Some(20.0)), (1, 500.0, Some(20.0))]);
+    let s = setup(&p);
+    let cands = candidates(&pods(2));
+    let n = 20_000;
+    let c = histogram(&s, &cands, n, SLO);
+    let ratio = c[1] as f64 / c[0] as f64;
+    // Expected 0.01; with 20k draws the standard error of the count is ~14 (7 %).
+    assert!(
+        (0.0070..=0.0130).contains(&ratio),
+        "invalid/valid = {ratio:.4} ({c:?})"
+    );
+}
+
+#[test]
+fn opt_out_header_bypasses_the_profile_and_keeps_saturation_detection() {
+    let p = Scripted::new(&[(0, 100.0, None), (1, 100.0, None)]);
+    let s = setup(&p);
+    // Pod 1 has the shorter queue... in the default profile it wins by queue and KV.
+    let cands = candidates(&[pod(5, 0.9), pod(1, 0.1)]);
+    let calls_before = p.calls.lock().len();
+    for header in [
+        "x-prediction-based-scheduling-off",
+        "X-Prediction-Based-Scheduling",
+    ] {
+        let value = if header.ends_with("off") { "" } else { "false" };
+        let r = req(1, &[(header, value), ("x-slo-ttft-ms", "1")], -1);
+        let out = s.scheduler.schedule(&r, &cands).unwrap();
+        assert_eq!(out.result.primary_profile.as_ref(), "default");
+        assert_eq!(pod_index(&out.result.targets[0]), 1);
+        assert!(!s.scheduler.skip_saturation_detection(&r));
+    }
+    assert_eq!(
+        p.calls.lock().len(),
+        calls_before,
+        "opted-out requests do not call the predictor"
+    );
+    assert!(s.scheduler.skip_saturation_detection(&req(1, SLO, 0)));
+}
+
+#[test]
+fn predictor_failure_or_no_model_falls_back_to_the_composite_score() {
+    let cands = candidates(&[pod(8, 0.9).running(3), pod(0, 0.1), pod(4, 0.5)]);
+    let p = Scripted::new(&[]);
+    *p.fail.lock() = Some(PredictError::NotReady);
+    for services in [
+        SloServices::with_predictor(p.clone()),
+        SloServices::without_predictor(),
+    ] {
+        let s = setup_with(slo::SLO_CONFIG_YAML, services);
+        // A sheddable request with an impossible SLO is still served: no prediction, no
+        // shedding.
+        let c = histogram(&s, &cands, 600, &[("x-slo-ttft-ms", "1")]);
+        assert!(
+            c[1] > c[2] && c[2] > c[0],
+            "composite favours the idle, empty pod: {c:?}"
+        );
+        let r = s
+            .scheduler
+            .schedule(&req(1, &[("x-slo-ttft-ms", "1")], -1), &cands)
+            .unwrap();
+        assert!(
+            matches!(state(&r).decision, Decision::Fallback(_)),
+            "{:?}",
+            state(&r).decision
+        );
+    }
+    *p.fail.lock() = Some(PredictError::Unavailable {
+        url: "http://x".into(),
+        reason: "down".into(),
+    });
+    let s = setup(&p);
+    let r = s.scheduler.schedule(&req(1, SLO, -1), &cands).unwrap();
+    let Decision::Fallback(reason) = &state(&r).decision else {
+        panic!()
+    };
+    assert!(reason.contains("down"), "{reason}");
+}
+
+fn sse_headers() -> Vec<(String, String)> {
+    vec![("content-type".into(), "text/event-stream".into())]
+}
+
+#[test]
+fn training_samples_measure_ttft_from_dispatch_and_inter_token_tpot() {
+    let p = Scripted::new(&[(0, 100.0, Some(20.0)), (1, 300.0, Some(20.0))]);
+    let s = setup(&p);
+    let cands = candidates(&[pod(0, 0.2).in_flight(2, 500), pod(1, 0.4)]);
+    let r = req(1, SLO, 0);
+    let mut sch = s.scheduler.schedule(&r, &cands).unwrap();
+    let target = pod_index(&sch.result.targets[0]);
+    let expected = state(&sch).endpoints[target].features;
+    s.scheduler.pre_request(&r, &mut sch);
+    s.scheduler.response_headers(&r, &mut sch, &sse_headers());
+    s.clock.advance(Duration::from_millis(120));
+    for _ in 0..5 {
+        s.scheduler.response_chunk(
+            &r,
+            &mut sch,
+            ResponseChunk {
+                data: b"data: x",
+                end_of_stream: false,
+            },
+        );
+        s.clock.advance(Duration::from_millis(25));
+    }
+    s.scheduler.response_chunk(
+        &r,
+        &mut sch,
+        ResponseChunk {
+            data: b"",
+            end_of_stream: true,
+        },
+    );
+    s.scheduler.complete(&r, &mut sch, Outcome::Success);
+    let samples = p.samples.lock();
+    assert_eq!(samples.len(), 1);
+    let smp = samples[0];
+    assert_eq!(
+        smp.features_at_dispatch, expected,
+        "features as at dispatch"
+    );
+    assert!((smp.ttft_ms.unwrap() - 120.0).abs() < 1e-6);
+    // 5 chunks at 120, 145, ..., 220; end at 245: (245 − 120) / 4.
+    assert!((smp.tpot_ms.unwrap() - 31.25).abs() < 1e-6, "{smp:?}");
+    drop(samples);
+
+    // A non-streamed response trains TTFT = end-to-end only.
+    let r = req(2, SLO, 0);
+    let mut sch = s.scheduler.schedule(&r, &cands).unwrap();
+    s.scheduler.pre_request(&r, &mut sch);
+    s.scheduler.response_headers(
+        &r,
+        &mut sch,
+        &[("Content-Type".into(), "application/json".into())],
+    );
+    s.clock.advance(Duration::from_millis(400));
+    s.scheduler.response_chunk(
+        &r,
+        &mut sch,
+        ResponseChunk {
+            data: b"{}",
+            end_of_stream: false,
+        },
+    );
+    s.clock.advance(Duration::from_millis(100));
+    s.scheduler.response_chunk(
+        &r,
+        &mut sch,
+        ResponseChunk {
+            data: b"{}",
+            end_of_stream: true,
+        },
+    );
+    s.scheduler.complete(&r, &mut sch, Outcome::Success);
+    let last = *p.samples.lock().last().unwrap();
+    assert!((last.ttft_ms.unwrap() - 500.0).abs() < 1e-6);
+    assert_eq!(last.tpot_ms, None);
+}
+
+#[test]
+fn running_queues_return_to_zero_after_a_mixed_run_with_errors_and_disconnects() {
+    let p = Scripted::new(&[
+        (0, 100.0, Some(20.0)),
+        (1, 150.0, Some(30.0)),
+        (2, 390.0, None),
+    ]);
+    let s = setup(&p);
+    let running = s.running();
+    let cands = candidates(&pods(3));
+    let mut open: Vec<(LlmRequest, Scheduled)> = Vec::new();
+    let mut successes = 0;
+    for i in 0..400 {
+        let headers: &[(&str, &str)] = match i % 4 {
+            0 => SLO,
+            1 => &[("x-prediction-based-scheduling-off", "")],
+            2 => &[("x-slo-ttft-ms", "300")],
+            _ => &[],
+        };
+        let r = req(i, headers, 0);
+        let mut sch = s.scheduler.schedule(&r, &cands).unwrap();
+        s.scheduler.pre_request(&r, &mut sch);
+        open.push((r, sch));
+        // Finish the oldest requests in a mixed order of outcomes.
+        if open.len() > 20 {
+            let (r, mut sch) = open.remove(i % 7);
+            s.clock.advance(Duration::from_millis(3));
+            match i % 5 {
+                0 => s.scheduler.complete(
+                    &r,
+                    &mut sch,
+                    Outcome::Failed {
+                        reason: "503".into(),
+                    },
+                ),
+                1 => s
+                    .scheduler
+                    .complete(&r, &mut sch, Outcome::ClientDisconnected),
+                2 => drop(sch), // lost: only the TTL removes it
+                _ => {
+                    s.scheduler.response_headers(&r, &mut sch, &sse_headers());
+                    s.clock.advance(Duration::from_millis(50));
+                    s.scheduler.response_chunk(
+                        &r,
+                        &mut sch,
+                        ResponseChunk {
+                            data: b"a",
+                            end_of_stream: false,
+                        },
+                    );
+                    s.clock.advance(Duration::from_millis(20));
+                    s.scheduler.response_chunk(
+                        &r,
+                        &mut sch,
+                        ResponseChunk {
+                            data: b"b",
+                            end_of_stream: true,
+                        },
+                    );
+                    s.scheduler.complete(&r, &mut sch, Outcome::Success);
+                    successes += 1;
+                }
+            }
+        }
+        assert!(running.total() <= 400);
+    }
+    assert!(running.total() > 0);
+    for (r, mut sch) in open.drain(..) {
+        s.scheduler
+            .complete(&r, &mut sch, Outcome::ClientDisconnected);
+    }
+    let lost = running.total();
+    assert!(lost > 0, "dropped requests stay until the TTL");
+    s.clock.advance(Duration::from_secs(301));
+    running.expire(sluice_scheduling::Clock::now(&*s.clock));
+    assert_eq!(running.total(), 0, "every queue is empty again");
+    for c in &cands {
+        assert_eq!(c.in_flight.requests(), 0);
+        assert_eq!(running.len(&c.endpoint.key), 0);
+    }
+    assert_eq!(
+        p.samples.lock().len(),
+        successes,
+        "only successful responses train (opted-out ones included)"
+    );
+}
+
+#[test]
+fn aliases_and_parameters_load_and_bad_parameters_say_what_is_expected() {
+    let legacy = slo::SLO_CONFIG_YAML
+        .replace(
+            "  - type: predicted-latency-scorer\n",
+            "  - name: predicted-latency-scorer\n    type: slo-aware-routing\n",
+        )
+        .replace(
+            "type: predicted-latency-profile-handler",
+            "type: slo-aware-profile-handler",
+        );
+    assert!(legacy.contains("type: slo-aware-routing"));
+    let cfg = parse_config_text(&legacy).unwrap();
+    let s = Scheduler::from_config_with(
+        &cfg,
+        &Registry::with_builtins(),
+        SchedulerOptions::default(),
+    );
+    assert!(s.is_ok(), "{s:?}");
+
+    let bad = with_strategy("fastest");
+    let cfg = parse_config_text(&bad).unwrap();
+    let err = Scheduler::from_config_with(
+        &cfg,
+        &Registry::with_builtins(),
+        SchedulerOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("fastest") && err.contains("least"), "{err}");
+}
