@@ -563,6 +563,24 @@ impl Scheduler {
         request: &LlmRequest,
         candidates: &[Candidate],
     ) -> Result<Result<ProfileRunResult, ProfileFailure>, ScheduleError> {
+        // The buffers are taken out of the thread's scratch (not borrowed), so a plugin that
+        // schedules re-entrantly on this thread just gets fresh ones.
+        let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let r = self.run_profile_with(&mut scratch, profile, cycle, request, candidates);
+        if scratch.eps.capacity() <= MAX_SCRATCH {
+            SCRATCH.with(|s| *s.borrow_mut() = scratch);
+        }
+        r
+    }
+
+    fn run_profile_with(
+        &self,
+        scratch: &mut Scratch,
+        profile: &LoadedProfile,
+        cycle: &mut Cycle,
+        request: &LlmRequest,
+        candidates: &[Candidate],
+    ) -> Result<Result<ProfileRunResult, ProfileFailure>, ScheduleError> {
         let plugin_err = |name: &Arc<str>, e: PluginError| match e {
             PluginError::Shed(reason) => ScheduleError::Shed {
                 plugin: name.to_string(),
@@ -573,10 +591,12 @@ impl Scheduler {
                 message,
             },
         };
-        let mut eps: Vec<usize> = (0..candidates.len()).collect();
+        let Scratch { eps, totals, buf } = scratch;
+        eps.clear();
+        eps.extend(0..candidates.len());
         for (name, f) in &profile.filters {
             self.timed(ExtensionPoint::Filter, name, || {
-                f.filter(cycle, request, candidates, &mut eps)
+                f.filter(cycle, request, candidates, eps)
             })
             .map_err(|e| plugin_err(name, e))?;
             if eps.is_empty() {
@@ -587,13 +607,15 @@ impl Scheduler {
             }
         }
         let m = eps.len();
-        let mut totals = vec![0.0f64; m];
-        let mut buf = vec![0.0f64; m];
+        totals.clear();
+        totals.resize(m, 0.0);
+        buf.clear();
+        buf.resize(m, 0.0);
         let mut scorer_scores = Vec::new();
         for (name, s, weight) in &profile.scorers {
             buf.fill(0.0);
             self.timed(ExtensionPoint::Scorer, name, || {
-                s.score(cycle, request, candidates, &eps, &mut buf)
+                s.score(cycle, request, candidates, eps, buf)
             })
             .map_err(|e| plugin_err(name, e))?;
             for (t, v) in totals.iter_mut().zip(buf.iter_mut()) {
@@ -610,8 +632,8 @@ impl Scheduler {
         }
         let mut scored: Vec<ScoredEndpoint> = eps
             .iter()
-            .zip(totals)
-            .map(|(&index, score)| ScoredEndpoint { index, score })
+            .zip(totals.iter())
+            .map(|(&index, &score)| ScoredEndpoint { index, score })
             .collect();
         let mut targets = Vec::with_capacity(1);
         self.timed(ExtensionPoint::Picker, &profile.picker.0, || {
@@ -715,6 +737,21 @@ impl Scheduler {
             });
         }
     }
+}
+
+/// Per-thread buffers for a profile run: the surviving endpoints and the score sums.
+#[derive(Debug, Default)]
+struct Scratch {
+    eps: Vec<usize>,
+    totals: Vec<f64>,
+    buf: Vec<f64>,
+}
+
+/// Scratch larger than this (endpoints) is freed after use rather than kept per thread.
+const MAX_SCRATCH: usize = 1 << 16;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Prompt tokens the target has to compute: the prompt minus what its prefix cache holds.
