@@ -39,8 +39,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use selector::{FieldSelector, LabelSelector};
-pub use store::{ApiError, EventType, PatchKind, ResourceDef, Selection, StoredEvent};
 use store::Store;
+pub use store::{ApiError, EventType, PatchKind, ResourceDef, Selection, StoredEvent};
 
 /// One request the server answered, for assertions such as "only the leader wrote status".
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +66,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { history_limit: 10_000, bookmark_interval: Duration::from_secs(1) }
+        Options {
+            history_limit: 10_000,
+            bookmark_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -131,7 +134,12 @@ impl FakeApiServer {
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut store = Store::new(opts.history_limit);
-        for def in [ResourceDef::pods(), ResourceDef::leases(), ResourceDef::events(), ResourceDef::core_events()] {
+        for def in [
+            ResourceDef::pods(),
+            ResourceDef::leases(),
+            ResourceDef::events(),
+            ResourceDef::core_events(),
+        ] {
             store.register(def);
         }
         let (events, _) = broadcast::channel(WATCH_BUFFER);
@@ -142,7 +150,9 @@ impl FakeApiServer {
             bookmark_interval: opts.bookmark_interval,
             shutdown: shutdown_rx.clone(),
         });
-        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
         let mut stop = shutdown_rx;
         let task = tokio::spawn(async move {
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -152,7 +162,12 @@ impl FakeApiServer {
                 tracing::warn!(%error, "fake API server stopped");
             }
         });
-        Ok(FakeApiServer { addr, shared, shutdown, task })
+        Ok(FakeApiServer {
+            addr,
+            shared,
+            shutdown,
+            task,
+        })
     }
 
     /// `http://127.0.0.1:PORT`, for `kube::Config::new(url.parse()?)`.
@@ -172,7 +187,10 @@ impl FakeApiServer {
 
     /// Serves every version of the CustomResourceDefinitions in a YAML stream.
     pub fn register_crd_yaml(&self, yaml: &str) -> anyhow::Result<()> {
-        for doc in yaml.split("\n---").filter(|d| !d.trim().is_empty() && d.contains("kind")) {
+        for doc in yaml
+            .split("\n---")
+            .filter(|d| !d.trim().is_empty() && d.contains("kind"))
+        {
             let crd: Value = serde_saphyr::from_str(doc)?;
             for def in ResourceDef::from_crd(&crd).map_err(anyhow::Error::msg)? {
                 self.register(def);
@@ -189,7 +207,14 @@ impl FakeApiServer {
     }
 
     /// Applies a merge patch directly (the status too when `status`), as a test fixture.
-    pub fn merge(&self, res: &ResourceDef, ns: &str, name: &str, patch: Value, status: bool) -> Result<Value, ApiError> {
+    pub fn merge(
+        &self,
+        res: &ResourceDef,
+        ns: &str,
+        name: &str,
+        patch: Value,
+        status: bool,
+    ) -> Result<Value, ApiError> {
         self.shared
             .mutate(|s| s.patch(res, ns, name, patch, PatchKind::Merge, status, Some("test")))
             .map(|o| (*o).clone())
@@ -202,16 +227,33 @@ impl FakeApiServer {
 
     /// One object, if it exists.
     pub fn get(&self, res: &ResourceDef, ns: &str, name: &str) -> Option<Value> {
-        self.shared.store.lock().get(res, ns, name).ok().map(|o| (*o).clone())
+        self.shared
+            .store
+            .lock()
+            .get(res, ns, name)
+            .ok()
+            .map(|o| (*o).clone())
     }
 
     /// Every object of a resource type.
     pub fn list(&self, res: &ResourceDef) -> Vec<Value> {
-        self.shared.store.lock().list(res, &Selection::default()).0.into_iter().map(|o| (*o).clone()).collect()
+        self.shared
+            .store
+            .lock()
+            .list(res, &Selection::default())
+            .0
+            .into_iter()
+            .map(|o| (*o).clone())
+            .collect()
     }
 
     /// Field managers of an object and the (dotted) paths each owns.
-    pub fn managers(&self, res: &ResourceDef, ns: &str, name: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    pub fn managers(
+        &self,
+        res: &ResourceDef,
+        ns: &str,
+        name: &str,
+    ) -> std::collections::BTreeMap<String, Vec<String>> {
         self.shared.store.lock().managers(res, ns, name)
     }
 
@@ -266,11 +308,17 @@ async fn handle(
     let field_manager = query_get(&query, "fieldManager").map(str::to_owned);
     let response = match route(&shared, uri.path()) {
         Ok(Route::Discovery(v)) if method == Method::GET => json_response(StatusCode::OK, &v),
-        Ok(Route::Discovery(_)) => error_response(&ApiError::new(405, "MethodNotAllowed", "discovery is read-only")),
-        Ok(Route::Resource(t)) => match serve_resource(&shared, &method, t, &query, &headers, &body) {
-            Ok(r) => r,
-            Err(e) => error_response(&e),
-        },
+        Ok(Route::Discovery(_)) => error_response(&ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "discovery is read-only",
+        )),
+        Ok(Route::Resource(t)) => {
+            match serve_resource(&shared, &method, t, &query, &headers, &body) {
+                Ok(r) => r,
+                Err(e) => error_response(&e),
+            }
+        }
         Err(e) => error_response(&e),
     };
     let mut log = shared.requests.lock();
@@ -287,14 +335,30 @@ async fn handle(
 }
 
 fn route(shared: &Shared, path: &str) -> Result<Route, ApiError> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let store = shared.store.lock();
-    let not_found = || ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({path})"));
+    let not_found = || {
+        ApiError::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
+    };
     let (group, version, rest) = match segs.as_slice() {
         ["version"] => {
-            return Ok(Route::Discovery(json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-sluice-fake"})));
+            return Ok(Route::Discovery(
+                json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-sluice-fake"}),
+            ));
         }
-        ["api"] => return Ok(Route::Discovery(json!({"kind": "APIVersions", "versions": ["v1"]}))),
+        ["api"] => {
+            return Ok(Route::Discovery(
+                json!({"kind": "APIVersions", "versions": ["v1"]}),
+            ));
+        }
         ["apis"] => {
             let mut groups: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
             for r in store.resources().filter(|r| !r.group.is_empty()) {
@@ -306,12 +370,16 @@ fn route(shared: &Shared, path: &str) -> Result<Route, ApiError> {
             let groups: Vec<Value> = groups
                 .into_iter()
                 .map(|(g, vs)| {
-                    let versions: Vec<Value> =
-                        vs.iter().map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v})).collect();
+                    let versions: Vec<Value> = vs
+                        .iter()
+                        .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                        .collect();
                     json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
                 })
                 .collect();
-            return Ok(Route::Discovery(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})));
+            return Ok(Route::Discovery(
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            ));
         }
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
@@ -335,13 +403,19 @@ fn route(shared: &Shared, path: &str) -> Result<Route, ApiError> {
         if resources.is_empty() {
             return Err(not_found());
         }
-        let gv = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
+        let gv = if group.is_empty() {
+            version.to_owned()
+        } else {
+            format!("{group}/{version}")
+        };
         return Ok(Route::Discovery(
             json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
         ));
     }
     let (namespace, rest) = match rest {
-        ["namespaces", ns, plural, tail @ ..] => (Some((*ns).to_owned()), [&[*plural][..], tail].concat()),
+        ["namespaces", ns, plural, tail @ ..] => {
+            (Some((*ns).to_owned()), [&[*plural][..], tail].concat())
+        }
         other => (None, other.to_vec()),
     };
     let (plural, name, sub) = match rest.as_slice() {
@@ -350,7 +424,10 @@ fn route(shared: &Shared, path: &str) -> Result<Route, ApiError> {
         [p, n, s] => (*p, Some((*n).to_owned()), Some(*s)),
         _ => return Err(not_found()),
     };
-    let res = store.resource(group, version, plural).cloned().ok_or_else(not_found)?;
+    let res = store
+        .resource(group, version, plural)
+        .cloned()
+        .ok_or_else(not_found)?;
     if res.namespaced && name.is_some() && namespace.is_none() {
         return Err(not_found());
     }
@@ -359,7 +436,12 @@ fn route(shared: &Shared, path: &str) -> Result<Route, ApiError> {
         Some("status") if res.status_subresource => true,
         Some(_) => return Err(not_found()),
     };
-    Ok(Route::Resource(Target { res, namespace, name, status }))
+    Ok(Route::Resource(Target {
+        res,
+        namespace,
+        name,
+        status,
+    }))
 }
 
 fn serve_resource(
@@ -370,7 +452,11 @@ fn serve_resource(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Response, ApiError> {
-    let ns = if t.res.namespaced { t.namespace.clone().unwrap_or_default() } else { String::new() };
+    let ns = if t.res.namespaced {
+        t.namespace.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
     let manager = query_get(query, "fieldManager");
     match (method, &t.name) {
         (&Method::GET, None) => {
@@ -393,25 +479,39 @@ fn serve_resource(
         (&Method::POST, None) => {
             let obj = parse_body(body)?;
             let created = shared.mutate(|s| {
-                s.create(&t.res, &ns, obj, manager.unwrap_or("unknown")).map(|(o, ev)| (o, Some(ev)))
+                s.create(&t.res, &ns, obj, manager.unwrap_or("unknown"))
+                    .map(|(o, ev)| (o, Some(ev)))
             })?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
         (&Method::PUT, Some(name)) => {
             let obj = parse_body(body)?;
-            let out =
-                shared.mutate(|s| s.replace(&t.res, &ns, name, obj, t.status, manager.unwrap_or("unknown")))?;
+            let out = shared.mutate(|s| {
+                s.replace(
+                    &t.res,
+                    &ns,
+                    name,
+                    obj,
+                    t.status,
+                    manager.unwrap_or("unknown"),
+                )
+            })?;
             Ok(json_response(StatusCode::OK, &out))
         }
         (&Method::PATCH, Some(name)) => {
-            let content_type =
-                headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
             let kind = match content_type.split(';').next().unwrap_or_default().trim() {
                 "application/merge-patch+json" => PatchKind::Merge,
                 "application/strategic-merge-patch+json" => PatchKind::Strategic,
                 "application/json-patch+json" => PatchKind::Json,
                 "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
-                    PatchKind::Apply { force: matches!(query_get(query, "force"), Some("true" | "1")) }
+                    PatchKind::Apply {
+                        force: matches!(query_get(query, "force"), Some("true" | "1")),
+                    }
                 }
                 other => {
                     return Err(ApiError::new(
@@ -422,26 +522,45 @@ fn serve_resource(
                 }
             };
             let patch = parse_body(body)?;
-            let out = shared.mutate(|s| s.patch(&t.res, &ns, name, patch, kind, t.status, manager))?;
+            let out =
+                shared.mutate(|s| s.patch(&t.res, &ns, name, patch, kind, t.status, manager))?;
             Ok(json_response(StatusCode::OK, &out))
         }
         (&Method::DELETE, Some(name)) => {
             let out = shared.mutate(|s| s.delete(&t.res, &ns, name))?;
             Ok(json_response(StatusCode::OK, &out))
         }
-        _ => Err(ApiError::new(405, "MethodNotAllowed", format!("{method} is not supported here"))),
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("{method} is not supported here"),
+        )),
     }
 }
 
-fn list(shared: &Shared, res: &ResourceDef, sel: &Selection, query: &[(String, String)]) -> Result<Response, ApiError> {
+fn list(
+    shared: &Shared,
+    res: &ResourceDef,
+    sel: &Selection,
+    query: &[(String, String)],
+) -> Result<Response, ApiError> {
     let (items, rv) = shared.store.lock().list(res, sel);
     let offset: usize = match query_get(query, "continue").filter(|c| !c.is_empty()) {
-        Some(c) => c.parse().map_err(|_| ApiError::new(410, "Expired", format!("invalid continue token {c:?}")))?,
+        Some(c) => c
+            .parse()
+            .map_err(|_| ApiError::new(410, "Expired", format!("invalid continue token {c:?}")))?,
         None => 0,
     };
-    let limit = query_get(query, "limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+    let limit = query_get(query, "limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
     let end = limit.map_or(items.len(), |l| (offset + l).min(items.len()));
-    let page: Vec<&Value> = items.iter().skip(offset).take(end.saturating_sub(offset)).map(|o| &**o).collect();
+    let page: Vec<&Value> = items
+        .iter()
+        .skip(offset)
+        .take(end.saturating_sub(offset))
+        .map(|o| &**o)
+        .collect();
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if end < items.len() {
         metadata["continue"] = json!(end.to_string());
@@ -483,7 +602,9 @@ fn watch(
 ) -> Result<Response, ApiError> {
     let bookmarks = matches!(query_get(query, "allowWatchBookmarks"), Some("true" | "1"));
     let initial_events = matches!(query_get(query, "sendInitialEvents"), Some("true" | "1"));
-    let timeout = query_get(query, "timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
+    let timeout = query_get(query, "timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
     let requested_rv = query_get(query, "resourceVersion").unwrap_or_default();
 
     let mut initial: Vec<Bytes> = Vec::new();
@@ -502,9 +623,9 @@ fn watch(
                 initial.push(event_line("BOOKMARK", &bm));
             }
         } else {
-            let rv: u64 = requested_rv
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {requested_rv:?}")))?;
+            let rv: u64 = requested_rv.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid resourceVersion {requested_rv:?}"))
+            })?;
             match store.events_since(res, rv) {
                 Some(events) => {
                     for ev in events {
@@ -583,15 +704,22 @@ fn watch(
 
 fn stream_response(body: Body) -> Response {
     let mut r = Response::new(body);
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).or_else(|json_err| {
-        let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("request body is not UTF-8"))?;
-        serde_saphyr::from_str::<Value>(text)
-            .map_err(|e| ApiError::bad_request(format!("request body is neither JSON ({json_err}) nor YAML ({e})")))
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ApiError::bad_request("request body is not UTF-8"))?;
+        serde_saphyr::from_str::<Value>(text).map_err(|e| {
+            ApiError::bad_request(format!(
+                "request body is neither JSON ({json_err}) nor YAML ({e})"
+            ))
+        })
     })
 }
 
@@ -601,7 +729,10 @@ fn json_response(code: StatusCode, v: &Value) -> Response {
 }
 
 fn error_response(e: &ApiError) -> Response {
-    json_response(StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &e.to_status())
+    json_response(
+        StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &e.to_status(),
+    )
 }
 
 fn parse_query(q: &str) -> Vec<(String, String)> {
@@ -625,7 +756,10 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' => match s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            b'%' => match s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
                 Some(b) => {
                     out.push(b);
                     i += 2;
@@ -645,7 +779,10 @@ mod tests {
 
     #[test]
     fn percent_decoding_handles_selectors() {
-        assert_eq!(percent_decode("app%3Dvllm%2Ctier+in+%28a%29"), "app=vllm,tier in (a)");
+        assert_eq!(
+            percent_decode("app%3Dvllm%2Ctier+in+%28a%29"),
+            "app=vllm,tier in (a)"
+        );
         assert_eq!(percent_decode("100%"), "100%");
     }
 }

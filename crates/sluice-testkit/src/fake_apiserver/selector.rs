@@ -36,10 +36,15 @@ impl LabelSelector {
                 Requirement::NotIn(k, vs?)
             } else if let Some((k, vs)) = split_set(part, " in ") {
                 Requirement::In(k, vs?)
-            } else if part.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+            } else if part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+            {
                 Requirement::Exists(part.to_owned())
             } else {
-                return Err(format!("unable to parse requirement {part:?} of label selector {s:?}"));
+                return Err(format!(
+                    "unable to parse requirement {part:?} of label selector {s:?}"
+                ));
             };
             reqs.push(req);
         }
@@ -89,8 +94,15 @@ impl FieldSelector {
     /// Whether the object satisfies every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(k, eq, v)| {
-            let pointer = if k == "metadata.name" { "/metadata/name" } else { "/metadata/namespace" };
-            let actual = obj.pointer(pointer).and_then(Value::as_str).unwrap_or_default();
+            let pointer = if k == "metadata.name" {
+                "/metadata/name"
+            } else {
+                "/metadata/namespace"
+            };
+            let actual = obj
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             (actual == v) == *eq
         })
     }
@@ -102,7 +114,13 @@ fn split_set(part: &str, op: &str) -> Option<(String, Result<Vec<String>, String
     let values = rest
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
-        .map(|inner| inner.split(',').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect())
+        .map(|inner| {
+            inner
+                .split(',')
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .collect()
+        })
         .ok_or_else(|| format!("set requirement {part:?} needs values in parentheses"));
     Some((k.trim().to_owned(), values))
 }
@@ -143,14 +161,30 @@ mod tests {
         assert!(!sel("tier notin (gpu)"));
         assert!(sel(""));
         assert!(!LabelSelector::parse("app=vllm").unwrap().matches(None));
-        assert!(LabelSelector::parse("a in b").unwrap_err().contains("parentheses"));
+        assert!(
+            LabelSelector::parse("a in b")
+                .unwrap_err()
+                .contains("parentheses")
+        );
     }
 
     #[test]
     fn field_selectors_match_name_and_reject_unknown_fields() {
         let obj = json!({"metadata": {"name": "p", "namespace": "ns"}});
-        assert!(FieldSelector::parse("metadata.name=p").unwrap().matches(&obj));
-        assert!(!FieldSelector::parse("metadata.namespace!=ns").unwrap().matches(&obj));
-        assert!(FieldSelector::parse("spec.nodeName=x").unwrap_err().contains("spec.nodeName"));
+        assert!(
+            FieldSelector::parse("metadata.name=p")
+                .unwrap()
+                .matches(&obj)
+        );
+        assert!(
+            !FieldSelector::parse("metadata.namespace!=ns")
+                .unwrap()
+                .matches(&obj)
+        );
+        assert!(
+            FieldSelector::parse("spec.nodeName=x")
+                .unwrap_err()
+                .contains("spec.nodeName")
+        );
     }
 }

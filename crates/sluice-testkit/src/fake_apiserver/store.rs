@@ -48,17 +48,26 @@ impl ResourceDef {
 
     /// `coordination.k8s.io/v1` Leases (no status).
     pub fn leases() -> Self {
-        ResourceDef { status_subresource: false, ..Self::namespaced("coordination.k8s.io", "v1", "leases", "Lease") }
+        ResourceDef {
+            status_subresource: false,
+            ..Self::namespaced("coordination.k8s.io", "v1", "leases", "Lease")
+        }
     }
 
     /// `events.k8s.io/v1` Events (what kube's event recorder writes).
     pub fn events() -> Self {
-        ResourceDef { status_subresource: false, ..Self::namespaced("events.k8s.io", "v1", "events", "Event") }
+        ResourceDef {
+            status_subresource: false,
+            ..Self::namespaced("events.k8s.io", "v1", "events", "Event")
+        }
     }
 
     /// Core `v1` Events.
     pub fn core_events() -> Self {
-        ResourceDef { status_subresource: false, ..Self::namespaced("", "v1", "events", "Event") }
+        ResourceDef {
+            status_subresource: false,
+            ..Self::namespaced("", "v1", "events", "Event")
+        }
     }
 
     /// Every served version of a CustomResourceDefinition (as JSON).
@@ -69,15 +78,22 @@ impl ResourceDef {
         let field = |v: &Value, path: &[&str]| -> Result<String, String> {
             let mut cur = v;
             for p in path {
-                cur = cur.get(*p).ok_or_else(|| format!("CRD has no spec.{}", path.join(".")))?;
+                cur = cur
+                    .get(*p)
+                    .ok_or_else(|| format!("CRD has no spec.{}", path.join(".")))?;
             }
-            cur.as_str().map(str::to_owned).ok_or_else(|| format!("CRD spec.{} is not a string", path.join(".")))
+            cur.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("CRD spec.{} is not a string", path.join(".")))
         };
         let group = field(spec, &["group"])?;
         let plural = field(spec, &["names", "plural"])?;
         let kind = field(spec, &["names", "kind"])?;
         let namespaced = field(spec, &["scope"])? == "Namespaced";
-        let versions = spec.get("versions").and_then(Value::as_array).ok_or("CRD has no spec.versions")?;
+        let versions = spec
+            .get("versions")
+            .and_then(Value::as_array)
+            .ok_or("CRD has no spec.versions")?;
         versions
             .iter()
             .filter(|v| v.get("served").and_then(Value::as_bool).unwrap_or(true))
@@ -96,7 +112,11 @@ impl ResourceDef {
 
     /// `group/version`, or `version` for the core group.
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() { self.version.clone() } else { format!("{}/{}", self.group, self.version) }
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
     }
 }
 
@@ -113,7 +133,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub(crate) fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError { code, reason, message: message.into() }
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+        }
     }
 
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {
@@ -230,7 +254,11 @@ impl Selection {
     /// Whether an object is selected.
     pub fn matches(&self, obj: &Value) -> bool {
         if let Some(ns) = &self.namespace
-            && obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default() != ns
+            && obj
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                != ns
         {
             return false;
         }
@@ -270,7 +298,9 @@ impl Store {
 
     /// The resource served under this group, version and plural.
     pub fn resource(&self, group: &str, version: &str, plural: &str) -> Option<&ResourceDef> {
-        self.resources.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+        self.resources
+            .iter()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
     }
 
     /// The current resourceVersion.
@@ -294,7 +324,12 @@ impl Store {
     }
 
     /// The field managers of an object and the paths they own (dotted), for assertions.
-    pub fn managers(&self, res: &ResourceDef, ns: &str, name: &str) -> BTreeMap<String, Vec<String>> {
+    pub fn managers(
+        &self,
+        res: &ResourceDef,
+        ns: &str,
+        name: &str,
+    ) -> BTreeMap<String, Vec<String>> {
         self.objects
             .get(&(res.clone(), ns.to_owned(), name.to_owned()))
             .map(|e| {
@@ -324,7 +359,13 @@ impl Store {
         if rv < self.history_floor {
             return None;
         }
-        Some(self.history.iter().filter(|e| e.rv > rv && &e.resource == res).cloned().collect())
+        Some(
+            self.history
+                .iter()
+                .filter(|e| e.rv > rv && &e.resource == res)
+                .cloned()
+                .collect(),
+        )
     }
 
     fn next_rv(&mut self) -> u64 {
@@ -354,7 +395,9 @@ impl Store {
         let meta = obj
             .get_mut("metadata")
             .and_then(Value::as_object_mut)
-            .ok_or_else(|| ApiError::new(422, "Invalid", format!("{} has no metadata", res.kind)))?;
+            .ok_or_else(|| {
+                ApiError::new(422, "Invalid", format!("{} has no metadata", res.kind))
+            })?;
         let name = match meta.get("name").and_then(Value::as_str) {
             Some(n) if !n.is_empty() => n.to_owned(),
             _ => match meta.get("generateName").and_then(Value::as_str) {
@@ -363,7 +406,10 @@ impl Store {
                     return Err(ApiError::new(
                         422,
                         "Invalid",
-                        format!("{}: metadata.name or metadata.generateName is required", res.kind),
+                        format!(
+                            "{}: metadata.name or metadata.generateName is required",
+                            res.kind
+                        ),
                     ));
                 }
             },
@@ -392,18 +438,33 @@ impl Store {
         if res.namespaced {
             meta.insert("namespace".into(), json!(ns));
         }
-        meta.insert("uid".into(), json!(format!("00000000-0000-0000-0000-{:012x}", self.uid)));
+        meta.insert(
+            "uid".into(),
+            json!(format!("00000000-0000-0000-0000-{:012x}", self.uid)),
+        );
         meta.insert("resourceVersion".into(), json!(rv.to_string()));
         meta.insert("generation".into(), json!(1));
         meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
         meta.remove("deletionTimestamp");
         set_type_meta(&mut obj, res);
-        let mut entry = Entry { object: Arc::new(Value::Null), managers: BTreeMap::new(), appliers: BTreeSet::new() };
-        entry.managers.insert(manager.to_owned(), leaf_paths(&obj).into_iter().collect());
+        let mut entry = Entry {
+            object: Arc::new(Value::Null),
+            managers: BTreeMap::new(),
+            appliers: BTreeSet::new(),
+        };
+        entry
+            .managers
+            .insert(manager.to_owned(), leaf_paths(&obj).into_iter().collect());
         entry.object = Arc::new(obj);
         let object = entry.object.clone();
         self.objects.insert(key, entry);
-        let ev = self.record(StoredEvent { rv, resource: res.clone(), kind: EventType::Added, old: None, object });
+        let ev = self.record(StoredEvent {
+            rv,
+            resource: res.clone(),
+            kind: EventType::Added,
+            old: None,
+            object,
+        });
         Ok((ev.object.clone(), ev))
     }
 
@@ -418,9 +479,14 @@ impl Store {
         manager: &str,
     ) -> Result<(Arc<Value>, Option<Arc<StoredEvent>>), ApiError> {
         let current = self.get(res, ns, name)?;
-        if let Some(rv) = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+        if let Some(rv) = obj
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
             && !rv.is_empty()
-            && Some(rv) != current.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+            && Some(rv)
+                != current
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
         {
             return Err(ApiError::new(
                 409,
@@ -476,8 +542,9 @@ impl Store {
                 let ops: json_patch::Patch = serde_json::from_value(patch)
                     .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
                 let mut new = (*current).clone();
-                json_patch::patch(&mut new, &ops)
-                    .map_err(|e| ApiError::new(422, "Invalid", format!("JSON patch failed: {e}")))?;
+                json_patch::patch(&mut new, &ops).map_err(|e| {
+                    ApiError::new(422, "Invalid", format!("JSON patch failed: {e}"))
+                })?;
                 new
             }
             PatchKind::Apply { force } => {
@@ -505,9 +572,15 @@ impl Store {
         manager: &str,
     ) -> Result<(Arc<Value>, Option<Arc<StoredEvent>>), ApiError> {
         let key = (res.clone(), ns.to_owned(), name.to_owned());
-        let applied: BTreeSet<Vec<String>> =
-            leaf_paths(&config).into_iter().filter(|p| in_scope(p, status, res.status_subresource)).collect();
-        let entry = self.objects.get(&key).cloned().ok_or_else(|| not_found(res, name))?;
+        let applied: BTreeSet<Vec<String>> = leaf_paths(&config)
+            .into_iter()
+            .filter(|p| in_scope(p, status, res.status_subresource))
+            .collect();
+        let entry = self
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| not_found(res, name))?;
         let mut conflicts = Vec::new();
         for (other, owned) in &entry.managers {
             if other == manager {
@@ -523,7 +596,11 @@ impl Store {
             return Err(ApiError::new(
                 409,
                 "Conflict",
-                format!("Apply failed with {} conflict(s): {}", conflicts.len(), conflicts.join(", ")),
+                format!(
+                    "Apply failed with {} conflict(s): {}",
+                    conflicts.len(),
+                    conflicts.join(", ")
+                ),
             ));
         }
         let mut new = current.clone();
@@ -533,7 +610,10 @@ impl Store {
             && let Some(previous) = entry.managers.get(manager)
         {
             for p in previous.difference(&applied) {
-                let shared = entry.managers.iter().any(|(m, owned)| m != manager && owned.contains(p));
+                let shared = entry
+                    .managers
+                    .iter()
+                    .any(|(m, owned)| m != manager && owned.contains(p));
                 if !shared && in_scope(p, status, res.status_subresource) {
                     remove_path(&mut new, p);
                 }
@@ -563,10 +643,17 @@ impl Store {
         apply: Option<Ownership>,
     ) -> Result<(Arc<Value>, Option<Arc<StoredEvent>>), ApiError> {
         let key = (res.clone(), ns.to_owned(), name.to_owned());
-        let entry = self.objects.get(&key).cloned().ok_or_else(|| not_found(res, name))?;
+        let entry = self
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| not_found(res, name))?;
         let old = entry.object.clone();
         if !new.is_object() {
-            return Err(ApiError::bad_request(format!("{} body must be a JSON object", res.kind)));
+            return Err(ApiError::bad_request(format!(
+                "{} body must be a JSON object",
+                res.kind
+            )));
         }
         if res.status_subresource {
             if status {
@@ -585,19 +672,36 @@ impl Store {
             }
         }
         // Immutable metadata comes from the stored object.
-        for f in ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "generation"] {
+        for f in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "generation",
+        ] {
             match old.pointer(&format!("/metadata/{f}")) {
                 Some(v) => set_meta(&mut new, f, v.clone()),
                 None => remove_meta(&mut new, f),
             }
         }
         set_type_meta(&mut new, res);
-        set_meta(&mut new, "resourceVersion", old.pointer("/metadata/resourceVersion").cloned().unwrap_or_default());
+        set_meta(
+            &mut new,
+            "resourceVersion",
+            old.pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or_default(),
+        );
         if new == *old {
             return Ok((old, None));
         }
         if strip_meta_status(&new) != strip_meta_status(&old) {
-            let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1) + 1;
+            let generation = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1)
+                + 1;
             set_meta(&mut new, "generation", json!(generation));
         }
         let rv = self.next_rv();
@@ -610,25 +714,39 @@ impl Store {
                 for (m, owned) in managers.iter_mut() {
                     if m != manager {
                         // Equal values are shared; forced or changed values move.
-                        owned.retain(|p| !applied.contains(p) || (!force && get_path(&old, p) == get_path(&new, p)));
+                        owned.retain(|p| {
+                            !applied.contains(p)
+                                || (!force && get_path(&old, p) == get_path(&new, p))
+                        });
                     }
                 }
                 let mut mine: BTreeSet<Vec<String>> = managers
                     .get(manager)
-                    .map(|s| s.iter().filter(|p| !in_scope(p, status, res.status_subresource)).cloned().collect())
+                    .map(|s| {
+                        s.iter()
+                            .filter(|p| !in_scope(p, status, res.status_subresource))
+                            .cloned()
+                            .collect()
+                    })
                     .unwrap_or_default();
                 mine.extend(applied);
                 managers.insert(manager.to_owned(), mine);
             }
             None => {
-                let changed: BTreeSet<Vec<String>> =
-                    new_leaves.iter().filter(|p| get_path(&old, p) != get_path(&new, p)).cloned().collect();
+                let changed: BTreeSet<Vec<String>> = new_leaves
+                    .iter()
+                    .filter(|p| get_path(&old, p) != get_path(&new, p))
+                    .cloned()
+                    .collect();
                 for (m, owned) in managers.iter_mut() {
                     if m != manager {
                         owned.retain(|p| !changed.contains(p));
                     }
                 }
-                managers.entry(manager.to_owned()).or_default().extend(changed);
+                managers
+                    .entry(manager.to_owned())
+                    .or_default()
+                    .extend(changed);
             }
         }
         for owned in managers.values_mut() {
@@ -638,8 +756,10 @@ impl Store {
 
         // Removing the last finalizer of an object being deleted deletes it.
         let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
-        let finalizers_left =
-            new.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+        let finalizers_left = new
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
         let new = Arc::new(new);
         if deleting && !finalizers_left {
             self.objects.remove(&key);
@@ -653,7 +773,14 @@ impl Store {
             return Ok((new, Some(ev)));
         }
         let appliers = entry.appliers.clone();
-        self.objects.insert(key, Entry { object: new.clone(), managers, appliers });
+        self.objects.insert(
+            key,
+            Entry {
+                object: new.clone(),
+                managers,
+                appliers,
+            },
+        );
         let ev = self.record(StoredEvent {
             rv,
             resource: res.clone(),
@@ -672,11 +799,22 @@ impl Store {
         name: &str,
     ) -> Result<(Arc<Value>, Option<Arc<StoredEvent>>), ApiError> {
         let key = (res.clone(), ns.to_owned(), name.to_owned());
-        let entry = self.objects.get(&key).cloned().ok_or_else(|| not_found(res, name))?;
-        let has_finalizers =
-            entry.object.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+        let entry = self
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| not_found(res, name))?;
+        let has_finalizers = entry
+            .object
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
         if has_finalizers {
-            if entry.object.pointer("/metadata/deletionTimestamp").is_some() {
+            if entry
+                .object
+                .pointer("/metadata/deletionTimestamp")
+                .is_some()
+            {
                 return Ok((entry.object, None));
             }
             let mut new = (*entry.object).clone();
@@ -684,7 +822,13 @@ impl Store {
             set_meta(&mut new, "deletionTimestamp", json!(now_rfc3339()));
             set_meta(&mut new, "resourceVersion", json!(rv.to_string()));
             let new = Arc::new(new);
-            self.objects.insert(key, Entry { object: new.clone(), ..entry.clone() });
+            self.objects.insert(
+                key,
+                Entry {
+                    object: new.clone(),
+                    ..entry.clone()
+                },
+            );
             let ev = self.record(StoredEvent {
                 rv,
                 resource: res.clone(),
@@ -716,7 +860,11 @@ struct Ownership {
 }
 
 fn not_found(res: &ResourceDef, name: &str) -> ApiError {
-    let what = if res.group.is_empty() { res.plural.clone() } else { format!("{}.{}", res.plural, res.group) };
+    let what = if res.group.is_empty() {
+        res.plural.clone()
+    } else {
+        format!("{}.{}", res.plural, res.group)
+    };
     ApiError::new(404, "NotFound", format!("{what} \"{name}\" not found"))
 }
 
@@ -727,7 +875,10 @@ fn in_scope(path: &[String], status: bool, has_status_subresource: bool) -> bool
         return false;
     }
     if matches!(first, Some("metadata")) {
-        return matches!(path.get(1).map(String::as_str), Some("labels" | "annotations" | "finalizers"));
+        return matches!(
+            path.get(1).map(String::as_str),
+            Some("labels" | "annotations" | "finalizers")
+        );
     }
     if !has_status_subresource {
         return true;
@@ -765,7 +916,9 @@ fn remove_field(obj: &mut Value, f: &str) {
 
 fn set_meta(obj: &mut Value, f: &str, v: Value) {
     if let Some(m) = obj.as_object_mut() {
-        let meta = m.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+        let meta = m
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()));
         if let Some(meta) = meta.as_object_mut() {
             meta.insert(f.into(), v);
         }
@@ -819,7 +972,10 @@ fn leaf_paths(v: &Value) -> Vec<Vec<String>> {
         let first = p.first().map(String::as_str);
         !matches!(first, Some("apiVersion" | "kind"))
             && (first != Some("metadata")
-                || matches!(p.get(1).map(String::as_str), Some("labels" | "annotations" | "finalizers")))
+                || matches!(
+                    p.get(1).map(String::as_str),
+                    Some("labels" | "annotations" | "finalizers")
+                ))
     });
     out
 }
@@ -829,7 +985,9 @@ fn get_path<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
 }
 
 fn remove_path(v: &mut Value, path: &[String]) {
-    let Some((last, parents)) = path.split_last() else { return };
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
     let mut cur = v;
     for k in parents {
         match cur.get_mut(k) {
@@ -864,7 +1022,12 @@ fn rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -908,7 +1071,8 @@ mod tests {
         let (obj, _) = s.create(&cm(), "ns", widget("w", 1), "a").unwrap();
         let mut stale = (*obj).clone();
         stale["spec"]["size"] = json!(2);
-        s.replace(&cm(), "ns", "w", stale.clone(), false, "a").unwrap();
+        s.replace(&cm(), "ns", "w", stale.clone(), false, "a")
+            .unwrap();
         stale["spec"]["size"] = json!(3);
         let err = s.replace(&cm(), "ns", "w", stale, false, "a").unwrap_err();
         assert_eq!(err.code, 409);
@@ -919,52 +1083,166 @@ mod tests {
         let mut s = store();
         s.create(&cm(), "ns", widget("w", 1), "a").unwrap();
         let (obj, _) = s
-            .patch(&cm(), "ns", "w", json!({"spec": {"size": 9}, "status": {"ok": true}}), PatchKind::Merge, true, None)
+            .patch(
+                &cm(),
+                "ns",
+                "w",
+                json!({"spec": {"size": 9}, "status": {"ok": true}}),
+                PatchKind::Merge,
+                true,
+                None,
+            )
             .unwrap();
-        assert_eq!(obj["spec"]["size"], 1, "status endpoint must not change spec");
+        assert_eq!(
+            obj["spec"]["size"], 1,
+            "status endpoint must not change spec"
+        );
         assert_eq!(obj["status"]["ok"], true);
-        assert_eq!(obj["metadata"]["generation"], 1, "status writes do not bump generation");
+        assert_eq!(
+            obj["metadata"]["generation"], 1,
+            "status writes do not bump generation"
+        );
         let (obj, _) = s
-            .patch(&cm(), "ns", "w", json!({"spec": {"size": 2}, "status": {"ok": false}}), PatchKind::Merge, false, None)
+            .patch(
+                &cm(),
+                "ns",
+                "w",
+                json!({"spec": {"size": 2}, "status": {"ok": false}}),
+                PatchKind::Merge,
+                false,
+                None,
+            )
             .unwrap();
-        assert_eq!(obj["status"]["ok"], true, "main endpoint must not change status");
+        assert_eq!(
+            obj["status"]["ok"], true,
+            "main endpoint must not change status"
+        );
         assert_eq!(obj["metadata"]["generation"], 2);
     }
 
     #[test]
     fn apply_conflicts_with_other_managers_unless_forced() {
         let mut s = store();
-        s.patch(&cm(), "ns", "w", widget("w", 1), PatchKind::Apply { force: false }, false, Some("one")).unwrap();
+        s.patch(
+            &cm(),
+            "ns",
+            "w",
+            widget("w", 1),
+            PatchKind::Apply { force: false },
+            false,
+            Some("one"),
+        )
+        .unwrap();
         let err = s
-            .patch(&cm(), "ns", "w", widget("w", 2), PatchKind::Apply { force: false }, false, Some("two"))
+            .patch(
+                &cm(),
+                "ns",
+                "w",
+                widget("w", 2),
+                PatchKind::Apply { force: false },
+                false,
+                Some("two"),
+            )
             .unwrap_err();
         assert_eq!(err.code, 409);
-        assert!(err.message.contains("\"one\"") && err.message.contains(".spec.size"), "{}", err.message);
+        assert!(
+            err.message.contains("\"one\"") && err.message.contains(".spec.size"),
+            "{}",
+            err.message
+        );
         // Applying the same value is shared ownership, not a conflict.
-        s.patch(&cm(), "ns", "w", widget("w", 1), PatchKind::Apply { force: false }, false, Some("two")).unwrap();
-        let (obj, _) =
-            s.patch(&cm(), "ns", "w", widget("w", 3), PatchKind::Apply { force: true }, false, Some("two")).unwrap();
+        s.patch(
+            &cm(),
+            "ns",
+            "w",
+            widget("w", 1),
+            PatchKind::Apply { force: false },
+            false,
+            Some("two"),
+        )
+        .unwrap();
+        let (obj, _) = s
+            .patch(
+                &cm(),
+                "ns",
+                "w",
+                widget("w", 3),
+                PatchKind::Apply { force: true },
+                false,
+                Some("two"),
+            )
+            .unwrap();
         assert_eq!(obj["spec"]["size"], 3);
-        assert!(!s.managers(&cm(), "ns", "w").get("one").is_some_and(|p| p.contains(&"spec.size".to_owned())));
+        assert!(
+            !s.managers(&cm(), "ns", "w")
+                .get("one")
+                .is_some_and(|p| p.contains(&"spec.size".to_owned()))
+        );
     }
 
     #[test]
     fn apply_removes_fields_the_manager_stopped_applying() {
         let mut s = store();
         let cfg = json!({"metadata": {"name": "w"}, "spec": {"size": 1, "color": "red"}});
-        s.patch(&cm(), "ns", "w", cfg, PatchKind::Apply { force: false }, false, Some("m")).unwrap();
+        s.patch(
+            &cm(),
+            "ns",
+            "w",
+            cfg,
+            PatchKind::Apply { force: false },
+            false,
+            Some("m"),
+        )
+        .unwrap();
         let cfg = json!({"metadata": {"name": "w"}, "spec": {"size": 1}});
-        let (obj, _) = s.patch(&cm(), "ns", "w", cfg, PatchKind::Apply { force: false }, false, Some("m")).unwrap();
+        let (obj, _) = s
+            .patch(
+                &cm(),
+                "ns",
+                "w",
+                cfg,
+                PatchKind::Apply { force: false },
+                false,
+                Some("m"),
+            )
+            .unwrap();
         assert!(obj["spec"].get("color").is_none(), "{obj}");
     }
 
     #[test]
     fn update_takes_ownership_from_an_applier() {
         let mut s = store();
-        s.patch(&cm(), "ns", "w", widget("w", 1), PatchKind::Apply { force: false }, false, Some("one")).unwrap();
-        s.patch(&cm(), "ns", "w", json!({"spec": {"size": null}}), PatchKind::Strategic, false, Some("two")).unwrap();
+        s.patch(
+            &cm(),
+            "ns",
+            "w",
+            widget("w", 1),
+            PatchKind::Apply { force: false },
+            false,
+            Some("one"),
+        )
+        .unwrap();
+        s.patch(
+            &cm(),
+            "ns",
+            "w",
+            json!({"spec": {"size": null}}),
+            PatchKind::Strategic,
+            false,
+            Some("two"),
+        )
+        .unwrap();
         // The field is gone, so applying a new value conflicts with nobody.
-        s.patch(&cm(), "ns", "w", widget("w", 5), PatchKind::Apply { force: false }, false, Some("three")).unwrap();
+        s.patch(
+            &cm(),
+            "ns",
+            "w",
+            widget("w", 5),
+            PatchKind::Apply { force: false },
+            false,
+            Some("three"),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -972,11 +1250,27 @@ mod tests {
         let mut s = store();
         s.create(&cm(), "ns", widget("w", 1), "a").unwrap();
         let (obj, _) = s
-            .patch(&cm(), "ns", "w", json!([{"op": "replace", "path": "/spec/size", "value": 7}]), PatchKind::Json, false, None)
+            .patch(
+                &cm(),
+                "ns",
+                "w",
+                json!([{"op": "replace", "path": "/spec/size", "value": 7}]),
+                PatchKind::Json,
+                false,
+                None,
+            )
             .unwrap();
         assert_eq!(obj["spec"]["size"], 7);
         let err = s
-            .patch(&cm(), "ns", "w", json!([{"op": "test", "path": "/spec/size", "value": 1}]), PatchKind::Json, false, None)
+            .patch(
+                &cm(),
+                "ns",
+                "w",
+                json!([{"op": "test", "path": "/spec/size", "value": 1}]),
+                PatchKind::Json,
+                false,
+                None,
+            )
             .unwrap_err();
         assert_eq!(err.code, 422);
     }
@@ -991,7 +1285,15 @@ mod tests {
         assert!(obj["metadata"]["deletionTimestamp"].is_string());
         assert_eq!(ev.unwrap().kind, EventType::Modified);
         let (_, ev) = s
-            .patch(&cm(), "ns", "w", json!({"metadata": {"finalizers": null}}), PatchKind::Merge, false, None)
+            .patch(
+                &cm(),
+                "ns",
+                "w",
+                json!({"metadata": {"finalizers": null}}),
+                PatchKind::Merge,
+                false,
+                None,
+            )
             .unwrap();
         assert_eq!(ev.unwrap().kind, EventType::Deleted);
         assert_eq!(s.get(&cm(), "ns", "w").unwrap_err().code, 404);
@@ -1015,7 +1317,8 @@ mod tests {
         s.register(cm());
         let rv0 = s.current_rv();
         for i in 0..3 {
-            s.create(&cm(), "ns", widget(&format!("w{i}"), 1), "m").unwrap();
+            s.create(&cm(), "ns", widget(&format!("w{i}"), 1), "m")
+                .unwrap();
         }
         assert!(s.events_since(&cm(), rv0).is_none());
         assert_eq!(s.events_since(&cm(), rv0 + 1).unwrap().len(), 2);
@@ -1030,6 +1333,10 @@ mod tests {
         let defs = ResourceDef::from_crd(&crd).unwrap();
         assert_eq!(defs.len(), 1);
         assert!(defs[0].status_subresource && defs[0].namespaced);
-        assert!(ResourceDef::from_crd(&json!({"spec": {}})).unwrap_err().contains("spec.group"));
+        assert!(
+            ResourceDef::from_crd(&json!({"spec": {}}))
+                .unwrap_err()
+                .contains("spec.group")
+        );
     }
 }
