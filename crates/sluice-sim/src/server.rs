@@ -422,6 +422,7 @@ async fn supervise(
             return;
         };
         s.down.store(true, Ordering::SeqCst);
+        tracing::info!(server = %s.name, %addr, down_ms = ms, "simulated server died (fault injection)");
         {
             // A restarted server has an empty engine; in-flight requests are lost.
             let mut c = s.core.lock();
@@ -442,6 +443,11 @@ async fn supervise(
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
+        }
+        if listener.is_none() {
+            tracing::warn!(server = %s.name, %addr, "simulated server could not bind its port again; it stays down");
+        } else {
+            tracing::info!(server = %s.name, %addr, "simulated server is back");
         }
         s.down.store(false, Ordering::SeqCst);
     }

@@ -273,6 +273,25 @@ async fn faults_can_be_injected_at_run_time() {
     let collected = resp.into_body().collect().await;
     assert!(collected.is_err(), "the stream should break");
 
+    // Hangs hold the request, then time out with a 504.
+    h.admin
+        .set_faults(Faults {
+            hang_rate: 1.0,
+            hang_ms: 150,
+            ..Faults::default()
+        })
+        .unwrap();
+    let t = std::time::Instant::now();
+    let (s, _, _) = call(
+        &c,
+        "POST",
+        format!("{base}/v1/completions"),
+        Some(gen_body.clone()),
+    )
+    .await;
+    assert_eq!(s, 504);
+    assert!(t.elapsed() >= Duration::from_millis(150));
+
     // Garbage and slow metrics.
     h.admin
         .set_faults(Faults {
