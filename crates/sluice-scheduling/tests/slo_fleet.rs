@@ -1,0 +1,732 @@
+//! SLO-aware routing on a heterogeneous simulated fleet, in virtual time.
+//!
+//! Eight `sluice-sim` engines (3 × H100, 3 × A100, 2 × L4, all Llama-3.1-8B) are stepped by
+//! a discrete-event loop; every arrival goes through the same calls the picker makes
+//! (`legacy_admit` → `schedule` → `pre_request`, then response headers, one chunk per token,
+//! and `complete`), with model-server metrics scraped every 50 ms as the picker does. The
+//! policies compared on identical arrivals: round-robin, random, upstream's default profile
+//! (queue 2 + KV 2 + prefix 3, max score) and the SLO profile (prefix → predicted-latency
+//! scorer → weighted random) with the in-process predictor trained online from the run's
+//! own responses.
+//!
+//! - `slo_profile_beats_round_robin_on_a_small_fleet_and_leaks_nothing` runs in the normal
+//!   test suite (a short, light run).
+//! - `slo_fleet_report` (ignored) is the benchmark behind `cargo xtask bench-slo`: a rate
+//!   ladder finds where round-robin meets about half of the SLOs, then every policy runs at
+//!   that rate and the report prints attainment, goodput, TTFT/TPOT p50/p99 and the
+//!   predictor's MAPE after warm-up. Settings: `SLO_BENCH_SECONDS` (measured seconds,
+//!   default 60), `SLO_BENCH_WARMUP` (30), `SLO_BENCH_RATE` (skip the ladder),
+//!   `SLO_BENCH_SEED` (7).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout,
+    reason = "a simulation harness and report; set-up failures should be loud"
+)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use sluice_core::endpoint::HARDWARE_CLASS_LABEL;
+use sluice_core::{Endpoint, EndpointMetrics, EndpointPickerConfig};
+use sluice_predictor::{InProcessPredictor, PredictorConfig};
+use sluice_scheduling::plugins::prefix::block_hashes;
+use sluice_scheduling::plugins::slo::{self, RunningRequests, SloCycleState, SloServices};
+use sluice_scheduling::{
+    Candidate, Clock, InFlightCounters, LlmRequest, Outcome, Registry, ResponseChunk, Scheduled,
+    Scheduler, SchedulerOptions, SharedState,
+};
+use sluice_sim::engine::{Engine, Micros, ReqId, SimRequest};
+use sluice_sim::preset::Preset;
+
+const MODEL: &str = "llama";
+const SCRAPE_US: Micros = 50_000;
+const TRAIN_US: Micros = 2_000_000;
+
+/// One class of the workload mix.
+#[derive(Clone, Copy, Debug)]
+struct Class {
+    name: &'static str,
+    share: f64,
+    prefix_tokens: u32,
+    prefix_groups: u32,
+    unique_tokens: u32,
+    output_tokens: u32,
+    ttft_slo_ms: f64,
+    tpot_slo_ms: f64,
+    priority: i32,
+}
+
+const CLASSES: [Class; 3] = [
+    // Interactive chat: shared system prompts, tight TTFT and inter-token latency.
+    Class {
+        name: "chat",
+        share: 0.5,
+        prefix_tokens: 400,
+        prefix_groups: 16,
+        unique_tokens: 200,
+        output_tokens: 100,
+        ttft_slo_ms: 500.0,
+        tpot_slo_ms: 50.0,
+        priority: 0,
+    },
+    // Retrieval-augmented: long shared documents, moderate SLOs.
+    Class {
+        name: "rag",
+        share: 0.2,
+        prefix_tokens: 2000,
+        prefix_groups: 8,
+        unique_tokens: 1000,
+        output_tokens: 60,
+        ttft_slo_ms: 1500.0,
+        tpot_slo_ms: 80.0,
+        priority: 0,
+    },
+    // Offline summarisation: loose SLOs, sheddable.
+    Class {
+        name: "batch",
+        share: 0.3,
+        prefix_tokens: 0,
+        prefix_groups: 1,
+        unique_tokens: 1000,
+        output_tokens: 200,
+        ttft_slo_ms: 4000.0,
+        tpot_slo_ms: 150.0,
+        priority: -1,
+    },
+];
+
+const FLEET: [Preset; 8] = [
+    Preset::H100Llama8b,
+    Preset::H100Llama8b,
+    Preset::H100Llama8b,
+    Preset::A100Llama8b,
+    Preset::A100Llama8b,
+    Preset::A100Llama8b,
+    Preset::L4Llama8b,
+    Preset::L4Llama8b,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Policy {
+    RoundRobin,
+    Random,
+    Default,
+    Slo,
+}
+
+impl Policy {
+    fn name(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::Random => "random",
+            Policy::Default => "default profile",
+            Policy::Slo => "SLO profile",
+        }
+    }
+}
+
+/// A virtual clock the scheduler and plugins read.
+#[derive(Debug)]
+struct SimClock {
+    base: Instant,
+    micros: AtomicU64,
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> Instant {
+        self.base + Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Arrival {
+    at: Micros,
+    class: usize,
+    group: u32,
+    unique: u32,
+    output: u32,
+}
+
+fn arrivals(rate: f64, until: Micros, seed: u64) -> Vec<Arrival> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut t = 0.0f64;
+    let mut out = Vec::new();
+    loop {
+        t += -(1.0 - rng.random::<f64>()).ln() / rate * 1e6;
+        if t >= until as f64 {
+            return out;
+        }
+        let u: f64 = rng.random();
+        let mut acc = 0.0;
+        let class = CLASSES
+            .iter()
+            .position(|c| {
+                acc += c.share;
+                u < acc
+            })
+            .unwrap_or(CLASSES.len() - 1);
+        let c = CLASSES[class];
+        let jitter = |rng: &mut SmallRng, v: u32| {
+            ((f64::from(v) * rng.random_range(0.5..1.5)) as u32).max(1)
+        };
+        out.push(Arrival {
+            at: t as Micros,
+            class,
+            group: rng.random_range(0..c.prefix_groups),
+            unique: jitter(&mut rng, c.unique_tokens),
+            output: jitter(&mut rng, c.output_tokens),
+        });
+    }
+}
+
+/// Prompt bytes (4 per token, as the prefix producer assumes): the class/group's shared
+/// prefix, then text unique to the request.
+fn prompt(a: &Arrival, index: usize) -> Vec<u8> {
+    let c = CLASSES[a.class];
+    let mut p = Vec::with_capacity(((c.prefix_tokens + a.unique) * 4) as usize);
+    let stem = format!("[{}:{}]", c.name, a.group);
+    while p.len() < (c.prefix_tokens * 4) as usize {
+        p.extend_from_slice(stem.as_bytes());
+    }
+    p.truncate((c.prefix_tokens * 4) as usize);
+    let mut x = (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for _ in 0..a.unique * 4 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        p.push(b'a' + (x % 26) as u8);
+    }
+    p
+}
+
+#[derive(Debug, Default, Clone)]
+struct Done {
+    ttft_ms: Vec<f64>,
+    tpot_ms: Vec<f64>,
+    good: usize,
+    total: usize,
+    shed: usize,
+    /// (predicted, actual) for the SLO profile.
+    ttft_pairs: Vec<(f64, f64)>,
+    tpot_pairs: Vec<(f64, f64)>,
+    decision_wall: Duration,
+    decisions: usize,
+    prediction_wall: Duration,
+}
+
+struct Live {
+    index: usize,
+    request: LlmRequest,
+    scheduled: Option<Scheduled>,
+    first: Option<Micros>,
+    tokens: u32,
+    predicted: Option<(f64, Option<f64>)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Scrape,
+    Train,
+    Step(usize),
+    Arrival(usize),
+}
+
+struct Report {
+    policy: Policy,
+    done: Done,
+    seconds: f64,
+    leaked_running: usize,
+    leaked_in_flight: u32,
+}
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+fn mape(pairs: &[(f64, f64)]) -> f64 {
+    let v: Vec<f64> = pairs
+        .iter()
+        .filter(|(_, a)| *a > 0.0)
+        .map(|(p, a)| (p - a).abs() / a)
+        .collect();
+    100.0 * v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+impl Report {
+    fn attainment(&self) -> f64 {
+        self.done.good as f64 / self.done.total.max(1) as f64
+    }
+    fn goodput(&self) -> f64 {
+        self.done.good as f64 / self.seconds
+    }
+}
+
+fn run(
+    policy: Policy,
+    fleet: &[Preset],
+    rate: f64,
+    warmup_s: u64,
+    measure_s: u64,
+    seed: u64,
+) -> Report {
+    let until = (warmup_s + measure_s) * 1_000_000;
+    let warmup = warmup_s * 1_000_000;
+    let arrivals = arrivals(rate, until, seed);
+    let clock = Arc::new(SimClock {
+        base: Instant::now(),
+        micros: AtomicU64::new(0),
+    });
+    let shared = SharedState::default();
+    let mut predictor: Option<Arc<InProcessPredictor>> = None;
+    let scheduler = match policy {
+        Policy::Default | Policy::Slo => {
+            let cfg = if policy == Policy::Slo {
+                let p = Arc::new(
+                    InProcessPredictor::spawn(PredictorConfig {
+                        retrain_interval: None,
+                        queue_capacity: 1 << 20,
+                        ..PredictorConfig::default()
+                    })
+                    .unwrap(),
+                );
+                SloServices::install(&shared, SloServices::with_predictor(p.clone()));
+                predictor = Some(p);
+                slo::slo_config().unwrap()
+            } else {
+                EndpointPickerConfig::default()
+            };
+            Some(
+                Scheduler::from_config_with(
+                    &cfg,
+                    &Registry::with_builtins(),
+                    SchedulerOptions {
+                        seed: Some(seed),
+                        clock: clock.clone(),
+                        shared: shared.clone(),
+                        ..SchedulerOptions::default()
+                    },
+                )
+                .unwrap(),
+            )
+        }
+        _ => None,
+    };
+    let mut engines: Vec<Engine> = fleet
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Engine::new(p.config(), seed ^ (i as u64 + 1)))
+        .collect();
+    let endpoints: Vec<Arc<Endpoint>> = fleet
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut e = Endpoint::from_address("bench", ([10, 0, 0, i as u8 + 1], 8000).into());
+            e.key.pod = format!("{}-{i}", p.name()).into();
+            e.labels
+                .insert(HARDWARE_CLASS_LABEL.into(), p.name().into());
+            Arc::new(e)
+        })
+        .collect();
+    let in_flight: Vec<Arc<InFlightCounters>> = fleet.iter().map(|_| Arc::default()).collect();
+    let scrape = |engines: &[Engine]| -> Vec<Candidate> {
+        engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let s = e.snapshot();
+                Candidate {
+                    endpoint: endpoints[i].clone(),
+                    metrics: Some(Arc::new(EndpointMetrics {
+                        waiting_queue_size: s.waiting,
+                        running_requests_size: s.running,
+                        kv_cache_usage: s.kv_usage,
+                        cache_block_size: s.block_size,
+                        cache_num_blocks: u64::from(s.num_gpu_blocks),
+                        ..EndpointMetrics::default()
+                    })),
+                    metrics_age: Duration::ZERO,
+                    in_flight: in_flight[i].clone(),
+                }
+            })
+            .collect()
+    };
+    let mut cands = scrape(&engines);
+    let mut heap: BinaryHeap<Reverse<(Micros, u64, Ev)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut push = |heap: &mut BinaryHeap<Reverse<(Micros, u64, Ev)>>, t: Micros, ev: Ev| {
+        seq += 1;
+        heap.push(Reverse((t, seq, ev)));
+    };
+    for (i, a) in arrivals.iter().enumerate() {
+        push(&mut heap, a.at, Ev::Arrival(i));
+    }
+    push(&mut heap, SCRAPE_US, Ev::Scrape);
+    if predictor.is_some() {
+        push(&mut heap, TRAIN_US, Ev::Train);
+    }
+    let mut stepping = vec![false; engines.len()];
+    let mut live: HashMap<(usize, ReqId), Live> = HashMap::new();
+    let mut done = Done::default();
+    let mut rr = 0usize;
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0xabcdef);
+    let sse = vec![("content-type".to_owned(), "text/event-stream".to_owned())];
+    let drain_limit = until + 300_000_000;
+    let mut hashes = Vec::new();
+    let finish = |done: &mut Done, l: &Live, ok: bool, at: Micros| {
+        let a = &arrivals[l.index];
+        if a.at < warmup {
+            return;
+        }
+        let c = CLASSES[a.class];
+        done.total += 1;
+        let Some(first) = l.first.filter(|_| ok) else {
+            done.shed += usize::from(!ok);
+            return;
+        };
+        let ttft = (first - a.at) as f64 / 1e3;
+        let tpot = if l.tokens > 1 {
+            (at - first) as f64 / 1e3 / f64::from(l.tokens - 1)
+        } else {
+            0.0
+        };
+        done.ttft_ms.push(ttft);
+        done.tpot_ms.push(tpot);
+        if ttft <= c.ttft_slo_ms && tpot <= c.tpot_slo_ms {
+            done.good += 1;
+        }
+        if let Some((pt, pp)) = l.predicted {
+            done.ttft_pairs.push((pt, ttft));
+            if let Some(pp) = pp
+                && l.tokens > 1
+            {
+                done.tpot_pairs.push((pp, tpot));
+            }
+        }
+    };
+
+    while let Some(Reverse((t, _, ev))) = heap.pop() {
+        if t > drain_limit {
+            break;
+        }
+        clock.micros.store(t, Ordering::Relaxed);
+        match ev {
+            Ev::Scrape => {
+                cands = scrape(&engines);
+                if t < until || !live.is_empty() {
+                    push(&mut heap, t + SCRAPE_US, Ev::Scrape);
+                }
+            }
+            Ev::Train => {
+                if let Some(p) = &predictor {
+                    p.train_now();
+                }
+                if t < until {
+                    push(&mut heap, t + TRAIN_US, Ev::Train);
+                }
+            }
+            Ev::Arrival(i) => {
+                let a = &arrivals[i];
+                let c = CLASSES[a.class];
+                let bytes = prompt(a, i);
+                let request = LlmRequest {
+                    request_id: format!("r{i}"),
+                    target_model: MODEL.into(),
+                    prompt: Bytes::from(bytes),
+                    cache_salt: None,
+                    headers: vec![
+                        ("x-slo-ttft-ms".into(), c.ttft_slo_ms.to_string()),
+                        ("x-slo-tpot-ms".into(), c.tpot_slo_ms.to_string()),
+                    ],
+                    priority: c.priority,
+                    prompt_tokens: c.prefix_tokens + a.unique,
+                };
+                let mut predicted = None;
+                let (server, scheduled) = match &scheduler {
+                    None => {
+                        let s = if policy == Policy::RoundRobin {
+                            rr += 1;
+                            (rr - 1) % engines.len()
+                        } else {
+                            rng.random_range(0..engines.len())
+                        };
+                        (s, None)
+                    }
+                    Some(sch) => {
+                        let started = Instant::now();
+                        let r = sch
+                            .legacy_admit(&request, &cands)
+                            .and_then(|()| sch.schedule(&request, &cands));
+                        let mut s = match r {
+                            Ok(s) => s,
+                            Err(_) => {
+                                done.decision_wall += started.elapsed();
+                                done.decisions += 1;
+                                let l = Live {
+                                    index: i,
+                                    request,
+                                    scheduled: None,
+                                    first: None,
+                                    tokens: 0,
+                                    predicted: None,
+                                };
+                                finish(&mut done, &l, false, t);
+                                continue;
+                            }
+                        };
+                        sch.pre_request(&request, &mut s);
+                        done.decision_wall += started.elapsed();
+                        done.decisions += 1;
+                        let target = s.result.primary().and_then(|r| r.targets.first().copied());
+                        if let Some(st) = s
+                            .cycle
+                            .state
+                            .get::<SloCycleState>("predicted-latency/predicted-latency-scorer")
+                        {
+                            done.prediction_wall += st.prediction_time;
+                            predicted = st
+                                .endpoints
+                                .iter()
+                                .find(|e| Some(e.candidate) == target)
+                                .and_then(|e| e.prediction)
+                                .map(|p| (p.ttft_ms, p.tpot_ms));
+                        }
+                        let server = endpoints
+                            .iter()
+                            .position(|e| e.key == s.result.targets[0].endpoint.key)
+                            .unwrap();
+                        (server, Some(s))
+                    }
+                };
+                block_hashes(MODEL, None, &request.prompt, 64, usize::MAX, &mut hashes);
+                let sim = SimRequest {
+                    prompt_tokens: request.prompt_tokens,
+                    block_hashes: hashes.clone(),
+                    max_tokens: Some(a.output),
+                    ignore_eos: true,
+                    lora: None,
+                };
+                let id = engines[server].submit(sim, t).unwrap();
+                live.insert(
+                    (server, id),
+                    Live {
+                        index: i,
+                        request,
+                        scheduled,
+                        first: None,
+                        tokens: 0,
+                        predicted,
+                    },
+                );
+                if !stepping[server]
+                    && let Some(d) = engines[server].begin_step(t)
+                {
+                    stepping[server] = true;
+                    push(&mut heap, t + d.max(1), Ev::Step(server));
+                }
+            }
+            Ev::Step(server) => {
+                stepping[server] = false;
+                for e in engines[server].finish_step() {
+                    let Some(l) = live.get_mut(&(server, e.id)) else {
+                        continue;
+                    };
+                    if l.first.is_none() {
+                        l.first = Some(e.at);
+                        if let (Some(sch), Some(s)) = (&scheduler, l.scheduled.as_mut()) {
+                            sch.response_headers(&l.request, s, &sse);
+                        }
+                    }
+                    l.tokens = e.output_tokens;
+                    if let (Some(sch), Some(s)) = (&scheduler, l.scheduled.as_mut()) {
+                        sch.response_chunk(
+                            &l.request,
+                            s,
+                            ResponseChunk {
+                                data: b"data: {}",
+                                end_of_stream: false,
+                            },
+                        );
+                    }
+                    if e.finished.is_some() {
+                        let Some(mut l) = live.remove(&(server, e.id)) else {
+                            continue;
+                        };
+                        if let (Some(sch), Some(s)) = (&scheduler, l.scheduled.as_mut()) {
+                            sch.response_chunk(
+                                &l.request,
+                                s,
+                                ResponseChunk {
+                                    data: b"",
+                                    end_of_stream: true,
+                                },
+                            );
+                            sch.complete(&l.request, s, Outcome::Success);
+                        }
+                        finish(&mut done, &l, true, e.at);
+                    }
+                }
+                if let Some(d) = engines[server].begin_step(t) {
+                    stepping[server] = true;
+                    push(&mut heap, t + d.max(1), Ev::Step(server));
+                }
+            }
+        }
+    }
+    // Whatever did not finish before the drain limit missed its SLO; its client gives up.
+    for (_, mut l) in live.drain() {
+        if let (Some(sch), Some(s)) = (&scheduler, l.scheduled.as_mut()) {
+            sch.complete(&l.request, s, Outcome::ClientDisconnected);
+        }
+        finish(&mut done, &l, false, drain_limit);
+    }
+    let running: Arc<RunningRequests> = shared
+        .get_or_insert_with("predicted-latency-running/predicted-latency-scorer", || {
+            RunningRequests::new(Duration::from_secs(1))
+        });
+    Report {
+        policy,
+        done,
+        seconds: measure_s as f64,
+        leaked_running: running.total(),
+        leaked_in_flight: in_flight.iter().map(|c| c.requests()).sum(),
+    }
+}
+
+fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn slo_profile_beats_round_robin_on_a_small_fleet_and_leaks_nothing() {
+    // One fast and one slow server: round-robin sends half of the chat traffic to the L4,
+    // which cannot meet a 50 ms TPOT; the SLO profile learns that within the warm-up.
+    let fleet = [Preset::H100Llama8b, Preset::L4Llama8b];
+    let rr = run(Policy::RoundRobin, &fleet, 6.0, 10, 20, 3);
+    let slo = run(Policy::Slo, &fleet, 6.0, 10, 20, 3);
+    assert_eq!(slo.leaked_running, 0, "running-request queues are empty");
+    assert_eq!(slo.leaked_in_flight, 0);
+    assert!(
+        slo.attainment() > rr.attainment() + 0.1,
+        "SLO {:.2} vs round-robin {:.2}",
+        slo.attainment(),
+        rr.attainment()
+    );
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench-slo`"]
+fn slo_fleet_report() {
+    let seed: u64 = env("SLO_BENCH_SEED", 7);
+    let warmup: u64 = env("SLO_BENCH_WARMUP", 30);
+    let seconds: u64 = env("SLO_BENCH_SECONDS", 60);
+    let rate = match std::env::var("SLO_BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        Some(r) => r,
+        None => {
+            println!("rate ladder (round-robin, {warmup}+20 s per step):");
+            let mut best = (f64::INFINITY, 0.0);
+            for rate in [20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0, 180.0] {
+                let r = run(Policy::RoundRobin, &FLEET, rate, warmup.min(10), 20, seed);
+                println!(
+                    "  {rate:>6.1} req/s: attainment {:5.1} %",
+                    100.0 * r.attainment()
+                );
+                let gap = (r.attainment() - 0.5).abs();
+                if gap < best.0 {
+                    best = (gap, rate);
+                }
+                if r.attainment() < 0.4 {
+                    break;
+                }
+            }
+            best.1
+        }
+    };
+    println!(
+        "\nfleet: 3 × h100-llama8b, 3 × a100-llama8b, 2 × l4-llama8b; classes: chat (TTFT 500 ms, TPOT 50 ms), rag (1500/80), batch (4000/150, sheddable)"
+    );
+    println!("rate {rate} req/s, warm-up {warmup} s, measured {seconds} s, seed {seed}\n");
+    println!(
+        "{:<16} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12}",
+        "policy",
+        "attain %",
+        "goodput/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "shed",
+        "decision µs"
+    );
+    let mut reports = Vec::new();
+    for policy in [
+        Policy::RoundRobin,
+        Policy::Random,
+        Policy::Default,
+        Policy::Slo,
+    ] {
+        let mut r = run(policy, &FLEET, rate, warmup, seconds, seed);
+        let d = &mut r.done;
+        let decision = if d.decisions > 0 {
+            format!(
+                "{:.1}",
+                d.decision_wall.as_secs_f64() * 1e6 / d.decisions as f64
+            )
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<16} {:>10.1} {:>12.2} {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>6} {:>12}",
+            policy.name(),
+            100.0 * (d.good as f64 / d.total.max(1) as f64),
+            d.good as f64 / seconds as f64,
+            pct(&mut d.ttft_ms, 0.5),
+            pct(&mut d.ttft_ms, 0.99),
+            pct(&mut d.tpot_ms, 0.5),
+            pct(&mut d.tpot_ms, 0.99),
+            d.shed,
+            decision,
+        );
+        assert_eq!(r.leaked_in_flight, 0);
+        assert_eq!(r.leaked_running, 0);
+        reports.push(r);
+    }
+    let g = |p: Policy| reports.iter().find(|r| r.policy == p).unwrap().goodput();
+    println!(
+        "\ngoodput ratio: SLO / default = {:.2} (target ≥ 1.3), SLO / round-robin = {:.2} (target ≥ 1.6)",
+        g(Policy::Slo) / g(Policy::Default).max(1e-9),
+        g(Policy::Slo) / g(Policy::RoundRobin).max(1e-9)
+    );
+    let slo = reports.iter().find(|r| r.policy == Policy::Slo).unwrap();
+    println!(
+        "predictor MAPE after warm-up (chosen endpoint, vs the simulated outcome): TTFT {:.1} % over {} requests, TPOT {:.1} % over {} (target ≤ 10 %)",
+        mape(&slo.done.ttft_pairs),
+        slo.done.ttft_pairs.len(),
+        mape(&slo.done.tpot_pairs),
+        slo.done.tpot_pairs.len()
+    );
+    if slo.done.decisions > 0 {
+        println!(
+            "in-loop batch prediction for {} endpoints: {:.2} µs mean (wall time, this build profile)",
+            FLEET.len(),
+            slo.done.prediction_wall.as_secs_f64() * 1e6 / slo.done.decisions as f64
+        );
+    }
+}
