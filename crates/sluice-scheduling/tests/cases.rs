@@ -287,6 +287,30 @@ fn cases() -> Vec<Case> {
             want: Want::Targets(vec![0]),
             ..Case::default()
         },
+        Case {
+            name: "approx-prefix-cache-producer (llm-d style, declared) feeds the prefix scorer",
+            config: "plugins: [{type: approx-prefix-cache-producer, parameters: {autoTune: false, blockSizeTokens: 32}}, {type: prefix-cache-scorer, parameters: {autoTune: false}}]\n\
+                     schedulingProfiles: [{name: default, plugins: [{pluginRef: prefix-cache-scorer}]}]",
+            pods: vec![pod(0, 0.0), pod(0, 0.0)],
+            // 128-character blocks from the producer's parameters: 5 of 10 held by pod 0.
+            warmup: vec![(0, prompt('a', 10))],
+            prompt: prompt('a', 20),
+            scores: vec![("prefix-cache-scorer", vec![0.5, 0.0])],
+            want: Want::Targets(vec![0]),
+            ..Case::default()
+        },
+        Case {
+            name: "token-load-scorer with inflight-load-producer declared (default threshold 4194304)",
+            config: "plugins: [{type: inflight-load-producer}, {type: token-load-scorer}]\n\
+                     schedulingProfiles: [{name: default, plugins: [{pluginRef: inflight-load-producer}, {pluginRef: token-load-scorer}]}]",
+            pods: vec![
+                pod(0, 0.0).in_flight(3, 2_097_152),
+                pod(0, 0.0).in_flight(1, 4_194_304 * 2),
+            ],
+            scores: vec![("token-load-scorer", vec![0.5, 0.0])],
+            want: Want::Targets(vec![0]),
+            ..Case::default()
+        },
         // ---- filters ----
         Case {
             name: "header-based-testing-filter: ip:port selects exactly that endpoint",
