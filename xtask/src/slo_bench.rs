@@ -1,0 +1,65 @@
+//! `cargo xtask bench-slo`: the SLO-aware routing benchmark.
+//!
+//! 1. The fleet simulation (`crates/sluice-scheduling/tests/slo_fleet.rs`, test
+//!    `slo_fleet_report`): eight heterogeneous `sluice-sim` engines (3 × H100, 3 × A100,
+//!    2 × L4) stepped in virtual time behind the real scheduler and SLO plugins, a
+//!    three-class workload with SLO headers, a round-robin rate ladder to find where
+//!    round-robin meets about half of the SLOs, then round-robin, random, the default
+//!    profile and the SLO profile (`least` and `most`) side by side: attainment, goodput,
+//!    TTFT/TPOT p50/p99, predictor MAPE after warm-up; and a 1.5× stress point.
+//! 2. The predictor micro-benchmark (criterion, `sluice-predictor --bench predictor`,
+//!    group `predict_100_endpoints`): one batch prediction for 100 endpoints.
+//!
+//! Settings pass through the environment: `SLO_BENCH_SECONDS`, `SLO_BENCH_WARMUP`,
+//! `SLO_BENCH_RATE` (skips the ladder), `SLO_BENCH_SEED`, `SLO_BENCH_BUFFER`
+//! (`sloBufferFactor`).
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Runs the benchmark. `quick` builds the simulation with the dev profile (the simulated
+/// figures are identical because they are in virtual time; only the wall-time columns
+/// change) and skips the criterion micro-benchmark, which needs an optimised build.
+pub fn run(root: &Path, quick: bool) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut sim = Command::new(&cargo);
+    sim.current_dir(root)
+        .args(["test", "-p", "sluice-scheduling", "--test", "slo_fleet"]);
+    if !quick {
+        sim.arg("--release");
+    }
+    sim.args([
+        "--",
+        "slo_fleet_report",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    run_cmd(&mut sim)?;
+    if !quick {
+        let mut micro = Command::new(&cargo);
+        micro.current_dir(root).args([
+            "bench",
+            "-p",
+            "sluice-predictor",
+            "--bench",
+            "predictor",
+            "--",
+            "predict_100_endpoints",
+        ]);
+        run_cmd(&mut micro)?;
+    }
+    Ok(())
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
