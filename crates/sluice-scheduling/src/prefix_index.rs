@@ -2,8 +2,12 @@
 //!
 //! Shared by every request in a picker, so it is built for concurrent readers:
 //!
-//! - block hash ⇒ endpoints lives in 64 shards, each behind its own `RwLock`; matching takes
-//!   only read locks, one shard at a time, and never holds two locks;
+//! - block hash ⇒ endpoints lives in 64 shards, each behind its own `RwLock`. A block goes
+//!   to the shard of its chain's *first* block: every block of a request's chain then sits in
+//!   one shard, so a match takes one read lock for the whole walk (not one per block) and an
+//!   insert one write lock, which keeps lock traffic — the contended cache lines — per
+//!   request constant. (Chained hashes make a block's first block unique, and distinct system
+//!   prompts or conversations spread over the shards.)
 //! - each endpoint has its own LRU (bounded: its KV-cache block count, or
 //!   `lruCapacityPerServer`), behind its own mutex, so inserts for different endpoints do
 //!   not contend;
@@ -125,6 +129,8 @@ struct Node {
     hash: u64,
     prev: u32,
     next: u32,
+    /// The shard holding this block's entry.
+    shard: u8,
 }
 
 /// A bounded LRU set of block hashes: a slab of nodes in a doubly linked list plus a map.
@@ -132,6 +138,8 @@ struct Node {
 struct Lru {
     map: HashMap<u64, u32, PassThrough>,
     nodes: Vec<Node>,
+    /// Slots of evicted nodes, reused before the slab grows.
+    free: Vec<u32>,
     head: u32, // most recent
     tail: u32, // least recent
     capacity: usize,
@@ -142,6 +150,7 @@ impl Lru {
         Lru {
             map: HashMap::with_hasher(PassThrough),
             nodes: Vec::new(),
+            free: Vec::new(),
             head: NIL,
             tail: NIL,
             capacity: capacity.max(1),
@@ -174,8 +183,9 @@ impl Lru {
         }
     }
 
-    /// Marks `hash` most recent. Returns (whether it is new, the hash evicted to make room).
-    fn touch(&mut self, hash: u64) -> (bool, Option<u64>) {
+    /// Marks `hash` most recent. Returns (whether it is new, the block evicted to make room
+    /// with its shard).
+    fn touch(&mut self, hash: u64, shard: u8) -> (bool, Option<(u64, u8)>) {
         if let Some(&i) = self.map.get(&hash) {
             if self.head != i {
                 self.unlink(i);
@@ -186,40 +196,65 @@ impl Lru {
         if self.map.len() >= self.capacity && self.tail != NIL {
             // Reuse the least recent node.
             let i = self.tail;
-            let old = self.nodes[i as usize].hash;
+            let Node {
+                hash: old,
+                shard: old_shard,
+                ..
+            } = self.nodes[i as usize];
             self.unlink(i);
             self.map.remove(&old);
             self.nodes[i as usize].hash = hash;
+            self.nodes[i as usize].shard = shard;
             self.push_front(i);
             self.map.insert(hash, i);
-            return (true, Some(old));
+            return (true, Some((old, old_shard)));
         }
-        let i = self.nodes.len() as u32;
-        self.nodes.push(Node {
+        let node = Node {
             hash,
             prev: NIL,
             next: NIL,
-        });
+            shard,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as u32
+            }
+        };
         self.push_front(i);
         self.map.insert(hash, i);
         (true, None)
     }
 
     /// Evicts least-recent entries until at most `capacity` remain.
-    fn shrink_to(&mut self, capacity: usize, evicted: &mut Vec<u64>) {
+    fn shrink_to(&mut self, capacity: usize, evicted: &mut Vec<(u64, u8)>) {
         self.capacity = capacity.max(1);
         while self.map.len() > self.capacity && self.tail != NIL {
             let i = self.tail;
-            let h = self.nodes[i as usize].hash;
+            let Node { hash, shard, .. } = self.nodes[i as usize];
             self.unlink(i);
-            self.map.remove(&h);
-            evicted.push(h);
+            self.map.remove(&hash);
+            self.free.push(i);
+            evicted.push((hash, shard));
         }
-        if self.map.is_empty() {
-            self.nodes.clear();
-            self.head = NIL;
-            self.tail = NIL;
-        }
+    }
+
+    /// Removes everything, returning every block with its shard.
+    fn drain(&mut self, evicted: &mut Vec<(u64, u8)>) {
+        evicted.extend(
+            self.map
+                .values()
+                .map(|&i| (self.nodes[i as usize].hash, self.nodes[i as usize].shard)),
+        );
+        self.map.clear();
+        self.nodes.clear();
+        self.free.clear();
+        self.head = NIL;
+        self.tail = NIL;
     }
 
     fn len(&self) -> usize {
@@ -293,8 +328,8 @@ impl PrefixIndex {
         s
     }
 
-    /// Records that `endpoint` has seen `hashes` (a request's block hashes, in prompt order),
-    /// keeping at most `capacity` blocks for it.
+    /// Records that `endpoint` has seen `hashes` (a request's chained block hashes from its
+    /// first block, in prompt order), keeping at most `capacity` blocks for it.
     ///
     /// Blocks are touched last-to-first so that the first blocks of a prompt, which more
     /// requests share, are the most recent and evicted last (vLLM frees a sequence's blocks
@@ -310,9 +345,10 @@ impl PrefixIndex {
         if lru.capacity != capacity {
             lru.shrink_to(capacity, &mut evicted);
         }
-        let mut added = Vec::with_capacity(hashes.len());
+        let root = shard_of(hashes[0]);
+        let mut added = Vec::new();
         for &h in hashes.iter().rev() {
-            let (new, out) = lru.touch(h);
+            let (new, out) = lru.touch(h, root as u8);
             if new {
                 added.push(h);
             }
@@ -322,20 +358,30 @@ impl PrefixIndex {
         }
         // Still under the LRU lock, so that a concurrent insert for this endpoint cannot
         // interleave and leave the shards disagreeing with the LRU.
-        for h in evicted {
-            let mut shard = self.shards[shard_of(h)].write();
-            if let Some(set) = shard.get_mut(&h)
-                && set.remove(server.id)
-            {
-                shard.remove(&h);
+        self.remove_entries(server.id, &mut evicted);
+        if !added.is_empty() {
+            let mut shard = self.shards[root].write();
+            for h in added {
+                shard
+                    .entry(h)
+                    .and_modify(|s| s.insert(server.id))
+                    .or_insert(EpSet::One(server.id));
             }
         }
-        for h in added {
-            let mut shard = self.shards[shard_of(h)].write();
-            shard
-                .entry(h)
-                .and_modify(|s| s.insert(server.id))
-                .or_insert(EpSet::One(server.id));
+    }
+
+    /// Removes `id` from the entries of `blocks`, taking each shard's lock once.
+    fn remove_entries(&self, id: u32, blocks: &mut [(u64, u8)]) {
+        blocks.sort_unstable_by_key(|&(_, s)| s);
+        for group in blocks.chunk_by(|a, b| a.1 == b.1) {
+            let mut shard = self.shards[usize::from(group[0].1)].write();
+            for &(h, _) in group {
+                if let Some(set) = shard.get_mut(&h)
+                    && set.remove(id)
+                {
+                    shard.remove(&h);
+                }
+            }
         }
     }
 
@@ -365,11 +411,13 @@ impl PrefixIndex {
         // For blocks many endpoints hold, mark the holders (generation = block number) so the
         // intersection costs O(alive + holders) instead of O(alive × holders).
         let mut marks: Vec<u32> = Vec::new();
+        let Some(&first) = hashes.first() else { return };
+        // The whole chain lives in its first block's shard: one read lock for the walk.
+        let shard = self.shards[shard_of(first)].read();
         for (step, &h) in hashes.iter().enumerate() {
             if alive.is_empty() {
                 break;
             }
-            let shard = self.shards[shard_of(h)].read();
             let Some(set) = shard.get(&h) else { break };
             match set {
                 EpSet::Many(v) if alive.len() > 2 => {
@@ -386,7 +434,6 @@ impl PrefixIndex {
                 }
                 _ => alive.retain(|&(id, _)| set.contains(id)),
             }
-            drop(shard);
             for &(_, pos) in &alive {
                 out[pos] += 1;
             }
@@ -403,19 +450,8 @@ impl PrefixIndex {
             };
             let mut lru = server.lru.lock();
             let mut evicted = Vec::with_capacity(lru.len());
-            lru.shrink_to(0, &mut evicted);
-            // shrink_to keeps one slot; drop the last entry too.
-            evicted.extend(lru.map.keys().copied());
-            lru.map.clear();
-            lru.nodes.clear();
-            for h in evicted {
-                let mut shard = self.shards[shard_of(h)].write();
-                if let Some(set) = shard.get_mut(&h)
-                    && set.remove(server.id)
-                {
-                    shard.remove(&h);
-                }
-            }
+            lru.drain(&mut evicted);
+            self.remove_entries(server.id, &mut evicted);
             t.free_ids.push(server.id);
         }
     }
@@ -497,6 +533,41 @@ mod tests {
         assert_eq!(matched(&ix, &[1, 2], &["a"]), vec![1]);
         assert_eq!(matched(&ix, &[10, 11], &["a"]), vec![2]);
         assert_eq!(ix.distinct_blocks(), 3);
+    }
+
+    #[test]
+    fn chains_in_different_shards_evict_cleanly() {
+        let ix = PrefixIndex::new();
+        let chain = |shard: u64, n: u64| {
+            (0..n)
+                .map(|i| (shard << 58) | (i + 1))
+                .collect::<Vec<u64>>()
+        };
+        let (a, b, c) = (chain(5, 4), chain(9, 4), chain(63, 4));
+        ix.insert(&key("x"), &a, 8);
+        ix.insert(&key("x"), &b, 8);
+        ix.insert(&key("y"), &a, 8);
+        // Evicts the four blocks of chain a from x (its oldest), in shard 5.
+        ix.insert(&key("x"), &c, 8);
+        assert_eq!(ix.len(), 12);
+        assert_eq!(ix.distinct_blocks(), 12, "a's blocks remain for y only");
+        assert_eq!(matched(&ix, &a, &["x", "y"]), vec![0, 4]);
+        assert_eq!(matched(&ix, &b, &["x", "y"]), vec![4, 0]);
+        assert_eq!(matched(&ix, &c, &["x", "y"]), vec![4, 0]);
+        ix.retain(&|k| &*k.pod == "y");
+        assert_eq!(ix.distinct_blocks(), 4);
+    }
+
+    #[test]
+    fn evicted_slots_are_reused() {
+        let ix = PrefixIndex::new();
+        for round in 0..50u64 {
+            let chain: Vec<u64> = (0..10).map(|i| (round << 32) | i).collect();
+            ix.insert(&key("a"), &chain, 10 + (round as usize % 3));
+        }
+        let t = ix.servers.read();
+        let lru = t.by_key.get(&key("a")).unwrap().lru.lock();
+        assert!(lru.nodes.len() <= 12, "slab grew to {}", lru.nodes.len());
     }
 
     #[test]
