@@ -119,7 +119,8 @@ enum Policy {
     RoundRobin,
     Random,
     Default,
-    Slo,
+    /// The SLO profile with this `headroomSelectionStrategy`.
+    Slo(&'static str),
 }
 
 impl Policy {
@@ -128,7 +129,9 @@ impl Policy {
             Policy::RoundRobin => "round-robin",
             Policy::Random => "random",
             Policy::Default => "default profile",
-            Policy::Slo => "SLO profile",
+            Policy::Slo("least") => "SLO (least)",
+            Policy::Slo("most") => "SLO (most)",
+            Policy::Slo(_) => "SLO (other)",
         }
     }
 }
@@ -291,8 +294,8 @@ fn run(
     let shared = SharedState::default();
     let mut predictor: Option<Arc<InProcessPredictor>> = None;
     let scheduler = match policy {
-        Policy::Default | Policy::Slo => {
-            let cfg = if policy == Policy::Slo {
+        Policy::Default | Policy::Slo(_) => {
+            let cfg = if let Policy::Slo(strategy) = policy {
                 let p = Arc::new(
                     InProcessPredictor::spawn(PredictorConfig {
                         retrain_interval: None,
@@ -303,7 +306,12 @@ fn run(
                 );
                 SloServices::install(&shared, SloServices::with_predictor(p.clone()));
                 predictor = Some(p);
-                slo::slo_config().unwrap()
+                let buffer: f64 = env("SLO_BENCH_BUFFER", 1.0);
+                let yaml = slo::SLO_CONFIG_YAML.replace(
+                    "  - type: predicted-latency-scorer\n",
+                    &format!("  - type: predicted-latency-scorer\n    parameters:\n      headroomSelectionStrategy: {strategy}\n      sloBufferFactor: {buffer}\n"),
+                );
+                sluice_scheduling::parse_config_text(&yaml).unwrap()
             } else {
                 EndpointPickerConfig::default()
             };
@@ -617,7 +625,7 @@ fn slo_profile_beats_round_robin_on_a_small_fleet_and_leaks_nothing() {
     // which cannot meet a 50 ms TPOT; the SLO profile learns that within the warm-up.
     let fleet = [Preset::H100Llama8b, Preset::L4Llama8b];
     let rr = run(Policy::RoundRobin, &fleet, 6.0, 10, 20, 3);
-    let slo = run(Policy::Slo, &fleet, 6.0, 10, 20, 3);
+    let slo = run(Policy::Slo("least"), &fleet, 6.0, 10, 20, 3);
     assert_eq!(slo.leaked_running, 0, "running-request queues are empty");
     assert_eq!(slo.leaked_in_flight, 0);
     assert!(
@@ -640,7 +648,10 @@ fn slo_fleet_report() {
     {
         Some(r) => r,
         None => {
-            println!("rate ladder (round-robin, {warmup}+20 s per step):");
+            println!(
+                "rate ladder (round-robin, {}+20 s per step):",
+                warmup.min(10)
+            );
             let mut best = (f64::INFINITY, 0.0);
             for rate in [20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0, 180.0] {
                 let r = run(Policy::RoundRobin, &FLEET, rate, warmup.min(10), 20, seed);
@@ -663,26 +674,22 @@ fn slo_fleet_report() {
         "\nfleet: 3 × h100-llama8b, 3 × a100-llama8b, 2 × l4-llama8b; classes: chat (TTFT 500 ms, TPOT 50 ms), rag (1500/80), batch (4000/150, sheddable)"
     );
     println!("rate {rate} req/s, warm-up {warmup} s, measured {seconds} s, seed {seed}\n");
-    println!(
-        "{:<16} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12}",
-        "policy",
-        "attain %",
-        "goodput/s",
-        "TTFT p50",
-        "TTFT p99",
-        "TPOT p50",
-        "TPOT p99",
-        "shed",
-        "decision µs"
-    );
-    let mut reports = Vec::new();
-    for policy in [
-        Policy::RoundRobin,
-        Policy::Random,
-        Policy::Default,
-        Policy::Slo,
-    ] {
-        let mut r = run(policy, &FLEET, rate, warmup, seconds, seed);
+    let header = || {
+        println!(
+            "{:<16} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8} {:>12}",
+            "policy",
+            "attain %",
+            "goodput/s",
+            "TTFT p50",
+            "TTFT p99",
+            "TPOT p50",
+            "TPOT p99",
+            "unserved",
+            "decision µs"
+        );
+    };
+    let row = |r: &mut Report| {
+        let seconds = r.seconds;
         let d = &mut r.done;
         let decision = if d.decisions > 0 {
             format!(
@@ -693,10 +700,10 @@ fn slo_fleet_report() {
             "-".into()
         };
         println!(
-            "{:<16} {:>10.1} {:>12.2} {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>6} {:>12}",
-            policy.name(),
+            "{:<16} {:>10.1} {:>12.2} {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>8} {:>12}",
+            r.policy.name(),
             100.0 * (d.good as f64 / d.total.max(1) as f64),
-            d.good as f64 / seconds as f64,
+            d.good as f64 / seconds,
             pct(&mut d.ttft_ms, 0.5),
             pct(&mut d.ttft_ms, 0.99),
             pct(&mut d.tpot_ms, 0.5),
@@ -704,29 +711,54 @@ fn slo_fleet_report() {
             d.shed,
             decision,
         );
-        assert_eq!(r.leaked_in_flight, 0);
-        assert_eq!(r.leaked_running, 0);
+        assert_eq!(r.leaked_in_flight, 0, "{}", r.policy.name());
+        assert_eq!(r.leaked_running, 0, "{}", r.policy.name());
+    };
+    header();
+    let mut reports = Vec::new();
+    for policy in [
+        Policy::RoundRobin,
+        Policy::Random,
+        Policy::Default,
+        Policy::Slo("least"),
+        Policy::Slo("most"),
+    ] {
+        let mut r = run(policy, &FLEET, rate, warmup, seconds, seed);
+        row(&mut r);
         reports.push(r);
     }
     let g = |p: Policy| reports.iter().find(|r| r.policy == p).unwrap().goodput();
-    println!(
-        "\ngoodput ratio: SLO / default = {:.2} (target ≥ 1.3), SLO / round-robin = {:.2} (target ≥ 1.6)",
-        g(Policy::Slo) / g(Policy::Default).max(1e-9),
-        g(Policy::Slo) / g(Policy::RoundRobin).max(1e-9)
-    );
-    let slo = reports.iter().find(|r| r.policy == Policy::Slo).unwrap();
-    println!(
-        "predictor MAPE after warm-up (chosen endpoint, vs the simulated outcome): TTFT {:.1} % over {} requests, TPOT {:.1} % over {} (target ≤ 10 %)",
-        mape(&slo.done.ttft_pairs),
-        slo.done.ttft_pairs.len(),
-        mape(&slo.done.tpot_pairs),
-        slo.done.tpot_pairs.len()
-    );
-    if slo.done.decisions > 0 {
+    for strategy in ["least", "most"] {
+        let slo = g(Policy::Slo(strategy));
         println!(
-            "in-loop batch prediction for {} endpoints: {:.2} µs mean (wall time, this build profile)",
-            FLEET.len(),
-            slo.done.prediction_wall.as_secs_f64() * 1e6 / slo.done.decisions as f64
+            "goodput ratio, SLO ({strategy}): / default = {:.2} (target ≥ 1.3), / round-robin = {:.2} (target ≥ 1.6)",
+            slo / g(Policy::Default).max(1e-9),
+            slo / g(Policy::RoundRobin).max(1e-9)
         );
+    }
+    for strategy in ["least", "most"] {
+        let slo = reports
+            .iter()
+            .find(|r| r.policy == Policy::Slo(strategy))
+            .unwrap();
+        println!(
+            "predictor MAPE after warm-up, SLO ({strategy}) (chosen endpoint vs the simulated outcome): TTFT {:.1} % over {} requests, TPOT {:.1} % over {} (target ≤ 10 %); in-loop batch prediction for {} endpoints {:.2} µs mean",
+            mape(&slo.done.ttft_pairs),
+            slo.done.ttft_pairs.len(),
+            mape(&slo.done.tpot_pairs),
+            slo.done.tpot_pairs.len(),
+            FLEET.len(),
+            slo.done.prediction_wall.as_secs_f64() * 1e6 / slo.done.decisions.max(1) as f64
+        );
+    }
+    let stress = rate * 1.5;
+    println!(
+        "
+stress: {stress} req/s (1.5 × the rate above)"
+    );
+    header();
+    for policy in [Policy::Default, Policy::Slo("least"), Policy::Slo("most")] {
+        let mut r = run(policy, &FLEET, stress, warmup, seconds, seed);
+        row(&mut r);
     }
 }
