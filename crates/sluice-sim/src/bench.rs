@@ -63,6 +63,9 @@ pub async fn run(
     let mut lc = LoadConfig::new(handles.iter().map(|h| h.base_url()).collect(), workload);
     lc.time_scale = cfg.time_scale;
     lc.default_model = model;
+    // In process, every request in flight holds two sockets (client and server side); past this
+    // bound an overloaded run counts dropped arrivals instead of exhausting file descriptors.
+    lc.max_in_flight = 4096;
     let summary = load::run(lc).await;
     for h in handles {
         h.shutdown().await;

@@ -346,7 +346,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 let achieved = s.requests as f64 / s.wall_s.max(1e-9);
                 println!(
                     "bench: {servers} servers, offered {rate:.0} req/s simulated ({:.0} req/s wall at time scale {}), completed {:.0} req/s wall, {} errors",
-                    rate / common.time_scale,
+                    rate * common.time_scale,
                     common.time_scale,
                     achieved,
                     s.requests - s.ok

@@ -398,7 +398,15 @@ async fn supervise(
         let down_ms = loop {
             tokio::select! {
                 accepted = l.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            tracing::warn!(server = %s.name, error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     let svc = hyper_util::service::TowerToHyperService::new(app.clone());
                     conns.spawn(async move {
