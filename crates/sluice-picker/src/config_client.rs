@@ -301,7 +301,9 @@ impl Jitter {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
+    use super::Jitter;
 
     #[test]
     fn jitter_stays_within_half_to_full_wait() {
