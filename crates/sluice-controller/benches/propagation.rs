@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 #[path = "../../sluice-picker/src/config_client.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod config_client;
 
 use std::time::{Duration, Instant};
