@@ -24,7 +24,10 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for line in stdout.lines().filter(|l| l.starts_with("propagation ") || l.starts_with("memory:")) {
+    for line in stdout
+        .lines()
+        .filter(|l| l.starts_with("propagation ") || l.starts_with("memory:"))
+    {
         println!("{line}");
     }
     Ok(())

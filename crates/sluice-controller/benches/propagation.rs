@@ -5,7 +5,12 @@
 //! `cargo bench -p sluice-controller --bench propagation` (criterion timings, plus p50/p99
 //! lines printed from the same samples). Memory is resident-set growth, Linux only.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
 
 #[path = "../../sluice-picker/src/config_client.rs"]
 #[allow(dead_code, unused_imports)]
@@ -21,19 +26,33 @@ use sluice_core::{Endpoint, EndpointPickerConfig, PoolRef, PoolSnapshot};
 use tokio::sync::watch;
 
 fn pool() -> PoolRef {
-    PoolRef { namespace: "ns".into(), name: "pool".into() }
+    PoolRef {
+        namespace: "ns".into(),
+        name: "pool".into(),
+    }
 }
 
 fn snapshot(pods: usize, generation: u16) -> PoolSnapshot {
     let eps = (0..pods)
         .map(|i| {
-            let mut e = Endpoint::from_address("ns", ([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000).into());
+            let mut e = Endpoint::from_address(
+                "ns",
+                ([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000).into(),
+            );
             e.labels.insert("app".into(), "vllm".into());
             e.labels.insert("generation".into(), generation.to_string());
             e
         })
         .collect();
-    PoolSnapshot::new(pool(), 0, AppProtocol::Http, eps, vec![], vec![], EndpointPickerConfig::default())
+    PoolSnapshot::new(
+        pool(),
+        0,
+        AppProtocol::Http,
+        eps,
+        vec![],
+        vec![],
+        EndpointPickerConfig::default(),
+    )
 }
 
 struct Setup {
@@ -45,16 +64,35 @@ struct Setup {
 async fn setup(pickers: usize, pods: usize) -> Setup {
     let hub = Hub::new();
     hub.publish(snapshot(pods, 0));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, rx) = watch::channel(false);
-    tokio::spawn(sluice_controller::runtime::serve_grpc_on(listener, hub.clone(), "bench".into(), Keepalive::default(), None, rx.clone()));
+    tokio::spawn(sluice_controller::runtime::serve_grpc_on(
+        listener,
+        hub.clone(),
+        "bench".into(),
+        Keepalive::default(),
+        None,
+        rx.clone(),
+    ));
     for i in 0..pickers {
-        let opts = config_client::ConfigClientOptions::new(format!("http://{addr}"), pool(), format!("picker-{i}"));
+        let opts = config_client::ConfigClientOptions::new(
+            format!("http://{addr}"),
+            pool(),
+            format!("picker-{i}"),
+        );
         tokio::spawn(config_client::run(opts, |_s| Ok(()), rx.clone()));
     }
-    let s = Setup { hub, _stop: stop, pickers };
-    s.hub.wait_until(|h| h.counts(&pool()).in_sync == pickers).await;
+    let s = Setup {
+        hub,
+        _stop: stop,
+        pickers,
+    };
+    s.hub
+        .wait_until(|h| h.counts(&pool()).in_sync == pickers)
+        .await;
     s
 }
 
@@ -64,7 +102,13 @@ async fn propagate(s: &Setup, pods: usize, generation: u16) -> Duration {
     let version = s.hub.publish(snap);
     let n = s.pickers;
     s.hub
-        .wait_until(|h| h.pickers(&pool()).values().filter(|p| p.accepted && p.version == version).count() == n)
+        .wait_until(|h| {
+            h.pickers(&pool())
+                .values()
+                .filter(|p| p.accepted && p.version == version)
+                .count()
+                == n
+        })
         .await;
     start.elapsed()
 }
@@ -76,7 +120,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut group = c.benchmark_group("propagation");
-    group.sample_size(20).measurement_time(Duration::from_secs(5));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
     for pods in [10usize, 1000] {
         for pickers in [1usize, 10, 50] {
             let s = rt.block_on(setup(pickers, pods));
@@ -117,7 +163,8 @@ fn rss_bytes() -> Option<u64> {
 /// compiles, and reports resident-memory growth.
 fn memory_10k_pods() {
     let before = rss_bytes();
-    let index = sluice_controller::runtime::SharedIndex::new(sluice_controller::default_validator());
+    let index =
+        sluice_controller::runtime::SharedIndex::new(sluice_controller::default_validator());
     let mut docs = vec![
         "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {name: pool, namespace: ns}\nspec:\n  selector: {matchLabels: {app: vllm}}\n  targetPorts: [{number: 8000}]\n  endpointPickerRef: {name: epp, port: {number: 9002}}\n".to_owned(),
     ];
@@ -135,7 +182,10 @@ fn memory_10k_pods() {
     let hub = Hub::new();
     index.set_synced();
     index.compile_once(&hub);
-    let endpoints = hub.current(&pool()).map(|s| s.endpoints.len()).unwrap_or_default();
+    let endpoints = hub
+        .current(&pool())
+        .map(|s| s.endpoints.len())
+        .unwrap_or_default();
     let after = rss_bytes();
     if let (Some(b), Some(a)) = (before, after) {
         println!(
