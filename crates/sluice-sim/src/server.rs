@@ -167,6 +167,9 @@ struct Core {
     busy_until: Micros,
     /// Whether the engine still had work when the last step ended.
     was_busy: bool,
+    /// Incremented when a "die" fault replaces the engine, so that guards of requests of the
+    /// old engine never abort a request of the new one that reuses their id.
+    epoch: u64,
 }
 
 #[derive(Debug)]
@@ -306,6 +309,7 @@ pub async fn spawn(cfg: ServerConfig) -> anyhow::Result<Handle> {
             waiters: HashMap::new(),
             busy_until: 0,
             was_busy: false,
+            epoch: 0,
         }),
         wake: Notify::new(),
         faults: Mutex::new(cfg.faults.clone()),
@@ -437,6 +441,7 @@ async fn supervise(
             c.waiters.clear();
             c.engine = Engine::new(s.engine_cfg.clone(), s.seed);
             c.was_busy = false;
+            c.epoch += 1;
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(ms)) => {}
@@ -612,6 +617,7 @@ fn unix_secs() -> u64 {
 struct Cancel {
     s: Arc<Shared>,
     id: ReqId,
+    epoch: u64,
     done: bool,
 }
 
@@ -619,6 +625,9 @@ impl Drop for Cancel {
     fn drop(&mut self) {
         if !self.done {
             let mut c = self.s.core.lock();
+            if c.epoch != self.epoch {
+                return;
+            }
             c.waiters.remove(&self.id);
             c.engine.abort(self.id);
         }
@@ -683,7 +692,7 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
         Prompt::Text(t) => tokenizer::tokenize_text(t, &s.model, lora, bs),
         Prompt::Ids(ids) => tokenizer::tokenize_ids(ids, &s.model, lora, bs),
     };
-    let (id, mut rx) = {
+    let (id, epoch, mut rx) = {
         let mut c = s.core.lock();
         if c.waiters.len() >= s.max_pending {
             drop(c);
@@ -720,7 +729,7 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
             Ok(id) => {
                 let (tx, rx) = watch::channel(Progress::default());
                 c.waiters.insert(id, tx);
-                (id, rx)
+                (id, c.epoch, rx)
             }
             Err(e) => {
                 drop(c);
@@ -749,6 +758,7 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
     let mut cancel = Cancel {
         s: s.clone(),
         id,
+        epoch,
         done: false,
     };
     if !req.stream {
