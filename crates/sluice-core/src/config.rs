@@ -78,7 +78,10 @@ pub struct PluginSpec {
 impl PluginSpec {
     /// The instance name after upstream's defaulting (name = type when unset).
     pub fn instance_name(&self) -> &str {
-        self.name.as_deref().filter(|n| !n.is_empty()).unwrap_or(&self.type_)
+        self.name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.type_)
     }
 }
 
@@ -267,7 +270,8 @@ impl EndpointPickerConfig {
             .map_err(|e| ConfigDocumentError::Syntax(e.to_string()))?;
         let api_version = doc.api_version.unwrap_or_default();
         let kind = doc.kind.unwrap_or_default();
-        let version_ok = api_version.is_empty() || CONFIG_API_VERSIONS.contains(&api_version.as_str());
+        let version_ok =
+            api_version.is_empty() || CONFIG_API_VERSIONS.contains(&api_version.as_str());
         let kind_ok = kind.is_empty() || kind == "EndpointPickerConfig";
         if !(version_ok && kind_ok) {
             return Err(ConfigDocumentError::WrongType { api_version, kind });
@@ -296,7 +300,9 @@ mod tests {
         assert_eq!(cfg.plugins[0].instance_name(), "queue-scorer");
 
         let wrong = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap"});
-        let err = EndpointPickerConfig::from_document(wrong).unwrap_err().to_string();
+        let err = EndpointPickerConfig::from_document(wrong)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ConfigMap"), "{err}");
     }
 
@@ -307,6 +313,9 @@ mod tests {
         });
         let cfg = EndpointPickerConfig::from_document(doc).unwrap();
         let back = serde_json::to_value(&cfg).unwrap();
-        assert_eq!(back["plugins"][0]["parameters"]["x"], serde_json::json!([1, 2]));
+        assert_eq!(
+            back["plugins"][0]["parameters"]["x"],
+            serde_json::json!([1, 2])
+        );
     }
 }

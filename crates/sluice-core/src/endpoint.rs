@@ -53,7 +53,11 @@ impl Endpoint {
     /// An endpoint for a bare address (standalone mode): the pod name is the address.
     pub fn from_address(namespace: &str, address: SocketAddr) -> Self {
         Endpoint {
-            key: EndpointKey { namespace: namespace.into(), pod: address.to_string().into(), rank: 0 },
+            key: EndpointKey {
+                namespace: namespace.into(),
+                pod: address.to_string().into(),
+                rank: 0,
+            },
             address,
             metrics_address: address,
             labels: BTreeMap::new(),

@@ -64,7 +64,11 @@ impl fmt::Display for Quantity {
 
 /// Parses a Kubernetes quantity (`123`, `1.5k`, `4Gi`, `1e9`) into a whole number.
 pub fn parse_quantity(input: &str) -> Result<u64, ParseError> {
-    let err = |why| ParseError { input: input.to_owned(), what: "quantity", why };
+    let err = |why| ParseError {
+        input: input.to_owned(),
+        what: "quantity",
+        why,
+    };
     let s = input.trim();
     if s.is_empty() {
         return Err(err("empty"));
@@ -85,7 +89,9 @@ pub fn parse_quantity(input: &str) -> Result<u64, ParseError> {
         .iter()
         .find_map(|(suffix, factor)| s.strip_suffix(suffix).map(|n| (n, *factor)))
         .unwrap_or((s, 1.0));
-    let value: f64 = number.parse().map_err(|_| err("expected a number with an optional suffix (k, M, G, Ki, Mi, Gi, ...)"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| err("expected a number with an optional suffix (k, M, G, Ki, Mi, Gi, ...)"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(err("must be a finite, non-negative number"));
     }
@@ -98,7 +104,11 @@ pub fn parse_quantity(input: &str) -> Result<u64, ParseError> {
 
 /// Parses a Go duration string (`1h2m3.5s`, `200ms`, `90s`, `0`).
 pub fn parse_duration(input: &str) -> Result<Duration, ParseError> {
-    let err = |why| ParseError { input: input.to_owned(), what: "duration", why };
+    let err = |why| ParseError {
+        input: input.to_owned(),
+        what: "duration",
+        why,
+    };
     let s = input.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -117,7 +127,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, ParseError> {
         }
         let value: f64 = rest[..digits].parse().map_err(|_| err("bad number"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let seconds = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -139,11 +151,21 @@ mod tests {
 
     #[test]
     fn quantities() {
-        for (input, want) in [("5000", 5000), ("4Gi", 4 << 30), ("1e9", 1_000_000_000), ("1.5k", 1500)] {
+        for (input, want) in [
+            ("5000", 5000),
+            ("4Gi", 4 << 30),
+            ("1e9", 1_000_000_000),
+            ("1.5k", 1500),
+        ] {
             assert_eq!(parse_quantity(input), Ok(want), "{input}");
         }
         assert!(parse_quantity("-1").is_err());
-        assert!(parse_quantity("lots").unwrap_err().to_string().contains("lots"));
+        assert!(
+            parse_quantity("lots")
+                .unwrap_err()
+                .to_string()
+                .contains("lots")
+        );
     }
 
     #[test]

@@ -117,11 +117,23 @@ mod tests {
     fn snapshot(version: u64, port: u16) -> PoolSnapshot {
         let ep = Endpoint::from_address("default", ([127, 0, 0, 1], port).into());
         PoolSnapshot::new(
-            PoolRef { namespace: "default".into(), name: "pool".into() },
+            PoolRef {
+                namespace: "default".into(),
+                name: "pool".into(),
+            },
             version,
             AppProtocol::Http,
             vec![ep],
-            vec![Objective { name: "b".into(), priority: -1 }, Objective { name: "a".into(), priority: 2 }],
+            vec![
+                Objective {
+                    name: "b".into(),
+                    priority: -1,
+                },
+                Objective {
+                    name: "a".into(),
+                    priority: 2,
+                },
+            ],
             vec![],
             EndpointPickerConfig::default(),
         )
@@ -129,8 +141,14 @@ mod tests {
 
     #[test]
     fn hash_ignores_version_but_not_content() {
-        assert_eq!(snapshot(1, 8000).content_hash, snapshot(2, 8000).content_hash);
-        assert_ne!(snapshot(1, 8000).content_hash, snapshot(1, 8001).content_hash);
+        assert_eq!(
+            snapshot(1, 8000).content_hash,
+            snapshot(2, 8000).content_hash
+        );
+        assert_ne!(
+            snapshot(1, 8000).content_hash,
+            snapshot(1, 8001).content_hash
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 
 use sluice_core::snapshot::{AppProtocol, PoolRef, PoolSnapshot};
-use sluice_core::{Endpoint, EndpointKey, EndpointPickerConfig, ModelRewriteRule, Objective, RewriteTarget};
+use sluice_core::{
+    Endpoint, EndpointKey, EndpointPickerConfig, ModelRewriteRule, Objective, RewriteTarget,
+};
 
 use crate::config::v1 as pb;
 
@@ -44,13 +46,20 @@ impl From<&PoolSnapshot> for pb::PoolConfig {
                     rank: e.key.rank,
                     address: e.address.to_string(),
                     metrics_address: e.metrics_address.to_string(),
-                    labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    labels: e
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 })
                 .collect(),
             objectives: s
                 .objectives
                 .iter()
-                .map(|o| pb::Objective { name: o.name.clone(), priority: o.priority })
+                .map(|o| pb::Objective {
+                    name: o.name.clone(),
+                    priority: o.priority,
+                })
                 .collect(),
             rewrites: s
                 .rewrites
@@ -62,7 +71,10 @@ impl From<&PoolSnapshot> for pb::PoolConfig {
                     targets: r
                         .targets
                         .iter()
-                        .map(|t| pb::RewriteTarget { model_rewrite: t.model_rewrite.clone(), weight: t.weight })
+                        .map(|t| pb::RewriteTarget {
+                            model_rewrite: t.model_rewrite.clone(),
+                            weight: t.weight,
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -85,17 +97,30 @@ impl TryFrom<pb::PoolConfig> for PoolSnapshot {
             .endpoints
             .into_iter()
             .map(|e| {
-                let key = EndpointKey { namespace: e.namespace.into(), pod: e.pod.into(), rank: e.rank };
+                let key = EndpointKey {
+                    namespace: e.namespace.into(),
+                    pod: e.pod.into(),
+                    rank: e.rank,
+                };
                 let parse = |a: &str| {
-                    a.parse::<SocketAddr>().map_err(|_| SnapshotDecodeError::BadAddress {
-                        endpoint: key.to_string(),
-                        address: a.to_owned(),
-                    })
+                    a.parse::<SocketAddr>()
+                        .map_err(|_| SnapshotDecodeError::BadAddress {
+                            endpoint: key.to_string(),
+                            address: a.to_owned(),
+                        })
                 };
                 let address = parse(&e.address)?;
-                let metrics_address =
-                    if e.metrics_address.is_empty() { address } else { parse(&e.metrics_address)? };
-                Ok(Endpoint { key, address, metrics_address, labels: e.labels.into_iter().collect() })
+                let metrics_address = if e.metrics_address.is_empty() {
+                    address
+                } else {
+                    parse(&e.metrics_address)?
+                };
+                Ok(Endpoint {
+                    key,
+                    address,
+                    metrics_address,
+                    labels: e.labels.into_iter().collect(),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let picker_config: EndpointPickerConfig = if c.picker_config_json.trim().is_empty() {
@@ -105,12 +130,22 @@ impl TryFrom<pb::PoolConfig> for PoolSnapshot {
                 .map_err(|e| SnapshotDecodeError::BadPickerConfig(e.to_string()))?
         };
         let snapshot = PoolSnapshot {
-            pool: PoolRef { namespace: c.pool_namespace, name: c.pool_name },
+            pool: PoolRef {
+                namespace: c.pool_namespace,
+                name: c.pool_name,
+            },
             version: c.version,
             content_hash: c.content_hash,
             app_protocol,
             endpoints,
-            objectives: c.objectives.into_iter().map(|o| Objective { name: o.name, priority: o.priority }).collect(),
+            objectives: c
+                .objectives
+                .into_iter()
+                .map(|o| Objective {
+                    name: o.name,
+                    priority: o.priority,
+                })
+                .collect(),
             rewrites: c
                 .rewrites
                 .into_iter()
@@ -121,7 +156,10 @@ impl TryFrom<pb::PoolConfig> for PoolSnapshot {
                     targets: r
                         .targets
                         .into_iter()
-                        .map(|t| RewriteTarget { model_rewrite: t.model_rewrite, weight: t.weight })
+                        .map(|t| RewriteTarget {
+                            model_rewrite: t.model_rewrite,
+                            weight: t.weight,
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -140,18 +178,28 @@ mod tests {
         let mut ep = Endpoint::from_address("ns", "10.0.0.7:8000".parse().unwrap());
         ep.labels.insert("app".into(), "vllm".into());
         let cfg: EndpointPickerConfig =
-            serde_json::from_value(serde_json::json!({"plugins": [{"type": "queue-scorer"}]})).unwrap();
+            serde_json::from_value(serde_json::json!({"plugins": [{"type": "queue-scorer"}]}))
+                .unwrap();
         let snap = PoolSnapshot::new(
-            PoolRef { namespace: "ns".into(), name: "pool".into() },
+            PoolRef {
+                namespace: "ns".into(),
+                name: "pool".into(),
+            },
             7,
             AppProtocol::H2c,
             vec![ep],
-            vec![Objective { name: "chat".into(), priority: 3 }],
+            vec![Objective {
+                name: "chat".into(),
+                priority: 3,
+            }],
             vec![ModelRewriteRule {
                 source: "ns/r".into(),
                 created: "2026-01-01T00:00:00Z".into(),
                 matches: vec!["m".into()],
-                targets: vec![RewriteTarget { model_rewrite: "m-v2".into(), weight: 1 }],
+                targets: vec![RewriteTarget {
+                    model_rewrite: "m-v2".into(),
+                    weight: 1,
+                }],
             }],
             cfg,
         );
@@ -163,7 +211,11 @@ mod tests {
     #[test]
     fn bad_address_is_named_in_the_error() {
         let wire = pb::PoolConfig {
-            endpoints: vec![pb::Endpoint { pod: "p".into(), address: "nope".into(), ..Default::default() }],
+            endpoints: vec![pb::Endpoint {
+                pod: "p".into(),
+                address: "nope".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let err = PoolSnapshot::try_from(wire).unwrap_err().to_string();
