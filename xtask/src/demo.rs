@@ -3,6 +3,9 @@
 //! workload through Envoy with `sluice-sim load`, and prints the load generator's summary
 //! (requests, goodput, TTFT/TPOT percentiles, requests per endpoint) plus the picker's view.
 
+// The report is the product of this tool: it goes to stdout.
+#![allow(clippy::print_stdout)]
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

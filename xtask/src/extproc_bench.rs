@@ -5,6 +5,9 @@
 //! (from `/proc/<pid>/stat`). Then sluice-picker alone, pinned to one core, driven over gRPC
 //! without Envoy.
 
+// The report is the product of this tool: it goes to stdout.
+#![allow(clippy::print_stdout)]
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -8,6 +8,9 @@
 //! - `grpc`: drives an ext_proc server directly (no Envoy) with complete request/response
 //!   conversations and prints one JSON line (rate).
 
+// The report is the product of this tool: it goes to stdout.
+#![allow(clippy::print_stdout)]
+
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
