@@ -117,6 +117,9 @@ struct EpcEntry {
     meta: ObjectMeta,
     pool: String,
     config: EndpointPickerConfig,
+    /// The validator's answer, computed once when the object changes: the loader builds
+    /// every plugin, which is too costly to repeat on each pod event's recompile.
+    valid: Result<(), String>,
 }
 
 /// Namespace and name.
@@ -363,12 +366,18 @@ impl Index {
     /// Adds or changes an EndpointPickerConfig.
     pub fn apply_epc(&mut self, obj: &EpcResource) {
         let ns = obj.namespace().unwrap_or_default();
+        let key = (ns.clone(), obj.name_any());
+        let valid = match self.epcs.get(&key) {
+            Some(old) if old.config == obj.spec.config => old.valid.clone(),
+            _ => (self.validator)(&obj.spec.config),
+        };
         let entry = EpcEntry {
             meta: meta_of(&obj.metadata),
             pool: obj.spec.pool_ref.name.clone(),
             config: obj.spec.config.clone(),
+            valid,
         };
-        if let Some(old) = self.epcs.insert((ns.clone(), obj.name_any()), entry) {
+        if let Some(old) = self.epcs.insert(key, entry) {
             self.mark_pool(&ns, &old.pool);
         }
         self.mark_pool(&ns, &obj.spec.pool_ref.name);
@@ -440,7 +449,7 @@ impl Index {
         };
         let picker_config = match self.bound_epc(pool) {
             None => EndpointPickerConfig::default(),
-            Some((epc_key, entry)) => match (self.validator)(&entry.config) {
+            Some((epc_key, entry)) => match entry.valid.clone() {
                 Ok(()) => {
                     self.last_good.insert(pool.clone(), entry.config.clone());
                     entry.config
@@ -501,7 +510,7 @@ impl Index {
                     pool.name
                 ))
             } else {
-                match (self.validator)(&entry.config) {
+                match entry.valid {
                     Ok(()) => EpcVerdict::Accepted { version: 0 },
                     Err(e) => EpcVerdict::Invalid(e),
                 }

@@ -277,3 +277,62 @@ fn unsupported_documents_are_skipped_with_their_position() {
         "{errors:?}"
     );
 }
+
+/// The controller refuses exactly what a picker's scheduler refuses: an unknown plugin
+/// type and out-of-range parameters (which a purely structural check let through to be
+/// NACKed by every picker) never reach a picker, and every config the loader builds passes.
+#[test]
+fn configs_are_judged_by_the_pickers_own_loader() {
+    let validator = crate::default_validator();
+    let cases = [
+        (
+            "plugins: [{type: queue-scorer}, {type: no-such-scorer}]",
+            false,
+        ),
+        (
+            "plugins: [{type: utilization-detector, parameters: {kvCacheUtilThreshold: 1.5}}]",
+            false,
+        ),
+        (
+            "plugins: [{type: prefix-cache-scorer, parameters: {blockSizeToken: 16}}]",
+            false,
+        ),
+        (
+            "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: [{pluginRef: nope}]}]",
+            false,
+        ),
+        ("featureGates: [fastPath]", false),
+        (
+            "plugins: [{type: queue-scorer}, {type: max-score-picker}]",
+            true,
+        ),
+        (
+            "plugins: [{type: prefix-cache-scorer, parameters: {blockSizeTokens: 16}}, {type: max-score-picker}]",
+            true,
+        ),
+        ("", true),
+    ];
+    for (text, ok) in cases {
+        let cfg = sluice_scheduling::parse_config_text(text).unwrap();
+        let picker = sluice_scheduling::Scheduler::from_config(&cfg).map(|_| ());
+        let controller = validator(&cfg);
+        assert_eq!(picker.is_ok(), ok, "picker on {text:?}: {picker:?}");
+        assert_eq!(
+            controller.is_ok(),
+            ok,
+            "controller on {text:?}: {controller:?}"
+        );
+        if let Err(e) = controller {
+            assert!(
+                e.starts_with("invalid EndpointPickerConfig: ") && !e.contains('\n'),
+                "a single-line status message: {e}"
+            );
+        }
+    }
+    let unknown = sluice_scheduling::parse_config_text(cases[0].0).unwrap();
+    let err = validator(&unknown).unwrap_err();
+    assert!(
+        err.contains("no-such-scorer"),
+        "names the offending type: {err}"
+    );
+}

@@ -24,69 +24,39 @@ pub mod leader;
 pub mod runtime;
 pub mod status;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use sluice_core::EndpointPickerConfig;
+use sluice_scheduling::{ConfigError, Registry, Scheduler};
 
 /// The field manager sluice writes status (and Events) with.
 pub const FIELD_MANAGER: &str = "sluice-controller";
 
-/// The validator used before a picker config may be published: upstream's structural rules
-/// (`api.md` §7.3) that need no plugin registry. The picker runs the full loader again on
-/// receipt and NACKs what its registry refuses, which the controller records.
+/// The validator used before a picker config may be published: `sluice-scheduling`'s own
+/// loader with every built-in plugin, the very code a picker runs on receipt, so that the
+/// controller accepts exactly the configs pickers accept (unknown plugin types and bad
+/// parameters included) instead of learning about them from NACKs.
 pub fn default_validator() -> index::Validator {
-    Arc::new(validate_structure)
+    let registry = Arc::new(Registry::with_builtins());
+    Arc::new(move |cfg: &EndpointPickerConfig| validate_with(&registry, cfg))
 }
 
-/// Feature gates upstream knows.
-const FEATURE_GATES: &[&str] = &["dataLayer", "flowControl", "enableLegacyMetrics"];
+/// Validates `cfg` against `registry`; the error lists every problem with its location in
+/// the document, one per `; `-separated item (status messages are single-line).
+pub fn validate_with(registry: &Registry, cfg: &EndpointPickerConfig) -> Result<(), String> {
+    Scheduler::validate(cfg, registry)
+        .map(|_| ())
+        .map_err(|e| describe(&e))
+}
 
-/// Upstream's registry-independent validation rules; the error names the offending item.
-pub fn validate_structure(cfg: &EndpointPickerConfig) -> Result<(), String> {
-    let mut problems = Vec::new();
-    let mut names = BTreeSet::new();
-    for (i, p) in cfg.plugins.iter().enumerate() {
-        if p.type_.trim().is_empty() {
-            problems.push(format!("plugins[{i}]: type is required"));
+fn describe(e: &ConfigError) -> String {
+    let problems: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+    format!(
+        "invalid EndpointPickerConfig: {}",
+        if problems.is_empty() {
+            "rejected by the scheduling loader".to_owned()
+        } else {
+            problems.join("; ")
         }
-        if !names.insert(p.instance_name().to_owned()) {
-            problems.push(format!(
-                "plugins[{i}]: duplicate plugin name {:?}",
-                p.instance_name()
-            ));
-        }
-    }
-    let mut profiles = BTreeSet::new();
-    for (i, prof) in cfg.scheduling_profiles.iter().enumerate() {
-        if prof.name.trim().is_empty() {
-            problems.push(format!("schedulingProfiles[{i}]: name is required"));
-        } else if !profiles.insert(prof.name.as_str()) {
-            problems.push(format!(
-                "schedulingProfiles[{i}]: duplicate profile name {:?}",
-                prof.name
-            ));
-        }
-        for (j, r) in prof.plugins.iter().enumerate() {
-            if !names.contains(&r.plugin_ref) {
-                problems.push(format!(
-                    "schedulingProfiles[{i}].plugins[{j}]: pluginRef {:?} names no declared plugin",
-                    r.plugin_ref
-                ));
-            }
-        }
-    }
-    for gate in &cfg.feature_gates {
-        if !FEATURE_GATES.contains(&gate.as_str()) {
-            problems.push(format!(
-                "featureGates: unknown feature gate {gate:?} (known: {})",
-                FEATURE_GATES.join(", ")
-            ));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    }
+    )
 }
