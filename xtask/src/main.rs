@@ -12,6 +12,7 @@ mod crdgen;
 mod demo;
 mod extproc_bench;
 mod flow_bench;
+mod slo_bench;
 
 #[derive(Debug, Parser)]
 #[command(about = "sluice project automation", long_about = None)]
@@ -39,6 +40,13 @@ enum Task {
     BenchExtproc(extproc_bench::BenchArgs),
     /// Config propagation latency (controller -> pickers) and controller memory.
     BenchController,
+    /// SLO-aware profile vs round-robin, random and the default profile on a heterogeneous
+    /// simulated fleet, plus the predictor micro-benchmark.
+    BenchSlo {
+        /// Use the dev profile (same virtual-time result, faster to build).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Flow control off vs on past saturation with a noisy and a quiet workload.
     BenchFlow {
         /// Use the dev profile (same simulated-time result, faster to build).
@@ -66,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Demo(args) => demo::run(&root, &args),
         Task::BenchExtproc(args) => extproc_bench::run(&root, &args),
         Task::BenchController => controller_bench::run(&root),
+        Task::BenchSlo { quick } => slo_bench::run(&root, quick),
         Task::BenchFlow { quick } => flow_bench::run(&root, quick),
         Task::InstallEnvoy => {
             let envoy = install_envoy(&root)?;
