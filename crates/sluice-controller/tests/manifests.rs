@@ -1,0 +1,83 @@
+//! The install manifests stay consistent with the generated CRDs without needing kubectl:
+//! `crds/kustomization.yml` lists exactly the CRD files in `crds/`, and `manifests/base`
+//! installs them through it instead of through a copy that would drift.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn yaml(path: &PathBuf) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn resources(kustomization: &Value) -> Vec<String> {
+    kustomization["resources"]
+        .as_array()
+        .expect("resources is a list")
+        .iter()
+        .map(|v| v.as_str().expect("resource is a string").to_owned())
+        .collect()
+}
+
+#[test]
+fn the_crd_kustomization_lists_exactly_the_crd_files_sorted() {
+    let dir = root().join("crds");
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    assert!(!on_disk.is_empty(), "crds/ holds the generated CRDs");
+    let k = yaml(&dir.join("kustomization.yml"));
+    assert_eq!(k["kind"], "Kustomization");
+    let listed = resources(&k);
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(
+        listed, sorted,
+        "crds/kustomization.yml is sorted (crdgen output is deterministic)"
+    );
+    assert_eq!(
+        listed.into_iter().collect::<BTreeSet<_>>(),
+        on_disk,
+        "crds/kustomization.yml must list every CRD in crds/ and nothing else: run `cargo xtask crdgen`"
+    );
+    for file in &on_disk {
+        let crd = yaml(&dir.join(file));
+        assert_eq!(
+            crd["kind"], "CustomResourceDefinition",
+            "crds/{file} is a CRD"
+        );
+    }
+}
+
+#[test]
+fn the_base_installs_the_crds_from_crds_not_from_a_copy() {
+    let base = root().join("manifests/base");
+    let listed = resources(&yaml(&base.join("kustomization.yaml")));
+    assert!(
+        listed.iter().any(|r| r == "../../crds"),
+        "manifests/base/kustomization.yaml references ../../crds: {listed:?}"
+    );
+    for r in &listed {
+        let path = base.join(r);
+        assert!(path.exists(), "manifests/base resource {r} exists");
+        assert!(
+            r == "../../crds" || !r.contains("crds"),
+            "no CRD copies under manifests/base: {r}"
+        );
+    }
+    assert!(
+        !base.join("crds").exists(),
+        "manifests/base/crds/ is gone (it was a copy of crds/ that drifted)"
+    );
+}
