@@ -29,6 +29,11 @@ pub struct Args {
     #[arg(long, env = "SLUICE_GRPC_ADDR", default_value = "0.0.0.0:9090")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the HTTP endpoints: `/metrics` (Prometheus), `/healthz` (live), `/readyz`
+    /// (initial sync done).
+    #[arg(long, env = "SLUICE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
     /// PEM certificate for the gRPC service (TLS on when set).
     #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -106,6 +111,7 @@ impl Args {
             manifests,
             poll_interval,
             grpc_addr,
+            metrics_addr,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -149,6 +155,16 @@ impl Args {
             stop.clone(),
         ));
         tracing::info!(addr = %grpc_addr, "serving sluice.config.v1");
+        let metrics = std::sync::Arc::new(crate::metrics::ControllerMetrics::new(
+            hub.clone(),
+            index.clone(),
+        ));
+        let http = tokio::spawn(crate::metrics::serve_http(
+            metrics_addr,
+            metrics,
+            stop.clone(),
+        ));
+        tracing::info!(addr = %metrics_addr, "serving /metrics, /healthz, /readyz");
 
         let source = if let Some(dir) = manifests {
             tokio::spawn(crate::files::run(
@@ -188,12 +204,25 @@ impl Args {
                 stop.clone(),
             ))
         };
-        let (grpc_result, source_result) = tokio::join!(grpc, source);
+        // The first failure (a port in use, the API server refusing us) ends the run instead
+        // of leaving a half-working controller behind.
+        let aborts = [
+            grpc.abort_handle(),
+            source.abort_handle(),
+            http.abort_handle(),
+        ];
+        let result = tokio::try_join!(joined(grpc), joined(source), joined(http));
         compiler.abort();
-        grpc_result??;
-        source_result??;
-        Ok(())
+        for task in aborts {
+            task.abort();
+        }
+        result.map(|_| ())
     }
+}
+
+async fn joined(task: tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    task.await
+        .map_err(|e| anyhow::anyhow!("controller task failed: {e}"))?
 }
 
 async fn wait_for_signal() {

@@ -169,7 +169,7 @@ impl ConfigDistribution for ConfigService {
                         last_sent_hash = snapshot.content_hash;
                     } else if first {
                         // A resuming picker already runs this content: it is in sync.
-                        hub.record_ack(&pool, &picker_id, snapshot.version, true, None);
+                        hub.record_resumed(&pool, &picker_id, snapshot.version);
                     }
                 }
                 first = false;

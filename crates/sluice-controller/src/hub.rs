@@ -6,8 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use sluice_core::{PoolRef, PoolSnapshot};
 use tokio::sync::watch;
 
@@ -39,15 +42,55 @@ struct PoolEntry {
     /// Last version handed out for this pool (survives deletion, so versions never repeat
     /// within a controller's lifetime).
     version: u64,
+    /// When the current version was published, for the propagation histogram.
+    published_at: Instant,
     /// Subscribed pickers by id.
     pickers: BTreeMap<String, PickerState>,
+    /// When each picker subscribed: an Ack from a picker that joined after the publish
+    /// measures its connect time, not propagation, and is left out of the histogram.
+    subscribed_at: BTreeMap<String, Instant>,
+}
+
+/// Counters the hub keeps for the metrics endpoint. Cloning shares the values.
+#[derive(Clone, Debug)]
+pub struct HubStats {
+    /// Acks of applied snapshots.
+    pub acks: Counter,
+    /// NACKs (a picker refused a snapshot).
+    pub nacks: Counter,
+    /// Seconds from a publish to each picker's Ack of that version, for pickers subscribed
+    /// at publish time.
+    pub propagation: Histogram,
+}
+
+/// Propagation buckets: a loopback Ack takes about a millisecond, the target is under a
+/// second with 50 pickers.
+const PROPAGATION_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+impl Default for HubStats {
+    fn default() -> Self {
+        HubStats {
+            acks: Counter::default(),
+            nacks: Counter::default(),
+            propagation: Histogram::new(PROPAGATION_BUCKETS),
+        }
+    }
 }
 
 /// Fan-out point between the compiler and the gRPC service. Cheap to clone.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Hub {
     inner: Arc<Mutex<BTreeMap<PoolRef, PoolEntry>>>,
     changes: Arc<watch::Sender<u64>>,
+    stats: HubStats,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
 }
 
 impl Hub {
@@ -56,7 +99,13 @@ impl Hub {
         Hub {
             inner: Default::default(),
             changes: Arc::new(watch::Sender::new(0)),
+            stats: HubStats::default(),
         }
+    }
+
+    /// The hub's counters (shared: register them once with a metrics registry).
+    pub fn stats(&self) -> &HubStats {
+        &self.stats
     }
 
     /// Publishes a pool's compiled content. The version is assigned here; content equal to
@@ -74,6 +123,7 @@ impl Hub {
         entry.version += 1;
         snapshot.version = entry.version;
         let version = entry.version;
+        entry.published_at = Instant::now();
         entry.tx.send_replace(Some(Arc::new(snapshot)));
         drop(pools);
         self.bump();
@@ -129,6 +179,9 @@ impl Hub {
                 error: None,
             },
         );
+        entry
+            .subscribed_at
+            .insert(picker_id.to_owned(), Instant::now());
         let rx = entry.tx.subscribe();
         drop(pools);
         self.bump();
@@ -144,16 +197,50 @@ impl Hub {
         accepted: bool,
         error: Option<String>,
     ) {
+        if accepted {
+            self.stats.acks.inc();
+        } else {
+            self.stats.nacks.inc();
+        }
+        self.set_state(pool, picker_id, version, accepted, error);
+    }
+
+    /// Records that a resuming picker already runs the current version (it sent no Ack: it
+    /// named the content it runs in its Hello).
+    pub fn record_resumed(&self, pool: &PoolRef, picker_id: &str, version: u64) {
+        self.set_state(pool, picker_id, version, true, None);
+    }
+
+    fn set_state(
+        &self,
+        pool: &PoolRef,
+        picker_id: &str,
+        version: u64,
+        accepted: bool,
+        error: Option<String>,
+    ) {
         let mut pools = self.inner.lock();
-        if let Some(state) = pools
-            .get_mut(pool)
-            .and_then(|e| e.pickers.get_mut(picker_id))
-        {
-            *state = PickerState {
-                version,
-                accepted,
-                error,
-            };
+        if let Some(entry) = pools.get_mut(pool) {
+            let current = entry.tx.borrow().as_ref().map(|s| s.version);
+            let was_there = entry
+                .subscribed_at
+                .get(picker_id)
+                .is_some_and(|t| *t <= entry.published_at);
+            if let Some(state) = entry.pickers.get_mut(picker_id) {
+                let first_ack_of_current = accepted
+                    && Some(version) == current
+                    && !(state.accepted && state.version == version);
+                if first_ack_of_current && was_there {
+                    self.stats
+                        .propagation
+                        .observe(entry.published_at.elapsed().as_secs_f64());
+                }
+                *state = PickerState {
+                    version,
+                    accepted,
+                    error,
+                };
+            }
         }
         drop(pools);
         self.bump();
@@ -164,6 +251,7 @@ impl Hub {
         let mut pools = self.inner.lock();
         if let Some(entry) = pools.get_mut(pool) {
             entry.pickers.remove(picker_id);
+            entry.subscribed_at.remove(picker_id);
         }
         drop(pools);
         self.bump();
@@ -178,26 +266,22 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Every pool with a published snapshot: its current version and picker counts.
+    pub fn summary(&self) -> Vec<(PoolRef, u64, PickerCounts)> {
+        let pools = self.inner.lock();
+        pools
+            .iter()
+            .filter_map(|(pool, entry)| {
+                let version = entry.tx.borrow().as_ref()?.version;
+                Some((pool.clone(), version, counts_of(entry)))
+            })
+            .collect()
+    }
+
     /// How many of a pool's pickers run its current version.
     pub fn counts(&self, pool: &PoolRef) -> PickerCounts {
         let pools = self.inner.lock();
-        let Some(entry) = pools.get(pool) else {
-            return PickerCounts::default();
-        };
-        let current = entry.tx.borrow().as_ref().map(|s| s.version);
-        PickerCounts {
-            total: entry.pickers.len(),
-            in_sync: entry
-                .pickers
-                .values()
-                .filter(|p| p.accepted && Some(p.version) == current)
-                .count(),
-            refusing: entry
-                .pickers
-                .values()
-                .filter(|p| !p.accepted && p.error.is_some())
-                .count(),
-        }
+        pools.get(pool).map(counts_of).unwrap_or_default()
     }
 
     /// A receiver that changes whenever anything in the hub changes (for status writers and
@@ -230,12 +314,31 @@ impl Hub {
     }
 }
 
+fn counts_of(entry: &PoolEntry) -> PickerCounts {
+    let current = entry.tx.borrow().as_ref().map(|s| s.version);
+    PickerCounts {
+        total: entry.pickers.len(),
+        in_sync: entry
+            .pickers
+            .values()
+            .filter(|p| p.accepted && Some(p.version) == current)
+            .count(),
+        refusing: entry
+            .pickers
+            .values()
+            .filter(|p| !p.accepted && p.error.is_some())
+            .count(),
+    }
+}
+
 impl PoolEntry {
     fn new() -> Self {
         PoolEntry {
             tx: watch::Sender::new(None),
             version: 0,
+            published_at: Instant::now(),
             pickers: BTreeMap::new(),
+            subscribed_at: BTreeMap::new(),
         }
     }
 }

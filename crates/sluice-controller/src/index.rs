@@ -165,6 +165,18 @@ pub struct Index {
     /// Per EndpointPickerConfig: its verdict at the last compile.
     epc_verdicts: BTreeMap<ObjKey, ObjectStatus<EpcVerdict>>,
     validator: Validator,
+    stats: IndexStats,
+}
+
+/// Running totals of the index, for the metrics endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    /// Pool compiles.
+    pub compiles: u64,
+    /// EndpointPickerConfig changes that failed validation.
+    pub config_rejections: u64,
+    /// Compiles that published nothing (invalid config and no earlier good one).
+    pub withheld: u64,
 }
 
 impl std::fmt::Debug for Index {
@@ -207,7 +219,26 @@ impl Index {
             last_good: BTreeMap::new(),
             epc_verdicts: BTreeMap::new(),
             validator,
+            stats: IndexStats::default(),
         }
+    }
+
+    /// Running totals (compiles, rejected configs).
+    pub fn stats(&self) -> IndexStats {
+        self.stats
+    }
+
+    /// How many pools the index holds.
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// How many EndpointPickerConfigs are invalid now (by their last verdict).
+    pub fn invalid_config_count(&self) -> usize {
+        self.epc_verdicts
+            .values()
+            .filter(|v| matches!(v.verdict, EpcVerdict::Invalid(_)))
+            .count()
     }
 
     /// How many pods the index holds.
@@ -369,7 +400,13 @@ impl Index {
         let key = (ns.clone(), obj.name_any());
         let valid = match self.epcs.get(&key) {
             Some(old) if old.config == obj.spec.config => old.valid.clone(),
-            _ => (self.validator)(&obj.spec.config),
+            _ => {
+                let valid = (self.validator)(&obj.spec.config);
+                if valid.is_err() {
+                    self.stats.config_rejections += 1;
+                }
+                valid
+            }
         };
         let entry = EpcEntry {
             meta: meta_of(&obj.metadata),
@@ -434,6 +471,7 @@ impl Index {
 
     /// Compiles one pool.
     pub fn compile(&mut self, pool: &PoolRef) -> Compiled {
+        self.stats.compiles += 1;
         self.judge_epcs(pool);
         let key = (pool.namespace.clone(), pool.name.clone());
         let Some(spec) = self.pools.get(&key).cloned() else {
@@ -460,6 +498,7 @@ impl Index {
                     match self.last_good.get(pool) {
                         Some(good) => good.clone(),
                         None => {
+                            self.stats.withheld += 1;
                             return Compiled::Withheld(format!(
                                 "EndpointPickerConfig {}/{} is invalid and the pool has no previous valid config: {error}",
                                 epc_key.0, epc_key.1

@@ -12,6 +12,7 @@
 //! - [`k8s`]: kube-runtime watchers feeding the index;
 //! - [`files`]: file mode (`--manifests DIR`), for laptops and the demo;
 //! - [`status`]: status conditions and Events, written by the Lease holder only;
+//! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`;
 //! - [`cli`]: the binary's flags and `run`.
 
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod hub;
 pub mod index;
 pub mod k8s;
 pub mod leader;
+pub mod metrics;
 pub mod runtime;
 pub mod status;
 

@@ -48,6 +48,11 @@ impl SharedIndex {
         self.notify.notify_one();
     }
 
+    /// Whether every source finished its initial listing (readiness).
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
     /// Compiles dirty pools and publishes them, until `shutdown`.
     pub async fn run_compiler(self, hub: Hub, mut shutdown: watch::Receiver<bool>) {
         let mut synced = self.synced.subscribe();
