@@ -107,6 +107,17 @@ impl Args {
 
     /// Runs the controller until `stop` turns true.
     pub async fn run_until(self, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        self.run_with_client(None, stop).await
+    }
+
+    /// Like [`Args::run_until`]; in cluster mode talks to the API server through `client`
+    /// when given (tests pointing at a particular cluster) instead of the default one
+    /// (in-cluster config or `KUBECONFIG`).
+    pub async fn run_with_client(
+        self,
+        client: Option<kube::Client>,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         let Args {
             manifests,
             poll_interval,
@@ -174,7 +185,14 @@ impl Args {
                 stop.clone(),
             ))
         } else {
-            let client = kube::Client::try_default().await?;
+            let client = match client {
+                Some(c) => c,
+                None => kube::Client::try_default().await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "no Kubernetes API access ({e}); run in a cluster, set KUBECONFIG, or use --manifests DIR"
+                    )
+                })?,
+            };
             let leader = crate::leader::elect(
                 client.clone(),
                 &lease_namespace,
