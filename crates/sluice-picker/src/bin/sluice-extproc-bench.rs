@@ -132,6 +132,7 @@ struct FloorStream {
     endpoint: Arc<str>,
     out: VecDeque<ProcessingResponse>,
     headers_pending: bool,
+    held: Vec<(Vec<u8>, bool)>,
     full_duplex: bool,
     done: bool,
 }
@@ -191,16 +192,22 @@ impl FloorStream {
             }
             Some(In::RequestBody(b)) => {
                 if self.full_duplex {
-                    if self.headers_pending && b.end_of_stream {
-                        self.headers_pending = false;
-                        let m = self.mutation();
-                        self.out
-                            .push_back(reply(Out::RequestHeaders(HeadersResponse {
-                                response: Some(m),
-                            })));
+                    // Body answers may not precede the headers answer, which waits for the
+                    // end of the body: hold the chunks until then.
+                    self.held.push((b.body, b.end_of_stream));
+                    if b.end_of_stream {
+                        if self.headers_pending {
+                            self.headers_pending = false;
+                            let m = self.mutation();
+                            self.out
+                                .push_back(reply(Out::RequestHeaders(HeadersResponse {
+                                    response: Some(m),
+                                })));
+                        }
+                        for (body, eos) in std::mem::take(&mut self.held) {
+                            self.out.push_back(reply(Out::RequestBody(echo(body, eos))));
+                        }
                     }
-                    self.out
-                        .push_back(reply(Out::RequestBody(echo(b.body, b.end_of_stream))));
                 } else {
                     let m = self.mutation();
                     self.out
@@ -261,6 +268,7 @@ impl ExternalProcessor for Floor {
             endpoint: Arc::clone(&self.endpoint),
             out: VecDeque::with_capacity(4),
             headers_pending: false,
+            held: Vec::new(),
             full_duplex: true,
             done: false,
         }))
