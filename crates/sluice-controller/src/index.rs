@@ -596,6 +596,31 @@ impl Index {
             .collect()
     }
 
+    /// Every InferenceModelRewrite with its pool and whether that pool exists.
+    pub fn rewrite_statuses(&self) -> Vec<(AlphaGroup, ObjKey, ObjectStatus<bool>)> {
+        self.rewrites
+            .iter()
+            .map(|((ns, name, group), e)| {
+                let exists = e.pool_ref.refers_to_pool(&e.pool_ref.name)
+                    && self
+                        .pools
+                        .contains_key(&(ns.clone(), e.pool_ref.name.clone()));
+                (
+                    *group,
+                    (ns.clone(), name.clone()),
+                    ObjectStatus {
+                        generation: e.meta.generation,
+                        pool: PoolRef {
+                            namespace: ns.clone(),
+                            name: e.pool_ref.name.clone(),
+                        },
+                        verdict: exists,
+                    },
+                )
+            })
+            .collect()
+    }
+
     fn endpoints(&self, ns: &str, spec: &InferencePoolSpec) -> Vec<Endpoint> {
         let Some(pods) = self.pods.get(ns) else {
             return Vec::new();

@@ -3,7 +3,8 @@
 //! Every replica indexes and serves config streams; only the leader writes. Status goes
 //! through server-side apply under one field manager ([`FIELD_MANAGER`]) on the `/status`
 //! subresource of EndpointPickerConfigs (Accepted or the validation error, observedGeneration,
-//! applied version, pickers in sync) and InferenceObjectives (Accepted or PoolNotFound).
+//! applied version, pickers in sync), InferenceObjectives and InferenceModelRewrites
+//! (Accepted, or Pending while their pool does not exist).
 //! InferencePool status belongs to the Gateway controllers and is never written. A rejected
 //! config also gets a Warning Event.
 //!
@@ -34,6 +35,7 @@ use crate::runtime::SharedIndex;
 enum Target {
     Epc(String, String),
     Objective(AlphaGroup, String, String),
+    Rewrite(AlphaGroup, String, String),
 }
 
 /// The desired status of one object, without timestamps (so that equal states compare
@@ -52,7 +54,13 @@ struct Desired {
 /// Computes every desired status from the index and the hub.
 fn desired(index: &SharedIndex, hub: &Hub) -> BTreeMap<Target, Desired> {
     let mut out = BTreeMap::new();
-    let (verdicts, objectives) = index.read(|i| (i.epc_verdicts().clone(), i.objective_statuses()));
+    let (verdicts, objectives, rewrites) = index.read(|i| {
+        (
+            i.epc_verdicts().clone(),
+            i.objective_statuses(),
+            i.rewrite_statuses(),
+        )
+    });
     for ((ns, name), st) in verdicts {
         let counts = hub.counts(&st.pool);
         let current = hub.current(&st.pool).map(|s| s.version);
@@ -101,7 +109,15 @@ fn desired(index: &SharedIndex, hub: &Hub) -> BTreeMap<Target, Desired> {
             },
         );
     }
-    for (group, (ns, name), st) in objectives {
+    let alphas = objectives
+        .into_iter()
+        .map(|(g, (ns, name), st)| (Target::Objective(g, ns, name), st))
+        .chain(
+            rewrites
+                .into_iter()
+                .map(|(g, (ns, name), st)| (Target::Rewrite(g, ns, name), st)),
+        );
+    for (target, st) in alphas {
         let (status, reason, message) = if st.verdict {
             (
                 "True",
@@ -119,7 +135,7 @@ fn desired(index: &SharedIndex, hub: &Hub) -> BTreeMap<Target, Desired> {
             )
         };
         out.insert(
-            Target::Objective(group, ns, name),
+            target,
             Desired {
                 status,
                 reason,
@@ -221,6 +237,25 @@ impl StatusWriter {
                 Api::<EpcResource>::namespaced(self.client.clone(), ns)
                     .patch_status(name, &pp, &Patch::Apply(body))
                     .await?;
+            }
+            Target::Rewrite(group, ns, name) => {
+                let body = |av: &str| json!({"apiVersion": av, "kind": "InferenceModelRewrite", "status": {"conditions": [condition(d)]}});
+                match group {
+                    AlphaGroup::XK8s => {
+                        Api::<x_k8s::InferenceModelRewrite>::namespaced(self.client.clone(), ns)
+                            .patch_status(
+                                name,
+                                &pp,
+                                &Patch::Apply(body("inference.networking.x-k8s.io/v1alpha2")),
+                            )
+                            .await?;
+                    }
+                    AlphaGroup::LlmD => {
+                        Api::<llm_d::InferenceModelRewrite>::namespaced(self.client.clone(), ns)
+                            .patch_status(name, &pp, &Patch::Apply(body("llm-d.ai/v1alpha2")))
+                            .await?;
+                    }
+                }
             }
             Target::Objective(group, ns, name) => {
                 let body = |av: &str| json!({"apiVersion": av, "kind": "InferenceObjective", "status": {"conditions": [condition(d)]}});

@@ -417,3 +417,40 @@ async fn only_the_leader_writes_status_and_a_new_leader_takes_over_when_the_leas
     })
     .await;
 }
+
+#[tokio::test]
+async fn rewrites_are_pending_without_their_pool_and_accepted_with_it() {
+    let api = fake().await;
+    api.create(
+        &rewrites(),
+        "ns",
+        json!({"metadata": {"name": "alias"}, "spec": {"poolRef": {"name": "pool"},
+            "rules": [{"targets": [{"modelRewrite": "llama", "weight": 1}]}]}}),
+    )
+    .unwrap();
+    let (_leader_tx, leader) = watch::channel(true);
+    let _ctl = start_controller(&api, Some(leader));
+    eventually("rewrite Pending while the pool is missing", || {
+        api.get(&rewrites(), "ns", "alias")
+            .and_then(|o| accepted(&o))
+            .is_some_and(|(s, r, m)| s == "False" && r == "Pending" && m.contains("ns/pool"))
+    })
+    .await;
+    api.create(&pools(), "ns", pool_obj()).unwrap();
+    eventually("rewrite Accepted once the pool exists", || {
+        api.get(&rewrites(), "ns", "alias")
+            .and_then(|o| accepted(&o))
+            .is_some_and(|(s, r, _)| s == "True" && r == "Accepted")
+    })
+    .await;
+    let obj = api.get(&rewrites(), "ns", "alias").unwrap();
+    let cond = &obj["status"]["conditions"][0];
+    assert_eq!(cond["observedGeneration"], obj["metadata"]["generation"]);
+    let managers = api.managers(&rewrites(), "ns", "alias");
+    assert!(
+        managers
+            .get("sluice-controller")
+            .is_some_and(|p| p.iter().any(|p| p.starts_with("status."))),
+        "status is written by server-side apply under sluice's field manager: {managers:?}"
+    );
+}
