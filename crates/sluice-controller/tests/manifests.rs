@@ -81,3 +81,39 @@ fn the_base_installs_the_crds_from_crds_not_from_a_copy() {
         "manifests/base/crds/ is gone (it was a copy of crds/ that drifted)"
     );
 }
+
+/// The example pool and the file-mode demo are valid input for the controller: every
+/// document parses, every EndpointPickerConfig passes the pickers' loader, and each pool
+/// compiles to a publishable config.
+#[test]
+fn example_and_demo_manifests_compile() {
+    use sluice_controller::files::{parse_manifests, sync_index};
+    use sluice_controller::index::{Compiled, Index};
+    for dir in ["manifests/examples", "manifests/demo"] {
+        let mut text = String::new();
+        for entry in std::fs::read_dir(root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                text.push_str(&std::fs::read_to_string(&path).unwrap());
+                text.push_str("\n---\n");
+            }
+        }
+        let (set, errors) = parse_manifests(&text, dir);
+        assert!(errors.is_empty(), "{dir}: {errors:?}");
+        assert!(!set.pools.is_empty(), "{dir} defines a pool");
+        let mut index = Index::new(sluice_controller::default_validator());
+        sync_index(&mut index, &set);
+        for (pool, compiled) in index.compile_dirty() {
+            assert!(
+                matches!(compiled, Compiled::Publish(_)),
+                "{dir}: pool {pool} does not compile: {compiled:?}"
+            );
+        }
+        assert_eq!(
+            index.invalid_config_count(),
+            0,
+            "{dir}: {:?}",
+            index.epc_verdicts()
+        );
+    }
+}
