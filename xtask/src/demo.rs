@@ -1,7 +1,14 @@
-//! `cargo xtask demo`: builds the release binaries, starts a simulated fleet, sluice-picker
-//! (standalone mode, TLS on its gRPC port) and Envoy on free loopback ports, drives a mixed
-//! workload through Envoy with `sluice-sim load`, and prints the load generator's summary
-//! (requests, goodput, TTFT/TPOT percentiles, requests per endpoint) plus the picker's view.
+//! `cargo xtask demo`: builds the release binaries, starts a simulated fleet, then
+//! sluice-controller in file mode (`--manifests DIR`: an InferencePool, one Pod per simulator
+//! with `status.podIP` 127.0.0.1 and the active-ports annotation naming its port, and an
+//! InferenceObjective), two sluice-pickers subscribed to the controller's config stream
+//! (TLS on their ext_proc ports), and one Envoy load-balancing ext_proc over both pickers, on
+//! free loopback ports. It drives a mixed workload through Envoy with `sluice-sim load` and
+//! prints the load generator's summary (requests, goodput, TTFT/TPOT percentiles, requests
+//! per endpoint), each picker's view and the controller's.
+//!
+//! While it runs, edit the files in the printed manifests directory (remove a Pod, change an
+//! objective, add an EndpointPickerConfig): the pickers follow within a second.
 
 // The report is the product of this tool: it goes to stdout.
 #![allow(clippy::print_stdout)]
@@ -132,6 +139,22 @@ pub fn render_envoy(
     tls: bool,
     full_duplex: bool,
 ) -> Result<String> {
+    render_envoy_multi(root, listen, admin, &[extproc], tls, full_duplex)
+}
+
+/// Like [`render_envoy`] with several pickers in the `ext_proc` cluster (Envoy balances
+/// requests over them with its LEAST_REQUEST policy).
+pub fn render_envoy_multi(
+    root: &Path,
+    listen: u16,
+    admin: u16,
+    extproc: &[u16],
+    tls: bool,
+    full_duplex: bool,
+) -> Result<String> {
+    let Some(&first) = extproc.first() else {
+        bail!("Envoy needs at least one ext_proc port");
+    };
     let tmpl_path = root.join("manifests/envoy/envoy-picker.yaml.tmpl");
     let tmpl = std::fs::read_to_string(&tmpl_path)
         .with_context(|| format!("reading {}", tmpl_path.display()))?;
@@ -145,12 +168,40 @@ pub fn render_envoy(
     } else {
         ("BUFFERED", "SKIP")
     };
+    // The template has one ext_proc endpoint; repeat its `- endpoint:` block per extra port.
+    let tmpl = match extproc.get(1..).filter(|rest| !rest.is_empty()) {
+        None => tmpl,
+        Some(rest) => {
+            let lines: Vec<&str> = tmpl.lines().collect();
+            let Some(at) = lines.iter().position(|l| l.contains("{{EXTPROC_PORT}}")) else {
+                bail!("{} has no {{{{EXTPROC_PORT}}}} line", tmpl_path.display());
+            };
+            let start = lines[..at]
+                .iter()
+                .rposition(|l| l.trim_start().starts_with("- endpoint:"))
+                .with_context(|| {
+                    format!(
+                        "{}: no `- endpoint:` before the ext_proc port",
+                        tmpl_path.display()
+                    )
+                })?;
+            let block = lines[start..=at].join("\n");
+            let extra: Vec<String> = rest
+                .iter()
+                .map(|p| block.replace("{{EXTPROC_PORT}}", &p.to_string()))
+                .collect();
+            let mut out: Vec<String> = lines[..=at].iter().map(|l| (*l).to_owned()).collect();
+            out.extend(extra);
+            out.extend(lines[at + 1..].iter().map(|l| (*l).to_owned()));
+            out.join("\n") + "\n"
+        }
+    };
     Ok(tmpl
         .replace("{{FAIL_OPEN_DESTINATION}}", "")
         .replace("{{ACCESS_LOG}}", "")
         .replace("{{ADMIN_PORT}}", &admin.to_string())
         .replace("{{LISTEN_PORT}}", &listen.to_string())
-        .replace("{{EXTPROC_PORT}}", &extproc.to_string())
+        .replace("{{EXTPROC_PORT}}", &first.to_string())
         .replace("{{FAILURE_MODE_ALLOW}}", "false")
         .replace("{{REQUEST_BODY_MODE}}", body)
         .replace("{{RESPONSE_BODY_MODE}}", body)
@@ -158,16 +209,56 @@ pub fn render_envoy(
         .replace("{{EXTPROC_TLS}}", tls_block))
 }
 
+/// The pool the demo's controller publishes and its pickers subscribe to.
+const POOL_NAMESPACE: &str = "default";
+/// The demo pool's name.
+const POOL_NAME: &str = "demo";
+/// How many pickers subscribe to the controller.
+const PICKERS: usize = 2;
+
+/// The manifests file mode reads: the pool over every simulator port, one Pod per simulator
+/// (podIP 127.0.0.1; endpoints are podIP:targetPort, so the active-ports annotation keeps
+/// each Pod to its own simulator), and a sheddable objective.
+pub fn demo_manifests(base: u16, servers: usize) -> String {
+    let ports: Vec<String> = (0..servers as u16)
+        .map(|i| format!("{{number: {}}}", base + i))
+        .collect();
+    let mut docs = vec![format!(
+        "# sluice demo: edit me while the demo runs; the pickers follow within a second.\n\
+         apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\n\
+         metadata: {{name: {POOL_NAME}, namespace: {POOL_NAMESPACE}}}\nspec:\n  \
+         selector: {{matchLabels: {{app: sim}}}}\n  targetPorts: [{}]\n  \
+         endpointPickerRef: {{name: sluice-picker, port: {{number: 9002}}}}\n",
+        ports.join(", ")
+    )];
+    for i in 0..servers as u16 {
+        docs.push(format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: sim-{i}\n  namespace: {POOL_NAMESPACE}\n  \
+             labels: {{app: sim, inference.networking.k8s.io/engine-type: vllm}}\n  \
+             annotations: {{inference.networking.k8s.io/active-ports: \"{}\"}}\n\
+             status:\n  podIP: 127.0.0.1\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+            base + i
+        ));
+    }
+    docs.push(format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
+         metadata: {{name: batch, namespace: {POOL_NAMESPACE}}}\nspec: {{priority: -1, poolRef: {{name: {POOL_NAME}}}}}\n"
+    ));
+    docs.join("---\n")
+}
+
 /// Runs the demo.
 pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     if !args.no_build {
-        eprintln!("demo: building release binaries (sluice-picker, sluice-sim)");
+        eprintln!("demo: building release binaries (sluice-controller, sluice-picker, sluice-sim)");
         let status = Command::new(&cargo)
             .current_dir(root)
             .args([
                 "build",
                 "--release",
+                "-p",
+                "sluice-controller",
                 "-p",
                 "sluice-picker",
                 "-p",
@@ -194,15 +285,11 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     }
 
     let run_dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir)?;
+    let manifests = run_dir.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
     let base = free_port_run(args.servers)?;
-    let (grpc, health, metrics, listen, admin) = (
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-    );
+    let (ctl_grpc, ctl_http, listen, admin) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
 
     let mut sim = Proc::spawn(
         "sluice-sim fleet",
@@ -215,10 +302,9 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         ]),
         run_dir.join("sim.log"),
     )?;
-    let endpoints: Vec<String> = (0..args.servers as u16)
-        .map(|i| format!("127.0.0.1:{}", base + i))
+    let sim_addrs: Vec<SocketAddr> = (0..args.servers as u16)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], base + i)))
         .collect();
-    let sim_addrs: Vec<SocketAddr> = endpoints.iter().filter_map(|e| e.parse().ok()).collect();
     wait_for(
         "the simulated fleet",
         Duration::from_secs(20),
@@ -230,34 +316,78 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         },
     )?;
 
-    let mut picker = Proc::spawn(
-        "sluice-picker",
-        Command::new(bin("sluice-picker")).args([
-            "--endpoints",
-            &endpoints.join(","),
-            "--bind-address",
-            "127.0.0.1",
-            "--grpc-port",
-            &grpc.to_string(),
-            "--grpc-health-port",
-            &health.to_string(),
-            "--metrics-port",
-            &metrics.to_string(),
-        ]),
-        run_dir.join("picker.log"),
+    std::fs::write(
+        manifests.join("demo.yaml"),
+        demo_manifests(base, args.servers),
     )?;
-    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics));
+    let mut controller = Proc::spawn(
+        "sluice-controller",
+        Command::new(bin("sluice-controller"))
+            .arg("--manifests")
+            .arg(&manifests)
+            .args([
+                "--grpc-addr",
+                &format!("127.0.0.1:{ctl_grpc}"),
+                "--metrics-addr",
+                &format!("127.0.0.1:{ctl_http}"),
+            ]),
+        run_dir.join("controller.log"),
+    )?;
+    let ctl_http_addr = SocketAddr::from(([127, 0, 0, 1], ctl_http));
     wait_for(
-        "sluice-picker",
+        "sluice-controller /readyz",
         Duration::from_secs(20),
-        &mut [&mut sim, &mut picker],
-        || http_get(metrics_addr, "/metrics").is_some(),
+        &mut [&mut sim, &mut controller],
+        || http_get(ctl_http_addr, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")),
     )?;
 
+    let mut pickers = Vec::with_capacity(PICKERS);
+    for i in 0..PICKERS {
+        let (grpc, health, metrics) = (free_port()?, free_port()?, free_port()?);
+        let p = Proc::spawn(
+            "sluice-picker",
+            Command::new(bin("sluice-picker")).args([
+                "--controller-address",
+                &format!("http://127.0.0.1:{ctl_grpc}"),
+                "--pool-namespace",
+                POOL_NAMESPACE,
+                "--pool-name",
+                POOL_NAME,
+                "--picker-id",
+                &format!("demo-picker-{i}"),
+                "--bind-address",
+                "127.0.0.1",
+                "--grpc-port",
+                &grpc.to_string(),
+                "--grpc-health-port",
+                &health.to_string(),
+                "--metrics-port",
+                &metrics.to_string(),
+            ]),
+            run_dir.join(format!("picker-{i}.log")),
+        )?;
+        pickers.push((p, grpc, SocketAddr::from(([127, 0, 0, 1], metrics))));
+    }
+    // Ready once the controller counts every picker in sync with the pool's config.
+    let in_sync = format!(
+        "sluice_controller_pickers_in_sync{{namespace=\"{POOL_NAMESPACE}\",pool=\"{POOL_NAME}\"}} {PICKERS}"
+    );
+    {
+        let mut procs: Vec<&mut Proc> = vec![&mut sim, &mut controller];
+        procs.extend(pickers.iter_mut().map(|(p, _, _)| p));
+        wait_for(
+            "both pickers to apply the controller's config",
+            Duration::from_secs(30),
+            &mut procs,
+            || http_get(ctl_http_addr, "/metrics").is_some_and(|m| m.lines().any(|l| l == in_sync)),
+        )?;
+    }
+
     let envoy_cfg = run_dir.join("envoy.yaml");
+    let extproc: Vec<u16> = pickers.iter().map(|(_, grpc, _)| *grpc).collect();
     std::fs::write(
         &envoy_cfg,
-        render_envoy(root, listen, admin, grpc, true, true)?,
+        render_envoy_multi(root, listen, admin, &extproc, true, true)?,
     )?;
     let mut envoy_proc = Proc::spawn(
         "envoy",
@@ -271,16 +401,27 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         run_dir.join("envoy.log"),
     )?;
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
-    wait_for(
-        "Envoy",
-        Duration::from_secs(30),
-        &mut [&mut sim, &mut picker, &mut envoy_proc],
-        || http_get(admin_addr, "/ready").is_some_and(|r| r.contains("LIVE")),
-    )?;
+    {
+        let mut procs: Vec<&mut Proc> = vec![&mut sim, &mut controller, &mut envoy_proc];
+        procs.extend(pickers.iter_mut().map(|(p, _, _)| p));
+        wait_for("Envoy", Duration::from_secs(30), &mut procs, || {
+            http_get(admin_addr, "/ready").is_some_and(|r| r.contains("LIVE"))
+        })?;
+    }
 
     eprintln!(
-        "demo: {} simulated servers on 127.0.0.1:{base}.., sluice-picker (TLS) on :{grpc}, Envoy on :{listen}; logs in {}",
+        "demo: {} simulated servers on 127.0.0.1:{base}.., sluice-controller (file mode) on :{ctl_grpc} \
+         (metrics :{ctl_http}), {PICKERS} sluice-pickers (TLS) on :{}, Envoy on :{listen}",
         args.servers,
+        extproc
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", :"),
+    );
+    eprintln!(
+        "demo: manifests in {} (edit them: the pickers follow); logs in {}",
+        manifests.display(),
         run_dir.display()
     );
     eprintln!(
@@ -295,14 +436,20 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         .arg(&workload)
         .status()
         .context("running sluice-sim load")?;
-    for p in [&mut sim, &mut picker, &mut envoy_proc] {
+    for p in [&mut sim, &mut controller, &mut envoy_proc] {
+        p.check()?;
+    }
+    for (p, _, _) in pickers.iter_mut() {
         p.check()?;
     }
     if !status.success() {
         bail!("sluice-sim load failed ({status})");
     }
-    if let Some(text) = http_get(metrics_addr, "/metrics") {
-        println!("\nsluice-picker decisions (inference_extension_scheduler_attempts_total):");
+    for (i, (_, _, metrics_addr)) in pickers.iter().enumerate() {
+        let Some(text) = http_get(*metrics_addr, "/metrics") else {
+            continue;
+        };
+        println!("\nsluice-picker {i} decisions (inference_extension_scheduler_attempts_total):");
         for line in text
             .lines()
             .filter(|l| l.starts_with("inference_extension_scheduler_attempts_total"))
@@ -318,5 +465,49 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
             }
         }
     }
+    if let Some(text) = http_get(ctl_http_addr, "/metrics") {
+        println!("\nsluice-controller:");
+        for line in text.lines().filter(|l| {
+            [
+                "sluice_controller_pool_config_version",
+                "sluice_controller_pickers",
+                "sluice_controller_picker_acks_total",
+                "sluice_controller_config_propagation_seconds_sum",
+                "sluice_controller_config_propagation_seconds_count",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        }) {
+            println!("  {line}");
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_balances_over_every_picker() {
+        let root = crate::project_root();
+        let one = render_envoy(&root, 1, 2, 3001, true, true).unwrap();
+        let two = render_envoy_multi(&root, 1, 2, &[3001, 3002], true, true).unwrap();
+        assert_eq!(one.matches("port_value: 3001").count(), 1);
+        assert_eq!(two.matches("port_value: 3001").count(), 1);
+        assert_eq!(two.matches("port_value: 3002").count(), 1);
+        assert_eq!(
+            two.matches("- endpoint:").count(),
+            one.matches("- endpoint:").count() + 1
+        );
+        assert!(!two.contains("{{"), "every placeholder is filled");
+    }
+
+    #[test]
+    fn demo_manifests_give_one_endpoint_per_simulator() {
+        let text = demo_manifests(7000, 3);
+        assert_eq!(text.matches("kind: Pod").count(), 3);
+        assert!(text.contains("targetPorts: [{number: 7000}, {number: 7001}, {number: 7002}]"));
+        assert!(text.contains("active-ports: \"7002\""));
+    }
 }
