@@ -9,12 +9,17 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use sluice_core::PoolRef;
 
+use tokio::sync::watch;
+
+use crate::config_client::{self, ConfigClientOptions};
 use crate::extproc::ServerOptions;
 use crate::metrics::Metrics;
 use crate::scrape::ScrapeSettings;
 use crate::server::{ServeConfig, serve};
 use crate::standalone;
-use crate::state::PickerState;
+use crate::state::{PickerOptions, PickerState};
+use sluice_predictor::{InProcessPredictor, PredictorConfig};
+use sluice_scheduling::plugins::slo::SloServices;
 use crate::tls::PemIdentity;
 
 /// sluice-picker: an Envoy ext_proc endpoint picker for inference pools.
@@ -71,9 +76,17 @@ pub struct Args {
     /// EndpointPickerConfig text.
     #[arg(long)]
     pub config_text: Option<String>,
-    /// The sluice controller's config gRPC address (controller mode).
+    /// The sluice controller's config gRPC address (controller mode), `http://host:port` or
+    /// `https://host:port` (a bare `host:port` means `http://`).
     #[arg(long)]
     pub controller_address: Option<String>,
+    /// PEM CA bundle that signs the controller's certificate (for an `https://` address).
+    #[arg(long)]
+    pub controller_ca_file: Option<PathBuf>,
+    /// This picker's identity on the controller's config stream (default: `POD_NAME`, then
+    /// the hostname).
+    #[arg(long, env = "POD_NAME")]
+    pub picker_id: Option<String>,
     /// The pool's namespace.
     #[arg(long, env = "NAMESPACE", default_value = "default")]
     pub pool_namespace: String,
@@ -90,6 +103,12 @@ pub struct Args {
     /// full-duplex or buffered.
     #[arg(long, default_value = "full-duplex")]
     pub default_body_mode: String,
+    /// SLO-aware routing: start the in-process latency predictor at start-up (its series
+    /// appear on /metrics) and, in standalone mode without --config-file/--config-text, route
+    /// with the predicted-latency profile (`slo_config()`). Requests carry their SLOs in
+    /// `x-slo-ttft-ms` / `x-slo-tpot-ms`.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_latency_predictor: bool,
     /// Log as JSON lines.
     #[arg(long, default_value_t = false)]
     pub log_json: bool,
@@ -141,7 +160,17 @@ pub async fn run(args: Args) -> Result<()> {
         namespace: args.pool_namespace.clone(),
         name: args.pool_name.clone(),
     };
-    let state = PickerState::new(metrics, Some(scrape), Some(pool.to_string()));
+    let options = PickerOptions {
+        slo: if args.enable_latency_predictor {
+            let predictor = InProcessPredictor::spawn(PredictorConfig::default())
+                .context("starting the latency predictor (--enable-latency-predictor)")?;
+            Some(SloServices::with_predictor(Arc::new(predictor)))
+        } else {
+            // The default services start a predictor only if a config uses the SLO plugins.
+            None
+        },
+    };
+    let state = PickerState::with_options(metrics, Some(scrape), Some(pool.to_string()), options);
 
     let config = match (&args.config_file, &args.config_text) {
         (Some(path), _) => {
@@ -151,8 +180,13 @@ pub async fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("in --config-file {}", path.display()))?
         }
         (None, Some(text)) => standalone::config_from_text(text).context("in --config-text")?,
+        (None, None) if args.enable_latency_predictor => {
+            sluice_scheduling::plugins::slo::slo_config()
+                .context("the built-in SLO routing config (--enable-latency-predictor)")?
+        }
         (None, None) => Default::default(),
     };
+    let mut controller = None;
     let endpoints = match (&args.endpoints, &args.endpoints_file) {
         (Some(list), _) => Some(standalone::endpoints_from_list(list, &args.pool_namespace)?),
         (None, Some(path)) => Some(standalone::endpoints_from_file(path, &args.pool_namespace)?),
@@ -169,11 +203,12 @@ pub async fn run(args: Args) -> Result<()> {
             "--endpoints/--endpoints-file (standalone) and --controller-address are exclusive"
         ),
         (None, Some(addr)) => {
-            // The controller client (config_client.rs) subscribes and calls
-            // PickerState::apply_snapshot; until it is wired the picker cannot serve.
-            bail!(
-                "--controller-address {addr}: controller mode is not available in this build; use --endpoints"
-            )
+            if args.config_file.is_some() || args.config_text.is_some() {
+                bail!(
+                    "--config-file/--config-text apply to standalone mode; with --controller-address the controller sends the EndpointPickerConfig"
+                );
+            }
+            controller = Some(controller_options(&args, addr, pool)?);
         }
         (None, None) => bail!(
             "no endpoints: give --endpoints HOST:PORT,..., --endpoints-file, or --controller-address"
@@ -203,7 +238,70 @@ pub async fn run(args: Args) -> Result<()> {
             ..Default::default()
         },
     };
-    serve(cfg, state, shutdown_signal(), |_| {}).await
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(opts) = controller {
+        // Health stays NOT_SERVING until the first snapshot from the controller is applied
+        // (server::track_readiness watches the applied version).
+        tokio::spawn(config_client::run(opts, apply_fn(state.clone()), stop_rx));
+    }
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    serve(cfg, state, shutdown, |_| {}).await
+}
+
+/// The function the controller's config client installs snapshots with: applies through
+/// [`PickerState::apply_snapshot`], and turns a refusal into the NACK text the controller
+/// shows (the previous snapshot keeps serving).
+pub fn apply_fn(
+    state: PickerState,
+) -> impl Fn(sluice_core::PoolSnapshot) -> Result<(), String> + Send + Sync + 'static {
+    move |snapshot| {
+        state
+            .apply_snapshot(snapshot)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Config-client settings from the flags: address scheme, TLS, pool and picker id.
+fn controller_options(args: &Args, addr: &str, pool: PoolRef) -> Result<ConfigClientOptions> {
+    let address = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let picker_id = args.picker_id.clone().unwrap_or_else(hostname);
+    let mut opts = ConfigClientOptions::new(address.clone(), pool, picker_id);
+    match (address.starts_with("https://"), &args.controller_ca_file) {
+        (true, Some(path)) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading --controller-ca-file {}", path.display()))?;
+            opts.tls = Some(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            );
+        }
+        (true, None) => bail!(
+            "--controller-address {address} uses TLS: give --controller-ca-file with the CA that signs the controller's certificate"
+        ),
+        (false, Some(_)) => bail!(
+            "--controller-ca-file is set but --controller-address {address} is not https://"
+        ),
+        (false, None) => {}
+    }
+    Ok(opts)
+}
+
+/// The host name (Kubernetes sets it to the pod name), for the default picker id.
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sluice-picker".to_string())
 }
 
 async fn shutdown_signal() {

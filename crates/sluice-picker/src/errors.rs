@@ -75,6 +75,8 @@ pub struct RequestError {
     pub code: ErrorCode,
     /// Why, in a sentence a user can act on.
     pub message: String,
+    /// Extra response headers (for example why flow control dropped the request).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl RequestError {
@@ -83,7 +85,14 @@ impl RequestError {
         RequestError {
             code,
             message: message.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds a response header to the error answer.
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
     }
 
     /// The body the client receives.
@@ -103,7 +112,12 @@ impl RequestError {
                     code: i32::from(self.code.http_status()),
                 }),
                 headers: Some(HeaderMutation {
-                    set_headers: vec![set_header("content-type", "text/plain; charset=utf-8")],
+                    set_headers: std::iter::once(set_header(
+                        "content-type",
+                        "text/plain; charset=utf-8",
+                    ))
+                    .chain(self.headers.iter().map(|(k, v)| set_header(k, v)))
+                    .collect(),
                     remove_headers: Vec::new(),
                 }),
                 body: self.body().into_bytes(),

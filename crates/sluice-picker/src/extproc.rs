@@ -17,6 +17,7 @@
 //! - request body `NONE`, or a request without a body: routed at the headers.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use futures::Stream;
 use rand::Rng;
+use sluice_flowcontrol::{Admission, AdmissionGuard, DROPPED_REASON_HEADER};
 use sluice_scheduling::{Candidate, LlmRequest, Outcome, ResponseChunk, Scheduled};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -183,6 +185,16 @@ where
             if this.done {
                 return Poll::Ready(None);
             }
+            if this.session.pending.is_some() {
+                // Nothing more is read from Envoy while flow control holds the request.
+                match this.session.poll_admission(cx, &mut this.out) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => {
+                        this.done = this.session.finished;
+                        continue;
+                    }
+                }
+            }
             match Pin::new(&mut this.inbound).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
@@ -225,6 +237,28 @@ struct Routed {
     incoming_model: String,
     target_model: String,
     first_target: Option<SocketAddr>,
+    /// Flow control's permit: held until the response completes.
+    admission: Option<AdmissionGuard>,
+}
+
+/// A parsed request, ready to schedule.
+#[derive(Debug)]
+struct Prepared {
+    loaded: Arc<Loaded>,
+    request: LlmRequest,
+    labels: ModelLabels,
+    incoming: String,
+    target: String,
+    body: Bytes,
+    body_eos: bool,
+    t0: Instant,
+}
+
+/// A request waiting in flow control.
+#[derive(Debug)]
+struct Pending {
+    prepared: Prepared,
+    admission: Admission,
 }
 
 #[derive(Debug, Default)]
@@ -258,6 +292,7 @@ pub struct Session {
     body: Vec<u8>,
     started: Instant,
     routed: Option<Routed>,
+    pending: Option<Pending>,
     resp: ResponseState,
     completed: bool,
     finished: bool,
@@ -281,6 +316,7 @@ impl Session {
             body: Vec::new(),
             started: Instant::now(),
             routed: None,
+            pending: None,
             resp: ResponseState::default(),
             completed: false,
             finished: false,
@@ -579,6 +615,7 @@ impl Session {
             incoming_model: String::new(),
             target_model: String::new(),
             first_target: Some(pick.endpoint.address),
+            admission: None,
         });
         Ok(mutation)
     }
@@ -691,8 +728,119 @@ impl Session {
                 return Err(e);
             }
         };
+        let flow_request = loaded.flow.as_ref().map(|fc| {
+            fc.request_from_headers(priority, body.len() as u64, |name| {
+                request
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            })
+        });
+        let prepared = Prepared {
+            loaded,
+            request,
+            labels,
+            incoming,
+            target,
+            body,
+            body_eos,
+            t0,
+        };
+        match (prepared.loaded.flow.clone(), flow_request) {
+            (Some(fc), Some(fr)) => {
+                // Wait for flow control; SessionStream polls the admission before reading
+                // anything else from Envoy. Dropping the session leaves the queue.
+                self.pending = Some(Pending {
+                    admission: fc.admit_owned(fr),
+                    prepared,
+                });
+                Ok(())
+            }
+            _ => self.dispatch(prepared, Some(cands), None, out),
+        }
+    }
+
+    /// Whether the request waits for flow control.
+    pub fn is_waiting_for_admission(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Polls a pending flow-control admission: once it resolves, schedules the request
+    /// (or answers with the drop status and reason) and appends the answers to `out`.
+    /// `Ready` at once when nothing is pending.
+    pub fn poll_admission(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<ProcessingResponse>,
+    ) -> Poll<()> {
+        let Some(pending) = &mut self.pending else {
+            return Poll::Ready(());
+        };
+        let result = match Pin::new(&mut pending.admission).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        let Some(Pending { prepared, .. }) = self.pending.take() else {
+            return Poll::Ready(());
+        };
+        let result = match result {
+            Ok(guard) => self.dispatch(prepared, None, Some(guard), out),
+            Err(outcome) => {
+                let status = outcome.http_status();
+                let code = ErrorCode::from_http_status(status);
+                self.state
+                    .metrics()
+                    .request_error_total
+                    .get_or_create(&error_labels(&prepared.labels, code.as_str()))
+                    .inc();
+                Err(RequestError::new(code, outcome.to_string())
+                    .with_header(DROPPED_REASON_HEADER, outcome.reason()))
+            }
+        };
+        if let Err(e) = result {
+            self.reject(&e, out);
+        }
+        Poll::Ready(())
+    }
+
+    /// Schedules a prepared request and answers Envoy with the routing mutation. `cands` are
+    /// recomputed when the request waited in flow control (metrics moved meanwhile).
+    fn dispatch(
+        &mut self,
+        prepared: Prepared,
+        cands: Option<Vec<Candidate>>,
+        admission: Option<AdmissionGuard>,
+        out: &mut VecDeque<ProcessingResponse>,
+    ) -> Result<(), RequestError> {
+        let Prepared {
+            loaded,
+            request,
+            labels,
+            incoming,
+            target,
+            body,
+            body_eos,
+            t0,
+        } = prepared;
+        let metrics = Arc::clone(self.state.metrics());
+        let cands = match cands {
+            Some(c) => c,
+            None => match self.candidates(&loaded) {
+                Ok(c) => c,
+                Err(e) => {
+                    metrics
+                        .request_error_total
+                        .get_or_create(&error_labels(&labels, e.code.as_str()))
+                        .inc();
+                    return Err(e);
+                }
+            },
+        };
         let sched_start = Instant::now();
-        let scheduled = loaded.router.schedule(&request, &cands);
+        let scheduled = loaded
+            .router
+            .schedule(&request, &cands, loaded.flow.is_none());
         metrics
             .scheduler_e2e
             .observe(sched_start.elapsed().as_secs_f64());
@@ -773,6 +921,7 @@ impl Session {
             incoming_model: incoming,
             target_model: target,
             first_target,
+            admission,
         });
         self.phase = Phase::Routed;
         metrics
@@ -943,6 +1092,13 @@ impl Session {
         }
         if let Some(s) = &mut r.scheduled {
             r.loaded.router.complete(&r.request, s, outcome.clone());
+        }
+        if r.admission.take().is_some()
+            && let Some(fc) = &r.loaded.flow
+        {
+            // The permit is back and the endpoint's in-flight count dropped: the next
+            // queued request may go.
+            fc.capacity_changed();
         }
         let Some(labels) = &r.labels else { return };
         let m = self.state.metrics();

@@ -15,8 +15,8 @@
 //! # Feeding configuration: [`PickerState`]
 //!
 //! The picker routes with one [`PoolSnapshot`](sluice_core::PoolSnapshot) at a time.
-//! Whoever produces snapshots (standalone flags today, the controller's gRPC stream in
-//! `config_client`) calls:
+//! Whoever produces snapshots (standalone flags, or the controller's gRPC stream in
+//! [`config_client`], see [`cli::apply_fn`]) calls:
 //!
 //! ```ignore
 //! let state: PickerState = /* shared handle, Clone */;
@@ -52,6 +52,7 @@
 //!   picker (ties at random); upstream picks uniformly at random.
 
 pub mod cli;
+pub mod config_client;
 pub mod errors;
 pub mod extproc;
 pub mod metrics;
@@ -66,5 +67,8 @@ pub mod standalone;
 pub mod state;
 pub mod tls;
 
+/// The Envoy protobuf types sessions speak, for callers that drive [`extproc::Session`]s
+/// directly (tests, benchmarks).
+pub use envoy_types;
 pub use extproc::{ExtProcService, ServerOptions};
 pub use state::{Applied, ApplyError, PickerState};

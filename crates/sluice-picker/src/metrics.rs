@@ -192,7 +192,8 @@ macro_rules! hist_ctor {
 /// Every series the picker exports, registered in one registry.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
+    /// Locked only to register late series and to encode a scrape, never on the request path.
+    registry: parking_lot::Mutex<Registry>,
     /// `inference_objective_request_total`.
     pub request_total: Family<PriorityLabels, Counter>,
     /// `inference_objective_request_error_total`.
@@ -291,7 +292,7 @@ impl Metrics {
             endpoint_in_flight: Family::default(),
             config_version: Gauge::default(),
             config_rejected: Counter::default(),
-            registry: Registry::default(),
+            registry: parking_lot::Mutex::new(Registry::default()),
         };
         // Counters get `_total` appended by the encoder.
         r.register("inference_objective_request", "[ALPHA] Counter of inference objective requests broken out for each model and target model", m.request_total.clone());
@@ -397,15 +398,24 @@ impl Metrics {
                 build_ref: env!("CARGO_PKG_VERSION").to_string(),
             })
             .set(1);
-        Metrics { registry: r, ..m }
+        Metrics {
+            registry: parking_lot::Mutex::new(r),
+            ..m
+        }
     }
 
     /// The Prometheus text exposition of every series.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry.lock());
         out
+    }
+
+    /// Adds series owned by other components (SLO routing, flow control) to the exported
+    /// registry. Call once per component, at start-up.
+    pub fn register_with(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock());
     }
 }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use rand::Rng;
 use sluice_core::EndpointPickerConfig;
 use sluice_scheduling::{
-    Candidate, LlmRequest, Outcome, ResponseChunk, ScheduleError, Scheduled, Scheduler,
+    Candidate, LlmRequest, Outcome, Registry, ResponseChunk, ScheduleError, Scheduled,
+    Scheduler, SchedulerOptions, SharedState,
 };
 
 use crate::state::EndpointRuntime;
@@ -21,11 +22,32 @@ pub struct Router {
 
 impl Router {
     /// Validates `cfg` and builds its plugins (an empty config means upstream's default
-    /// profile: queue 2, KV cache 2, prefix cache 3, max-score picker).
-    pub fn build(cfg: &EndpointPickerConfig) -> Result<Router, String> {
-        Scheduler::from_config(cfg)
+    /// profile: queue 2, KV cache 2, prefix cache 3, max-score picker). `shared` is the
+    /// pool's [`SharedState`]: passing the same one to every rebuild keeps the prefix index
+    /// and the SLO running-request queues across config changes.
+    pub fn build(
+        cfg: &EndpointPickerConfig,
+        registry: &Registry,
+        shared: &SharedState,
+    ) -> Result<Router, String> {
+        let options = SchedulerOptions {
+            shared: shared.clone(),
+            ..SchedulerOptions::default()
+        };
+        Scheduler::from_config_with(cfg, registry, options)
             .map(|scheduler| Router { scheduler })
             .map_err(|e| e.to_string())
+    }
+
+    /// The scheduler (for its configured plugins and detector).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// Pool saturation per the configured detector (`utilization-detector` unless the
+    /// config names another): what flow control gates dispatch on.
+    pub fn saturation(&self, candidates: &[Candidate]) -> f64 {
+        self.scheduler.saturation(candidates)
     }
 
     /// Tells plugins with per-endpoint state which endpoints remain.
@@ -35,14 +57,18 @@ impl Router {
         self.scheduler.retain_endpoints(&|k| keys.contains(k));
     }
 
-    /// Admission (legacy: sheddable requests are refused when the pool is saturated), then
-    /// the scheduling cycle, then the PreRequest hooks (which count the request in flight).
+    /// Admission (legacy: sheddable requests are refused when the pool is saturated; skipped
+    /// with `legacy_admit == false`, when flow control has admitted the request), then the
+    /// scheduling cycle, then the PreRequest hooks (which count the request in flight).
     pub fn schedule(
         &self,
         request: &LlmRequest,
         candidates: &[Candidate],
+        legacy_admit: bool,
     ) -> Result<Scheduled, ScheduleError> {
-        self.scheduler.legacy_admit(request, candidates)?;
+        if legacy_admit {
+            self.scheduler.legacy_admit(request, candidates)?;
+        }
         let mut scheduled = self.scheduler.schedule(request, candidates)?;
         self.scheduler.pre_request(request, &mut scheduled);
         Ok(scheduled)

@@ -53,6 +53,7 @@ pub struct Scraper {
     settings: Arc<ScrapeSettings>,
     client: Client<HttpConnector, Empty<Bytes>>,
     metrics: Arc<Metrics>,
+    capacity: Option<crate::state::CapacitySignal>,
 }
 
 impl Scraper {
@@ -69,7 +70,15 @@ impl Scraper {
             settings: Arc::new(settings),
             client,
             metrics,
+            capacity: None,
         }
+    }
+
+    /// Wakes the flow controller found in `signal` after every successful scrape (fresh
+    /// metrics may have opened its saturation gate).
+    pub fn with_capacity_signal(mut self, signal: crate::state::CapacitySignal) -> Self {
+        self.capacity = Some(signal);
+        self
     }
 
     /// Starts scraping `endpoint` if a Tokio runtime is running (it is in the picker; unit
@@ -148,6 +157,10 @@ impl ScrapeTask {
                     }
                     if extracted.fields_found > 0 {
                         endpoint.record_scrape(extracted.metrics, started);
+                        if let Some(fc) = self.this.capacity.as_ref().and_then(|c| c.load_full())
+                        {
+                            fc.capacity_changed();
+                        }
                     }
                     if failing {
                         tracing::info!(endpoint = %endpoint.endpoint.key, "metrics scrape recovered");

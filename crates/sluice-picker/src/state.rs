@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 use sluice_core::{Endpoint, EndpointKey, EndpointMetrics, PoolSnapshot};
-use sluice_scheduling::{Candidate, InFlightCounters};
+use sluice_flowcontrol::{FlowControlConfig, FlowController, FlowMetrics, FnSaturation};
+use sluice_scheduling::plugins::slo::SloServices;
+use sluice_scheduling::{Candidate, InFlightCounters, Registry, SharedState};
 use tokio::sync::watch;
 
 use crate::metrics::{EndpointLabels, Metrics};
@@ -94,6 +96,9 @@ pub struct Loaded {
     pub router: Router,
     /// The endpoints, in snapshot order.
     pub endpoints: Vec<Arc<EndpointRuntime>>,
+    /// The flow controller, when the config's `flowControl` feature gate is on. Kept across
+    /// snapshots while its configuration stays the same, so queued requests stay queued.
+    pub flow: Option<FlowController>,
     by_address: HashMap<SocketAddr, usize>,
     by_key: HashMap<EndpointKey, usize>,
 }
@@ -183,6 +188,25 @@ struct Inner {
     scraper: Option<Scraper>,
     pool_name: Option<String>,
     version_tx: watch::Sender<u64>,
+    /// Plugin types the scheduler builds from (the controller validates with the same).
+    registry: Registry,
+    /// The pool's scheduler state that outlives one config (prefix index, SLO queues).
+    shared: SharedState,
+    /// Flow-control series, registered once and shared by every controller built.
+    flow_metrics: Arc<FlowMetrics>,
+    /// The live flow controller (if any), for the scraper's "capacity may have changed".
+    flow_signal: CapacitySignal,
+}
+
+/// Where the scraper finds the flow controller to wake after fresh metrics.
+pub type CapacitySignal = Arc<ArcSwapOption<FlowController>>;
+
+/// Start-up choices of a [`PickerState`] beyond metrics, scraping and pool.
+#[derive(Debug, Default)]
+pub struct PickerOptions {
+    /// The SLO-routing services (latency predictor, SLO metrics). `None` installs the
+    /// defaults, whose in-process predictor starts on the first prediction.
+    pub slo: Option<SloServices>,
 }
 
 impl PickerState {
@@ -194,17 +218,62 @@ impl PickerState {
         scrape: Option<ScrapeSettings>,
         pool: Option<String>,
     ) -> Self {
+        Self::with_options(metrics, scrape, pool, PickerOptions::default())
+    }
+
+    /// [`PickerState::new`] with explicit [`PickerOptions`]. Registers the SLO and
+    /// flow-control series in `metrics` (so build one state per `Metrics`).
+    pub fn with_options(
+        metrics: Arc<Metrics>,
+        scrape: Option<ScrapeSettings>,
+        pool: Option<String>,
+        options: PickerOptions,
+    ) -> Self {
         let (version_tx, _) = watch::channel(0);
+        let shared = SharedState::default();
+        let slo = SloServices::install(&shared, options.slo.unwrap_or_default());
+        let flow_metrics = FlowMetrics::new(100);
+        let pool_label = pool
+            .as_deref()
+            .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
+            .unwrap_or_default();
+        metrics.register_with(|r| {
+            slo.metrics().register(r);
+            flow_metrics.register(
+                r.sub_registry_with_prefix("inference_extension")
+                    .sub_registry_with_label((
+                        std::borrow::Cow::Borrowed("inference_pool"),
+                        std::borrow::Cow::Owned(pool_label),
+                    )),
+            );
+        });
+        let flow_signal: CapacitySignal = Arc::new(ArcSwapOption::empty());
         PickerState {
             inner: Arc::new(Inner {
                 current: ArcSwapOption::empty(),
                 apply_lock: Mutex::new(()),
-                scraper: scrape.map(|s| Scraper::new(s, Arc::clone(&metrics))),
+                scraper: scrape.map(|s| {
+                    Scraper::new(s, Arc::clone(&metrics)).with_capacity_signal(flow_signal.clone())
+                }),
                 metrics,
                 pool_name: pool,
                 version_tx,
+                registry: Registry::with_builtins(),
+                shared,
+                flow_metrics,
+                flow_signal,
             }),
         }
+    }
+
+    /// The pool's [`SharedState`] (the SLO services live there).
+    pub fn shared(&self) -> &SharedState {
+        &self.inner.shared
+    }
+
+    /// The SLO-routing services every scheduler of this picker uses.
+    pub fn slo(&self) -> Arc<SloServices> {
+        SloServices::from_shared(&self.inner.shared)
     }
 
     /// The metrics registry shared by everything in this picker.
@@ -285,13 +354,17 @@ impl PickerState {
             .filter(|o| o.snapshot.picker_config == snapshot.picker_config)
         {
             Some(o) => o.router.clone(),
-            None => {
-                Router::build(&snapshot.picker_config).map_err(|message| ApplyError::Config {
-                    version: snapshot.version,
-                    message,
-                })?
-            }
+            None => Router::build(
+                &snapshot.picker_config,
+                &self.inner.registry,
+                &self.inner.shared,
+            )
+            .map_err(|message| ApplyError::Config {
+                version: snapshot.version,
+                message,
+            })?,
         };
+        let flow = self.flow_controller(&snapshot, old.as_deref())?;
         let endpoints: Vec<Arc<EndpointRuntime>> = snapshot
             .endpoints
             .iter()
@@ -315,16 +388,74 @@ impl PickerState {
             snapshot: Arc::new(snapshot),
             router,
             endpoints,
+            flow: flow.clone(),
             by_address,
             by_key,
         };
         self.inner.current.store(Some(Arc::new(loaded)));
+        self.inner.flow_signal.store(flow.map(Arc::new));
+        if let Some(fc) = self.inner.flow_signal.load().as_deref() {
+            // New endpoints or a new detector may have opened the gate.
+            fc.capacity_changed();
+        }
         self.inner
             .metrics
             .config_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
         self.inner.version_tx.send_replace(version);
         Ok(Applied::Swapped)
+    }
+
+    /// The flow controller `snapshot` asks for: none without the `flowControl` feature gate,
+    /// the running one when its configuration is unchanged, else a new one whose gate is the
+    /// scheduler's saturation detector over the pool's current endpoints.
+    fn flow_controller(
+        &self,
+        snapshot: &PoolSnapshot,
+        old: Option<&Loaded>,
+    ) -> Result<Option<FlowController>, ApplyError> {
+        let config = FlowControlConfig::from_picker_config(&snapshot.picker_config).map_err(
+            |e| ApplyError::Config {
+                version: snapshot.version,
+                message: format!("flowControl: {e}"),
+            },
+        )?;
+        let Some(config) = config else {
+            return Ok(None);
+        };
+        if let Some(fc) = old.and_then(|o| o.flow.as_ref())
+            && *fc.config() == config
+        {
+            return Ok(Some(fc.clone()));
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ApplyError::Config {
+                version: snapshot.version,
+                message: "flow control needs a running Tokio runtime for its dispatcher".into(),
+            });
+        }
+        // The gate reads whatever snapshot is current at dispatch time (a weak handle: the
+        // controller lives inside the state it reads, so a strong one would be a cycle).
+        let weak = Arc::downgrade(&self.inner);
+        let weak2 = weak.clone();
+        let saturation = FnSaturation::new(
+            move |_in_flight| {
+                weak.upgrade()
+                    .and_then(|i| i.current.load_full())
+                    .map_or(0.0, |l| l.router.saturation(&l.candidates(Instant::now())))
+            },
+            move || {
+                weak2
+                    .upgrade()
+                    .and_then(|i| i.current.load_full())
+                    .is_some_and(|l| !l.endpoints.is_empty())
+            },
+        );
+        Ok(Some(FlowController::with_metrics(
+            config,
+            Arc::new(saturation),
+            Arc::clone(&self.inner.flow_metrics),
+        )))
     }
 
     /// Refreshes the pool-level gauges (ready pods, averages, per-pod queue) and per-endpoint
