@@ -8,7 +8,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+
+use parking_lot::RwLock;
 
 /// General latency buckets (seconds).
 const G: &[f64] = &[
@@ -252,6 +257,158 @@ pub struct Metrics {
     pub config_version: Gauge,
     /// `sluice_picker_config_rejected_total`: snapshots that failed validation.
     pub config_rejected: Counter,
+    /// Pre-resolved per-request series (see [`Metrics::model_series`]).
+    series: SeriesCache,
+}
+
+/// Most (model, target model, priority) combinations kept resolved. Model names come from
+/// clients, so the cache is bounded; past it, series are resolved per request (slower, same
+/// numbers).
+const MAX_CACHED_SERIES: usize = 512;
+/// Most endpoints kept resolved per [`ModelSeries`] for the scheduler-attempt counter.
+const MAX_CACHED_ATTEMPTS: usize = 256;
+
+/// The series one request touches for its (model, target model, priority), resolved once so
+/// that the hot path increments atomics instead of hashing label strings under a lock for
+/// every observation (a request touched up to ten families).
+#[derive(Debug)]
+pub struct ModelSeries {
+    /// The labels these series carry.
+    pub labels: ModelLabels,
+    /// The request's priority (part of `inference_objective_request_total`'s labels).
+    pub priority: i32,
+    /// `inference_objective_request_total{model_name, target_model_name, priority}`.
+    pub request_total: Counter,
+    /// `inference_objective_request_sizes`.
+    pub request_sizes: Histogram,
+    /// `inference_objective_request_duration_seconds`.
+    pub request_duration: Histogram,
+    /// `inference_objective_response_sizes`.
+    pub response_sizes: Histogram,
+    /// `inference_objective_input_tokens`.
+    pub input_tokens: Histogram,
+    /// `inference_objective_output_tokens`.
+    pub output_tokens: Histogram,
+    /// `inference_objective_prompt_cached_tokens`.
+    pub prompt_cached_tokens: Histogram,
+    /// `inference_objective_normalized_time_per_output_token_seconds`.
+    pub normalized_tpot: Histogram,
+    /// `inference_objective_running_requests{model_name}`.
+    pub running_requests: Gauge,
+    attempts: RwLock<Vec<AttemptSeries>>,
+}
+
+#[derive(Debug)]
+struct AttemptSeries {
+    pod: Arc<str>,
+    namespace: Arc<str>,
+    port: u16,
+    counter: Counter,
+}
+
+impl ModelSeries {
+    fn resolve(m: &Metrics, model: &str, target: &str, priority: i32) -> ModelSeries {
+        let labels = ModelLabels {
+            model_name: model.to_string(),
+            target_model_name: target.to_string(),
+        };
+        let h = |f: &HistFamily<ModelLabels>| f.get_or_create(&labels).clone();
+        ModelSeries {
+            priority,
+            request_total: m
+                .request_total
+                .get_or_create(&PriorityLabels {
+                    model_name: model.to_string(),
+                    target_model_name: target.to_string(),
+                    priority: priority.to_string(),
+                })
+                .clone(),
+            request_sizes: h(&m.request_sizes),
+            request_duration: h(&m.request_duration),
+            response_sizes: h(&m.response_sizes),
+            input_tokens: h(&m.input_tokens),
+            output_tokens: h(&m.output_tokens),
+            prompt_cached_tokens: h(&m.prompt_cached_tokens),
+            normalized_tpot: h(&m.normalized_tpot),
+            running_requests: m
+                .running_requests
+                .get_or_create(&ModelNameLabel {
+                    model_name: model.to_string(),
+                })
+                .clone(),
+            attempts: RwLock::new(Vec::new()),
+            labels,
+        }
+    }
+
+    fn is(&self, model: &str, target: &str, priority: i32) -> bool {
+        self.priority == priority
+            && self.labels.model_name == model
+            && self.labels.target_model_name == target
+    }
+
+    /// `inference_extension_scheduler_attempts_total{status="success", ...}` for a pick of
+    /// the endpoint `namespace/pod:port` (resolved once per endpoint).
+    pub fn attempt_success(
+        &self,
+        m: &Metrics,
+        pod: &Arc<str>,
+        namespace: &Arc<str>,
+        port: u16,
+    ) -> Counter {
+        let find = |v: &[AttemptSeries]| {
+            v.iter()
+                .find(|a| a.port == port && a.pod == *pod && a.namespace == *namespace)
+                .map(|a| a.counter.clone())
+        };
+        if let Some(c) = find(&self.attempts.read()) {
+            return c;
+        }
+        let counter = m
+            .scheduler_attempts
+            .get_or_create(&AttemptLabels {
+                status: "success".into(),
+                target_model_name: self.labels.target_model_name.clone(),
+                pod_name: pod.to_string(),
+                namespace: namespace.to_string(),
+                port: port.to_string(),
+            })
+            .clone();
+        let mut w = self.attempts.write();
+        if w.len() < MAX_CACHED_ATTEMPTS && find(&w).is_none() {
+            w.push(AttemptSeries {
+                pod: Arc::clone(pod),
+                namespace: Arc::clone(namespace),
+                port,
+                counter: counter.clone(),
+            });
+        }
+        counter
+    }
+}
+
+/// The keys are already hashes: hashing them again would only cost time.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[derive(Debug, Default)]
+struct SeriesCache {
+    hasher: std::hash::RandomState,
+    map: RwLock<HashMap<u64, Arc<ModelSeries>, BuildHasherDefault<IdentityHasher>>>,
 }
 
 impl Default for Metrics {
@@ -292,6 +449,7 @@ impl Metrics {
             endpoint_in_flight: Family::default(),
             config_version: Gauge::default(),
             config_rejected: Counter::default(),
+            series: SeriesCache::default(),
             registry: parking_lot::Mutex::new(Registry::default()),
         };
         // Counters get `_total` appended by the encoder.
@@ -404,6 +562,24 @@ impl Metrics {
         }
     }
 
+    /// The per-request series of (`model`, `target`, `priority`), resolved once and cached
+    /// (bounded; see `MAX_CACHED_SERIES`).
+    pub fn model_series(&self, model: &str, target: &str, priority: i32) -> Arc<ModelSeries> {
+        let key = self.series.hasher.hash_one((model, target, priority));
+        if let Some(s) = self.series.map.read().get(&key)
+            && s.is(model, target, priority)
+        {
+            return Arc::clone(s);
+        }
+        let resolved = Arc::new(ModelSeries::resolve(self, model, target, priority));
+        let mut map = self.series.map.write();
+        if map.len() < MAX_CACHED_SERIES {
+            // A hash collision keeps the first entry; the other combination stays uncached.
+            map.entry(key).or_insert_with(|| Arc::clone(&resolved));
+        }
+        resolved
+    }
+
     /// The Prometheus text exposition of every series.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
@@ -445,6 +621,72 @@ mod tests {
             "inference_extension_info{commit=",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn cached_series_count_under_the_same_labels_as_direct_lookups() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            let s = m.model_series("m", "m-lora", 2);
+            s.request_total.inc();
+            s.request_sizes.observe(100.0);
+            s.running_requests.inc();
+        }
+        m.model_series("m", "m-lora", 0).request_total.inc();
+        m.request_total
+            .get_or_create(&PriorityLabels {
+                model_name: "m".into(),
+                target_model_name: "m-lora".into(),
+                priority: "2".into(),
+            })
+            .inc();
+        let text = m.encode();
+        for want in [
+            r#"inference_objective_request_total{model_name="m",target_model_name="m-lora",priority="2"} 4"#,
+            r#"inference_objective_request_total{model_name="m",target_model_name="m-lora",priority="0"} 1"#,
+            r#"inference_objective_request_sizes_count{model_name="m",target_model_name="m-lora"} 3"#,
+            r#"inference_objective_running_requests{model_name="m"} 3"#,
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn series_past_the_cache_bound_still_count() {
+        let m = Metrics::new();
+        let n = MAX_CACHED_SERIES + 10;
+        for i in 0..n {
+            m.model_series(&format!("m{i}"), "t", 0).request_total.inc();
+        }
+        // Past the bound the series are resolved per call: counts must still accumulate.
+        let last = format!("m{}", n - 1);
+        m.model_series(&last, "t", 0).request_total.inc();
+        assert!(m.series.map.read().len() <= MAX_CACHED_SERIES);
+        let text = m.encode();
+        let want = format!(
+            r#"inference_objective_request_total{{model_name="{last}",target_model_name="t",priority="0"}} 2"#
+        );
+        assert!(text.contains(&want), "missing {want}");
+    }
+
+    #[test]
+    fn attempt_counters_are_per_endpoint() {
+        let m = Metrics::new();
+        let s = m.model_series("m", "t", 0);
+        let (pod_a, pod_b, ns): (Arc<str>, Arc<str>, Arc<str>) =
+            ("pod-a".into(), "pod-b".into(), "default".into());
+        s.attempt_success(&m, &pod_a, &ns, 8000).inc();
+        s.attempt_success(&m, &pod_a, &ns, 8000).inc();
+        s.attempt_success(&m, &pod_b, &ns, 8000).inc();
+        s.attempt_success(&m, &pod_a, &ns, 8001).inc();
+        let text = m.encode();
+        for want in [
+            r#"inference_extension_scheduler_attempts_total{status="success",target_model_name="t",pod_name="pod-a",namespace="default",port="8000"} 2"#,
+            r#"inference_extension_scheduler_attempts_total{status="success",target_model_name="t",pod_name="pod-b",namespace="default",port="8000"} 1"#,
+            r#"inference_extension_scheduler_attempts_total{status="success",target_model_name="t",pod_name="pod-a",namespace="default",port="8001"} 1"#,
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
         }
     }
 }
