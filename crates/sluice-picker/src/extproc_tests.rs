@@ -45,6 +45,21 @@ impl Fixture {
         rewrites: Vec<ModelRewriteRule>,
         opts: ServerOptions,
     ) -> Self {
+        Self::build(objectives, rewrites, opts, Default::default())
+    }
+
+    /// A fixture routing with the EndpointPickerConfig in `yaml`.
+    fn with_config(objectives: Vec<Objective>, yaml: &str) -> Self {
+        let cfg = standalone::config_from_text(yaml).unwrap();
+        Self::build(objectives, vec![], ServerOptions::default(), cfg)
+    }
+
+    fn build(
+        objectives: Vec<Objective>,
+        rewrites: Vec<ModelRewriteRule>,
+        opts: ServerOptions,
+        config: sluice_core::EndpointPickerConfig,
+    ) -> Self {
         let state = PickerState::new(Arc::new(Metrics::new()), None, None);
         let eps = [A, B]
             .iter()
@@ -60,7 +75,7 @@ impl Fixture {
             eps,
             objectives,
             rewrites,
-            Default::default(),
+            config,
         );
         state.apply_snapshot(snap).unwrap();
         let service = ExtProcService::new(state.clone(), opts);
@@ -726,3 +741,9 @@ fn snapshots_swap_without_disturbing_requests_in_flight() {
     let err = f.state.apply_snapshot(snap).unwrap_err();
     assert!(err.to_string().contains("not newer"), "{err}");
 }
+
+#[path = "extproc_flow_tests.rs"]
+mod flow;
+
+#[path = "extproc_slo_tests.rs"]
+mod slo;

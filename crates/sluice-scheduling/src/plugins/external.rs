@@ -1,5 +1,6 @@
 //! Plugin types that upstream configs declare but that other sluice components implement
-//! (parsers, data sources, the served-endpoint verifier), plus `inflight-load-producer`.
+//! (parsers, data sources, the served-endpoint verifier, flow-control policies), plus
+//! `inflight-load-producer`.
 //!
 //! The registry accepts them so that upstream configs load unchanged; the picker overrides
 //! the placeholders with [`Registry::replace`](crate::Registry::replace) when it implements
@@ -24,6 +25,16 @@ pub const EXTERNAL_TYPES: &[&str] = &[
     "endpoint-notification-source",
     "destination-endpoint-served-verifier",
     "request-attribute-reporter",
+    // Flow-control policies: sluice-flowcontrol reads them from the config's `plugins` by
+    // name (FlowControlConfig::from_picker_config); the scheduler only has to accept them.
+    "fcfs-ordering-policy",
+    "edf-ordering-policy",
+    "slo-deadline-ordering-policy",
+    "workload-aware-ordering-policy",
+    "global-strict-fairness-policy",
+    "round-robin-fairness-policy",
+    "static-usage-limit-policy",
+    "priority-holdback-policy",
 ];
 
 /// A plugin implemented outside the scheduler; it keeps its parameters for the component that

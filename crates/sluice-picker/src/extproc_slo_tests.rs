@@ -1,0 +1,154 @@
+//! SLO-aware routing through the picker: the predicted-latency profile (`slo_config()`),
+//! the picker's SLO services with an in-process predictor, and the scorer's running-request
+//! queues kept in the pool's shared state.
+
+use sluice_predictor::{Features, InProcessPredictor, PredictorConfig, TrainingSample};
+use sluice_scheduling::plugins::slo::{RunningRequests, SloServices, slo_config};
+
+use super::*;
+use crate::state::PickerOptions;
+
+struct SloFixture {
+    state: PickerState,
+    service: ExtProcService,
+    predictor: Arc<InProcessPredictor>,
+}
+
+impl SloFixture {
+    fn new() -> Self {
+        let predictor = Arc::new(InProcessPredictor::spawn(PredictorConfig::default()).unwrap());
+        let state = PickerState::with_options(
+            Arc::new(Metrics::new()),
+            None,
+            None,
+            PickerOptions {
+                slo: Some(SloServices::with_predictor(predictor.clone())),
+            },
+        );
+        let eps = [A, B]
+            .iter()
+            .map(|a| Endpoint::from_address("default", a.parse().unwrap()))
+            .collect();
+        let snap = PoolSnapshot::new(
+            PoolRef {
+                namespace: "default".into(),
+                name: "pool".into(),
+            },
+            1,
+            Default::default(),
+            eps,
+            vec![Objective {
+                name: "batch".into(),
+                priority: -1,
+            }],
+            vec![],
+            slo_config().unwrap(),
+        );
+        state.apply_snapshot(snap).unwrap();
+        let loaded = state.current().unwrap();
+        for ep in &loaded.endpoints {
+            ep.record_scrape(metrics(2, 0.3), Instant::now());
+        }
+        let service = ExtProcService::new(state.clone(), ServerOptions::default());
+        SloFixture {
+            state,
+            service,
+            predictor,
+        }
+    }
+
+    /// The SLO scorer's running-request queues (the same object the scorer uses: it lives
+    /// in the pool's shared state under the scorer's name).
+    fn running(&self) -> Arc<RunningRequests> {
+        self.state.shared().get_or_insert_with(
+            "predicted-latency-running/predicted-latency-scorer",
+            || RunningRequests::new(std::time::Duration::from_secs(1)),
+        )
+    }
+
+    /// Teaches the predictor that TTFT is at least a second, growing with the queue.
+    fn train_slow_pool(&self) {
+        for i in 0..200u32 {
+            let features = Features {
+                kv_cache_usage: 0.3,
+                input_tokens: 10 + i % 50,
+                waiting: i % 5,
+                running: i % 3,
+                ..Default::default()
+            };
+            self.predictor.record_sample(TrainingSample {
+                features_at_dispatch: features,
+                ttft_ms: Some(1000.0 + 200.0 * f64::from(i % 5)),
+                tpot_ms: Some(40.0),
+            });
+        }
+        assert!(self.predictor.train_now().is_some(), "the predictor trains");
+    }
+}
+
+fn slo_request(ttft_ms: &str, objective: Option<&str>) -> ProcessingRequest {
+    let mut pairs = vec![
+        (":method", "POST"),
+        (":path", "/v1/completions"),
+        ("x-slo-ttft-ms", ttft_ms),
+        ("x-slo-tpot-ms", "100"),
+    ];
+    if let Some(o) = objective {
+        pairs.push(("x-gateway-inference-objective", o));
+    }
+    headers(&pairs, false)
+}
+
+const BODY: &[u8] = br#"{"model":"m","prompt":"hello there","stream":true}"#;
+
+#[test]
+fn requests_with_slo_headers_are_routed_and_leave_the_running_queue_when_they_finish() {
+    let f = SloFixture::new();
+    let mut s = f.service.session();
+    let out = run(&mut s, vec![slo_request("5000", None), body(BODY, true)]);
+    assert!(immediate(&out).is_none(), "{out:?}");
+    let dest = set_headers(&out[0]).remove(DESTINATION_KEY).unwrap();
+    assert!(dest == A || dest == B, "{dest}");
+    assert_eq!(f.running().total(), 1, "the SLO scorer tracks the request");
+
+    let out = run(
+        &mut s,
+        vec![
+            resp_headers("200", "text/event-stream", false),
+            resp_body(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", false),
+            resp_body(b"data: [DONE]\n\n", true),
+        ],
+    );
+    assert_eq!(out.len(), 3);
+    assert_eq!(f.running().total(), 0, "completion empties the running queue");
+
+    // A client that goes away mid-response leaves no entry behind either.
+    let mut s = f.service.session();
+    let _ = run(&mut s, vec![slo_request("5000", None), body(BODY, true)]);
+    assert_eq!(f.running().total(), 1);
+    let _ = run(&mut s, vec![resp_headers("200", "text/event-stream", false)]);
+    drop(s);
+    assert_eq!(f.running().total(), 0, "a disconnect empties the running queue");
+}
+
+#[test]
+fn a_sheddable_request_with_an_impossible_ttft_slo_gets_429_once_the_predictor_has_a_model() {
+    let f = SloFixture::new();
+    f.train_slow_pool();
+
+    let mut s = f.service.session();
+    let out = run(
+        &mut s,
+        vec![slo_request("1", Some("batch")), body(BODY, true)],
+    );
+    let (status, text) = immediate(&out).expect("shed");
+    assert_eq!(status, 429, "{text}");
+    assert_eq!(f.running().total(), 0);
+
+    // The same impossible SLO without the sheddable objective is still served.
+    let mut s = f.service.session();
+    let out = run(&mut s, vec![slo_request("1", None), body(BODY, true)]);
+    assert!(immediate(&out).is_none(), "{out:?}");
+    drop(s);
+    assert_eq!(f.running().total(), 0);
+}
