@@ -18,9 +18,9 @@ use crate::scrape::ScrapeSettings;
 use crate::server::{ServeConfig, serve};
 use crate::standalone;
 use crate::state::{PickerOptions, PickerState};
+use crate::tls::PemIdentity;
 use sluice_predictor::{InProcessPredictor, PredictorConfig};
 use sluice_scheduling::plugins::slo::SloServices;
-use crate::tls::PemIdentity;
 
 /// sluice-picker: an Envoy ext_proc endpoint picker for inference pools.
 #[derive(Debug, Clone, Parser)]
@@ -286,9 +286,9 @@ fn controller_options(args: &Args, addr: &str, pool: PoolRef) -> Result<ConfigCl
         (true, None) => bail!(
             "--controller-address {address} uses TLS: give --controller-ca-file with the CA that signs the controller's certificate"
         ),
-        (false, Some(_)) => bail!(
-            "--controller-ca-file is set but --controller-address {address} is not https://"
-        ),
+        (false, Some(_)) => {
+            bail!("--controller-ca-file is set but --controller-address {address} is not https://")
+        }
         (false, None) => {}
     }
     Ok(opts)

@@ -50,7 +50,12 @@ fn saturate(f: &Fixture) {
 }
 
 fn flow(f: &Fixture) -> sluice_flowcontrol::FlowController {
-    f.state.current().unwrap().flow.clone().expect("flow control is on")
+    f.state
+        .current()
+        .unwrap()
+        .flow
+        .clone()
+        .expect("flow control is on")
 }
 
 async fn next(stream: &mut Stream) -> ProcessingResponse {
@@ -90,7 +95,11 @@ async fn a_queued_request_dispatches_when_capacity_frees_and_its_permit_lasts_un
         "{r:?}"
     );
     assert_eq!(fc.queued(), 0);
-    assert_eq!(fc.in_flight(), 1, "the permit is held while the response runs");
+    assert_eq!(
+        fc.in_flight(),
+        1,
+        "the permit is held while the response runs"
+    );
     assert_eq!(f.in_flight(B), 1);
     let _body_echo = next(&mut stream).await;
 
@@ -143,7 +152,10 @@ async fn a_request_that_waits_past_its_ttl_gets_429_with_the_drop_reason() {
         .find(|h| h.key == DROPPED_REASON_HEADER)
         .map(|h| String::from_utf8(h.raw_value.clone()).unwrap());
     assert_eq!(reason.as_deref(), Some("rejected-ttl-expired"));
-    assert!(stream.next().await.is_none(), "the stream ends after the answer");
+    assert!(
+        stream.next().await.is_none(),
+        "the stream ends after the answer"
+    );
     assert_eq!(fc.queued(), 0);
 }
 

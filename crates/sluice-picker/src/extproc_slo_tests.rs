@@ -60,10 +60,11 @@ impl SloFixture {
     /// The SLO scorer's running-request queues (the same object the scorer uses: it lives
     /// in the pool's shared state under the scorer's name).
     fn running(&self) -> Arc<RunningRequests> {
-        self.state.shared().get_or_insert_with(
-            "predicted-latency-running/predicted-latency-scorer",
-            || RunningRequests::new(std::time::Duration::from_secs(1)),
-        )
+        self.state
+            .shared()
+            .get_or_insert_with("predicted-latency-running/predicted-latency-scorer", || {
+                RunningRequests::new(std::time::Duration::from_secs(1))
+            })
     }
 
     /// Teaches the predictor that TTFT is at least a second, growing with the queue.
@@ -120,15 +121,26 @@ fn requests_with_slo_headers_are_routed_and_leave_the_running_queue_when_they_fi
         ],
     );
     assert_eq!(out.len(), 3);
-    assert_eq!(f.running().total(), 0, "completion empties the running queue");
+    assert_eq!(
+        f.running().total(),
+        0,
+        "completion empties the running queue"
+    );
 
     // A client that goes away mid-response leaves no entry behind either.
     let mut s = f.service.session();
     let _ = run(&mut s, vec![slo_request("5000", None), body(BODY, true)]);
     assert_eq!(f.running().total(), 1);
-    let _ = run(&mut s, vec![resp_headers("200", "text/event-stream", false)]);
+    let _ = run(
+        &mut s,
+        vec![resp_headers("200", "text/event-stream", false)],
+    );
     drop(s);
-    assert_eq!(f.running().total(), 0, "a disconnect empties the running queue");
+    assert_eq!(
+        f.running().total(),
+        0,
+        "a disconnect empties the running queue"
+    );
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use rand::Rng;
 use sluice_core::EndpointPickerConfig;
 use sluice_scheduling::{
-    Candidate, LlmRequest, Outcome, Registry, ResponseChunk, ScheduleError, Scheduled,
-    Scheduler, SchedulerOptions, SharedState,
+    Candidate, LlmRequest, Outcome, Registry, ResponseChunk, ScheduleError, Scheduled, Scheduler,
+    SchedulerOptions, SharedState,
 };
 
 use crate::state::EndpointRuntime;

@@ -157,8 +157,7 @@ impl ScrapeTask {
                     }
                     if extracted.fields_found > 0 {
                         endpoint.record_scrape(extracted.metrics, started);
-                        if let Some(fc) = self.this.capacity.as_ref().and_then(|c| c.load_full())
-                        {
+                        if let Some(fc) = self.this.capacity.as_ref().and_then(|c| c.load_full()) {
                             fc.capacity_changed();
                         }
                     }

@@ -414,12 +414,13 @@ impl PickerState {
         snapshot: &PoolSnapshot,
         old: Option<&Loaded>,
     ) -> Result<Option<FlowController>, ApplyError> {
-        let config = FlowControlConfig::from_picker_config(&snapshot.picker_config).map_err(
-            |e| ApplyError::Config {
-                version: snapshot.version,
-                message: format!("flowControl: {e}"),
-            },
-        )?;
+        let config =
+            FlowControlConfig::from_picker_config(&snapshot.picker_config).map_err(|e| {
+                ApplyError::Config {
+                    version: snapshot.version,
+                    message: format!("flowControl: {e}"),
+                }
+            })?;
         let Some(config) = config else {
             return Ok(None);
         };
