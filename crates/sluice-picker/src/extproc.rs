@@ -42,9 +42,7 @@ use sluice_scheduling::{Candidate, LlmRequest, Outcome, ResponseChunk, Scheduled
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::errors::{ErrorCode, RequestError, set_header};
-use crate::metrics::{
-    AttemptLabels, ErrorLabels, ModelLabels, ModelNameLabel, PriorityLabels, RewriteLabels,
-};
+use crate::metrics::{AttemptLabels, ErrorLabels, ModelSeries, RewriteLabels};
 use crate::parse::{parse_request, splice_model};
 use crate::response::{SseUsageScanner, Usage, rewrite_model_back, usage_from_json};
 use crate::schedule::Router;
@@ -233,7 +231,7 @@ struct Routed {
     loaded: Arc<Loaded>,
     request: LlmRequest,
     scheduled: Option<Scheduled>,
-    labels: Option<ModelLabels>,
+    labels: Option<Arc<ModelSeries>>,
     incoming_model: String,
     target_model: String,
     first_target: Option<SocketAddr>,
@@ -246,7 +244,7 @@ struct Routed {
 struct Prepared {
     loaded: Arc<Loaded>,
     request: LlmRequest,
-    labels: ModelLabels,
+    labels: Arc<ModelSeries>,
     incoming: String,
     target: String,
     body: Bytes,
@@ -654,22 +652,11 @@ impl Session {
         } else {
             incoming.clone()
         };
-        let labels = ModelLabels {
-            model_name: incoming.clone(),
-            target_model_name: target.clone(),
-        };
-        metrics
-            .request_total
-            .get_or_create(&PriorityLabels {
-                model_name: incoming.clone(),
-                target_model_name: target.clone(),
-                priority: priority.to_string(),
-            })
-            .inc();
-        metrics
-            .request_sizes
-            .get_or_create(&labels)
-            .observe(self.body.len() as f64);
+        // Resolved once per (model, target, priority): the request's other observations
+        // (here and at completion) are plain atomic updates.
+        let labels = metrics.model_series(&incoming, &target, priority);
+        labels.request_total.inc();
+        labels.request_sizes.observe(self.body.len() as f64);
 
         let body: Bytes = if target != incoming {
             Bytes::from(splice_model(&self.body, parsed.model_span, &target))
@@ -867,15 +854,13 @@ impl Session {
         };
         let dest = scheduled.result.destination_header();
         if let Some(t) = scheduled.result.targets.first() {
-            metrics
-                .scheduler_attempts
-                .get_or_create(&AttemptLabels {
-                    status: "success".into(),
-                    target_model_name: target.clone(),
-                    pod_name: t.endpoint.key.pod.to_string(),
-                    namespace: t.endpoint.key.namespace.to_string(),
-                    port: t.endpoint.address.port().to_string(),
-                })
+            labels
+                .attempt_success(
+                    &metrics,
+                    &t.endpoint.key.pod,
+                    &t.endpoint.key.namespace,
+                    t.endpoint.address.port(),
+                )
                 .inc();
             if t.metrics.is_some() {
                 metrics
@@ -907,12 +892,7 @@ impl Session {
                 .with_metadata(md),
             );
         }
-        metrics
-            .running_requests
-            .get_or_create(&ModelNameLabel {
-                model_name: incoming.clone(),
-            })
-            .inc();
+        labels.running_requests.inc();
         self.routed = Some(Routed {
             loaded,
             request,
@@ -1102,33 +1082,19 @@ impl Session {
         }
         let Some(labels) = &r.labels else { return };
         let m = self.state.metrics();
-        m.running_requests
-            .get_or_create(&ModelNameLabel {
-                model_name: labels.model_name.clone(),
-            })
-            .dec();
+        labels.running_requests.dec();
         match &outcome {
             Outcome::Success => {
                 let elapsed = self.started.elapsed();
-                m.request_duration
-                    .get_or_create(labels)
-                    .observe(elapsed.as_secs_f64());
-                m.response_sizes
-                    .get_or_create(labels)
-                    .observe(self.resp.bytes as f64);
+                labels.request_duration.observe(elapsed.as_secs_f64());
+                labels.response_sizes.observe(self.resp.bytes as f64);
                 if let Some(u) = self.resp.usage {
-                    m.input_tokens
-                        .get_or_create(labels)
-                        .observe(u.prompt_tokens as f64);
-                    m.output_tokens
-                        .get_or_create(labels)
-                        .observe(u.completion_tokens as f64);
-                    m.prompt_cached_tokens
-                        .get_or_create(labels)
-                        .observe(u.cached_tokens as f64);
+                    labels.input_tokens.observe(u.prompt_tokens as f64);
+                    labels.output_tokens.observe(u.completion_tokens as f64);
+                    labels.prompt_cached_tokens.observe(u.cached_tokens as f64);
                     if u.completion_tokens > 0 {
-                        m.normalized_tpot
-                            .get_or_create(labels)
+                        labels
+                            .normalized_tpot
                             .observe(elapsed.as_secs_f64() / u.completion_tokens as f64);
                     }
                 }
@@ -1156,10 +1122,10 @@ impl Drop for Session {
     }
 }
 
-fn error_labels(labels: &ModelLabels, code: &str) -> ErrorLabels {
+fn error_labels(series: &ModelSeries, code: &str) -> ErrorLabels {
     ErrorLabels {
-        model_name: labels.model_name.clone(),
-        target_model_name: labels.target_model_name.clone(),
+        model_name: series.labels.model_name.clone(),
+        target_model_name: series.labels.target_model_name.clone(),
         error_code: code.to_string(),
     }
 }
