@@ -6,15 +6,9 @@
 //! - killing the controller leaves routing working on the last good config;
 //! - restarting it resyncs the pickers to what the manifests say now.
 //!
-//! The controller and the pickers run in-process (the binaries' `run` functions and the
-//! picker's `config_client`), the model servers are `sluice-sim` servers, Envoy is the real
-//! one from the testkit harness.
-
-// The picker's config client, compiled in from its source until sluice-picker exports it
-// (another engineer is wiring it into the picker's --controller-address right now).
-#[path = "../../crates/sluice-picker/src/config_client.rs"]
-#[allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-mod config_client;
+//! The controller and the pickers run in-process (the controller binary's `Args::run_until`,
+//! the picker's `config_client` with the binary's `cli::apply_fn`), the model servers are
+//! `sluice-sim` servers, Envoy is the real one from the testkit harness.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -25,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Parser;
-use config_client::{Backoff, ClientStatus, ConfigClientOptions};
 use sluice_core::PoolRef;
 use sluice_e2e::{Fleet, request};
+use sluice_picker::config_client::{self, Backoff, ClientStatus, ConfigClientOptions};
 use sluice_picker::metrics::Metrics;
 use sluice_picker::scrape::ScrapeSettings;
 use sluice_picker::server::{Bound, ServeConfig, serve};
@@ -183,10 +177,10 @@ impl ControlledPicker {
         opts.keepalive = Duration::from_secs(1);
         let (stop_client, stop_client_rx) = watch::channel(false);
         let (status_tx, status) = watch::channel(ClientStatus::default());
-        let st = state.clone();
+        // The picker binary's own apply function (`--controller-address` mode).
         tokio::spawn(config_client::run_with_status(
             opts,
-            move |s| st.apply_snapshot(s).map(|_| ()).map_err(|e| e.to_string()),
+            sluice_picker::cli::apply_fn(state.clone()),
             stop_client_rx,
             status_tx,
         ));
