@@ -357,4 +357,28 @@ mod tests {
                 .is_err()
         );
     }
+
+    #[test]
+    fn controller_mode_flags() {
+        let pool = PoolRef {
+            namespace: "ns".into(),
+            name: "p".into(),
+        };
+        let a = Args::try_parse_from([
+            "sluice-picker",
+            "--controller-address",
+            "ctl:9090",
+            "--picker-id",
+            "epp-0",
+            "--enable-latency-predictor",
+        ])
+        .unwrap();
+        assert!(a.enable_latency_predictor);
+        let opts = controller_options(&a, "ctl:9090", pool.clone()).unwrap();
+        assert_eq!(opts.controller_address, "http://ctl:9090");
+        assert_eq!(opts.picker_id, "epp-0");
+        assert!(opts.tls.is_none());
+        let err = controller_options(&a, "https://ctl:9090", pool).unwrap_err();
+        assert!(err.to_string().contains("--controller-ca-file"), "{err}");
+    }
 }
