@@ -60,7 +60,7 @@ pub struct ControllerMetrics {
     hub: Hub,
     index: SharedIndex,
     /// Serialises scrapes: each refreshes the gauge families from the hub, then encodes.
-    registry: Mutex<Scrape>,
+    scrape: Mutex<Scrape>,
 }
 
 #[derive(Debug)]
@@ -137,7 +137,7 @@ impl ControllerMetrics {
         ControllerMetrics {
             hub,
             index,
-            registry: Mutex::new(Scrape {
+            scrape: Mutex::new(Scrape {
                 registry,
                 version,
                 pickers,
@@ -153,7 +153,7 @@ impl ControllerMetrics {
 
     /// The OpenMetrics text of every metric, refreshed from the hub and index now.
     pub fn render(&self) -> String {
-        let scrape = self.registry.lock();
+        let scrape = self.scrape.lock();
         scrape.version.clear();
         scrape.pickers.clear();
         scrape.in_sync.clear();
