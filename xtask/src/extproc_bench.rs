@@ -4,6 +4,9 @@
 //! alternating: rate, p50 and p99 at each concurrency, and each processor's CPU per request
 //! (from `/proc/<pid>/stat`). Then sluice-picker alone, pinned to one core, driven over gRPC
 //! without Envoy.
+//!
+//! The picker is stopped (SIGSTOP) during the floor's cells: its background scraping, and the
+//! simulators answering it, are the picker's cost and must not slow the floor's runs.
 
 // The report is the product of this tool: it goes to stdout.
 #![allow(clippy::print_stdout)]
@@ -80,6 +83,22 @@ impl Proc {
         let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
             + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         ticks / 100.0
+    }
+}
+
+impl Proc {
+    /// Stops (`STOP`) or resumes (`CONT`) the process, so that an idle contender's
+    /// background work (the picker's 20 scrapes/s per endpoint, and the simulators
+    /// answering them) is not charged to the other side's cells.
+    fn signal(&self, sig: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{sig} {} failed: {status}", self.name);
+        }
+        Ok(())
     }
 }
 
@@ -342,7 +361,12 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         let (mut f_cells, mut s_cells) = (Vec::new(), Vec::new());
         for r in 0..args.rounds {
             eprintln!("bench: concurrency {c}, round {}", r + 1);
-            f_cells.push(drive(&bench, &url_floor, c, args.duration, model, &floor)?);
+            picker.signal("STOP")?;
+            let f = drive(&bench, &url_floor, c, args.duration, model, &floor);
+            picker.signal("CONT")?;
+            f_cells.push(f?);
+            // Let the picker's scrapers refresh metrics that aged while it was stopped.
+            std::thread::sleep(Duration::from_millis(300));
             s_cells.push(drive(
                 &bench,
                 &url_picker,
