@@ -117,3 +117,35 @@ fn example_and_demo_manifests_compile() {
         );
     }
 }
+
+/// The controller Deployment's flags are flags the binary accepts, and its probes hit the
+/// HTTP endpoints on the metrics port it is given.
+#[test]
+fn the_controller_deployment_args_parse_and_probes_match() {
+    use clap::Parser;
+    let text = std::fs::read_to_string(root().join("manifests/base/controller.yaml")).unwrap();
+    let deployment: Value = serde_saphyr::from_str(text.split("\n---").next().unwrap()).unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let mut argv = vec!["sluice-controller".to_owned()];
+    argv.extend(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned()),
+    );
+    let args = sluice_controller::cli::Args::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("manifests/base/controller.yaml args {argv:?}: {e}"));
+    let ports = container["ports"].as_array().unwrap();
+    let port_of = |name: &str| {
+        ports
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no container port {name}"))
+    };
+    assert_eq!(u64::from(args.metrics_addr.port()), port_of("http-metrics"));
+    assert_eq!(u64::from(args.grpc_addr.port()), port_of("grpc-config"));
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+}
