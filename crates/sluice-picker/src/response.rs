@@ -117,6 +117,11 @@ impl Envelope {
 /// Usage from a complete (non-streamed) JSON response body; `None` when the body is not
 /// JSON or carries no usage.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
+    // Every place usage can sit is under a `"usage"` key: a body without one (errors,
+    // embeddings without usage, plain text) is not worth a JSON parse.
+    if !contains(body, b"\"usage\"") {
+        return None;
+    }
     serde_json::from_slice::<Envelope>(body).ok()?.usage()
 }
 
@@ -208,17 +213,11 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    let first = *needle.first()?;
-    let mut i = from;
-    while i + needle.len() <= hay.len() {
-        let off = hay.get(i..)?.iter().position(|&b| b == first)?;
-        i += off;
-        if hay.get(i..i + needle.len()) == Some(needle) {
-            return Some(i);
-        }
-        i += 1;
+    if needle.is_empty() {
+        return None;
     }
-    None
+    // SIMD substring search: response bodies and SSE lines are scanned once per chunk.
+    memchr::memmem::find(hay.get(from..)?, needle).map(|i| i + from)
 }
 
 /// Rewrites `"model":"<target>"` back to `"model":"<incoming>"` (or, when nothing matched,
