@@ -16,7 +16,8 @@ use anyhow::{Context, Result, bail};
 pub fn run(root: &Path, quick: bool) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root).args(["bench", "-p", "sluice-flowcontrol", "--bench", "fleet"]);
+    cmd.current_dir(root)
+        .args(["bench", "-p", "sluice-flowcontrol", "--bench", "fleet"]);
     if quick {
         cmd.args(["--profile", "dev"]);
     }

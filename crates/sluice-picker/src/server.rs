@@ -116,7 +116,12 @@ pub async fn serve(
     let s = stopped();
     tasks.spawn(async move {
         router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), s)
+            // Nagle on the ext_proc socket costs ~1 ms p50 at concurrency 4-16: tonic ignores
+            // its own tcp_nodelay setting for a caller-supplied listener, so set it here.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                s,
+            )
             .await
             .context("ext_proc server failed")
     });
