@@ -278,10 +278,15 @@ fn controller_options(args: &Args, addr: &str, pool: PoolRef) -> Result<ConfigCl
         (true, Some(path)) => {
             let pem = std::fs::read(path)
                 .with_context(|| format!("reading --controller-ca-file {}", path.display()))?;
-            opts.tls = Some(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-            );
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            // The controller requires a client certificate from its CA (mutual TLS, as
+            // manifests/base deploys it): present the picker's own serving certificate.
+            if let Some(dir) = &args.cert_path {
+                let id = PemIdentity::load(dir)?;
+                tls = tls.identity(tonic::transport::Identity::from_pem(id.cert, id.key));
+            }
+            opts.tls = Some(tls);
         }
         (true, None) => bail!(
             "--controller-address {address} uses TLS: give --controller-ca-file with the CA that signs the controller's certificate"
