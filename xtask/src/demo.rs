@@ -13,12 +13,14 @@
 // The report is the product of this tool: it goes to stdout.
 #![allow(clippy::print_stdout)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::proc::{Proc, free_port, free_port_run};
 
 /// Options for the demo.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,69 +34,6 @@ pub struct DemoArgs {
     /// Skip `cargo build --release` (use binaries already in target/release).
     #[arg(long)]
     pub no_build: bool,
-}
-
-/// A child process killed when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Result<Proc> {
-        let f =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let f2 = f.try_clone()?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f)
-            .stderr(f2)
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(Proc { name, child, log })
-    }
-
-    fn check(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            bail!(
-                "{} exited with {status}; last log lines:\n{}",
-                self.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// `n` consecutive free ports (the sim fleet binds base..base+n).
-fn free_port_run(n: usize) -> Result<u16> {
-    for _ in 0..200 {
-        let base = free_port()?;
-        if base as usize + n >= 65535 {
-            continue;
-        }
-        let held: std::io::Result<Vec<TcpListener>> = (0..n as u16)
-            .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
-            .collect();
-        if held.is_ok() {
-            return Ok(base);
-        }
-    }
-    bail!("found no {n} consecutive free loopback ports")
 }
 
 fn wait_for(

@@ -11,12 +11,14 @@
 // The report is the product of this tool: it goes to stdout.
 #![allow(clippy::print_stdout)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::proc::{Proc, free_port, free_port_run};
 
 /// Options for the bench.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,41 +40,7 @@ pub struct BenchArgs {
     pub no_build: bool,
 }
 
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
 impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Proc> {
-        let f = std::fs::File::create(&log)?;
-        let f2 = f.try_clone()?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f)
-            .stderr(f2)
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log,
-        })
-    }
-
-    fn check(&mut self) -> Result<()> {
-        if let Some(s) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            bail!(
-                "{} exited with {s}:\n{}",
-                self.name,
-                log.lines().rev().take(15).collect::<Vec<_>>().join("\n")
-            );
-        }
-        Ok(())
-    }
-
     /// CPU seconds (user + system) used so far.
     fn cpu_seconds(&self) -> f64 {
         let stat =
@@ -100,33 +68,6 @@ impl Proc {
         }
         Ok(())
     }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn free_port_run(n: usize) -> Result<u16> {
-    for _ in 0..200 {
-        let base = free_port()?;
-        if base as usize + n >= 65535 {
-            continue;
-        }
-        let held: std::io::Result<Vec<TcpListener>> = (0..n as u16)
-            .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
-            .collect();
-        if held.is_ok() {
-            return Ok(base);
-        }
-    }
-    bail!("found no {n} consecutive free ports")
 }
 
 fn wait_port(addr: SocketAddr, procs: &mut [&mut Proc], what: &str) -> Result<()> {

@@ -12,6 +12,7 @@ mod crdgen;
 mod demo;
 mod extproc_bench;
 mod flow_bench;
+mod proc;
 mod slo_bench;
 
 #[derive(Debug, Parser)]
