@@ -80,40 +80,12 @@ impl Picker {
             name: "e2e".into(),
         };
         state.apply_snapshot(standalone::snapshot(pool, 1, eps, config))?;
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        let cfg = ServeConfig {
-            grpc_addr: any,
-            health_addr: any,
-            metrics_addr: any,
-            tls: if tls {
-                Some(PemIdentity::self_signed()?)
-            } else {
-                None
-            },
-            health_on_grpc_port: false,
-            metrics_staleness: Duration::from_secs(2),
-            server: ServerOptions::default(),
+        let tls = if tls {
+            Some(PemIdentity::self_signed()?)
+        } else {
+            None
         };
-        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let st = state.clone();
-        tokio::spawn(async move {
-            let r = serve(
-                cfg,
-                st,
-                async move {
-                    let _ = stop_rx.await;
-                },
-                move |b| {
-                    let _ = bound_tx.send(b);
-                },
-            )
-            .await;
-            if let Err(e) = r {
-                eprintln!("picker stopped: {e:#}");
-            }
-        });
-        let bound = bound_rx.await.context("picker failed to bind")?;
+        let (bound, stop_tx) = serve_on_loopback(state.clone(), tls).await?;
         Ok(Picker {
             state,
             bound,
@@ -202,4 +174,42 @@ pub fn metric_value(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Serves a picker's state (ext_proc, health, metrics) on free loopback ports; sending on (or
+/// dropping) the returned sender stops it.
+pub async fn serve_on_loopback(
+    state: PickerState,
+    tls: Option<PemIdentity>,
+) -> Result<(Bound, tokio::sync::oneshot::Sender<()>)> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let cfg = ServeConfig {
+        grpc_addr: any,
+        health_addr: any,
+        metrics_addr: any,
+        tls,
+        health_on_grpc_port: false,
+        metrics_staleness: Duration::from_secs(2),
+        server: ServerOptions::default(),
+    };
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let r = serve(
+            cfg,
+            state,
+            async move {
+                let _ = stop_rx.await;
+            },
+            move |b| {
+                let _ = bound_tx.send(b);
+            },
+        )
+        .await;
+        if let Err(e) = r {
+            eprintln!("picker stopped: {e:#}");
+        }
+    });
+    let bound = bound_rx.await.context("picker failed to bind")?;
+    Ok((bound, stop_tx))
 }

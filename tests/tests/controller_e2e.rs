@@ -21,11 +21,11 @@ use bytes::Bytes;
 use clap::Parser;
 use sluice_core::PoolRef;
 use sluice_e2e::{Fleet, request};
+use sluice_picker::PickerState;
 use sluice_picker::config_client::{self, Backoff, ClientStatus, ConfigClientOptions};
 use sluice_picker::metrics::Metrics;
 use sluice_picker::scrape::ScrapeSettings;
-use sluice_picker::server::{Bound, ServeConfig, serve};
-use sluice_picker::{PickerState, ServerOptions};
+use sluice_picker::server::Bound;
 use sluice_sim::Preset;
 use sluice_testkit::envoy::{Envoy, EnvoyOptions};
 use sluice_testkit::process::free_ports;
@@ -185,36 +185,7 @@ impl ControlledPicker {
             status_tx,
         ));
 
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        let cfg = ServeConfig {
-            grpc_addr: any,
-            health_addr: any,
-            metrics_addr: any,
-            tls: None,
-            health_on_grpc_port: false,
-            metrics_staleness: Duration::from_secs(2),
-            server: ServerOptions::default(),
-        };
-        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-        let (stop_server, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let st = state.clone();
-        tokio::spawn(async move {
-            let served = serve(
-                cfg,
-                st,
-                async move {
-                    let _ = stop_rx.await;
-                },
-                move |b| {
-                    let _ = bound_tx.send(b);
-                },
-            )
-            .await;
-            if let Err(e) = served {
-                eprintln!("picker stopped: {e:#}");
-            }
-        });
-        let bound = bound_rx.await.context("picker failed to bind")?;
+        let (bound, stop_server) = sluice_e2e::serve_on_loopback(state.clone(), None).await?;
         Ok(ControlledPicker {
             state,
             bound,
