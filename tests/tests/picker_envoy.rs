@@ -3,7 +3,9 @@
 use bytes::Bytes;
 use sluice_e2e::{Fleet, Picker, metric_value, request};
 use sluice_sim::Preset;
-use sluice_testkit::envoy::{BodyMode, Envoy, EnvoyOptions};
+use sluice_testkit::envoy::{
+    BodyMode, Envoy, EnvoyOptions, SUBSET_HEADER_LIST, SUBSET_HEADER_STRING,
+};
 
 const PRESET: Preset = Preset::H100Llama8b;
 
@@ -233,4 +235,125 @@ async fn buffered_mode_and_picker_failure_modes() -> anyhow::Result<()> {
         open.log_tail(20)
     );
     Ok(())
+}
+
+/// The subset hint as Envoy delivers it: filter metadata `envoy.lb.subset_hint` set by a
+/// filter before ext_proc (here `header_to_metadata`, from test headers) and forwarded through
+/// `metadata_options`. Both shapes a data plane may send — the protocol's list of `ip:port`
+/// and a comma-separated string — restrict the pick; a subset matching nothing is a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subset_hint_restricts_picks_behind_envoy() -> anyhow::Result<()> {
+    let fleet = Fleet::start(4, PRESET, 50.0).await?;
+    let model = Fleet::model(PRESET);
+    let picker = Picker::start(&fleet.addrs(), false, "").await?;
+    let mut opts = EnvoyOptions::new(picker.bound.grpc);
+    opts.subset_hint_headers = true;
+    let envoy = tokio::task::spawn_blocking(move || Envoy::start(&opts)).await??;
+    let gw = envoy.listen;
+    let served = || -> Vec<u64> { fleet.servers.iter().map(|s| s.admin.served()).collect() };
+
+    // List form: servers 1 and 3 only.
+    let subset = [fleet.servers[1].addr, fleet.servers[3].addr];
+    let list = protobuf_string_list(&subset.map(|a| a.to_string()));
+    let before = served();
+    for i in 0..16 {
+        let r = request(
+            gw,
+            "POST",
+            "/v1/completions",
+            &[(SUBSET_HEADER_LIST, &list)],
+            completion(&model, &format!("subset list {i}"), false),
+        )
+        .await?;
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), envoy.log_tail(20));
+    }
+    let after = served();
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(
+        delta[0] + delta[2],
+        0,
+        "served outside the subset: {delta:?}"
+    );
+    assert_eq!(delta[1] + delta[3], 16, "{delta:?}");
+
+    // Comma-separated string form: servers 0 and 2 only.
+    let csv = format!("{}, {}", fleet.servers[0].addr, fleet.servers[2].addr);
+    let before = served();
+    for i in 0..16 {
+        let r = request(
+            gw,
+            "POST",
+            "/v1/completions",
+            &[(SUBSET_HEADER_STRING, &csv)],
+            completion(&model, &format!("subset csv {i}"), false),
+        )
+        .await?;
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), envoy.log_tail(20));
+    }
+    let after = served();
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(
+        delta[1] + delta[3],
+        0,
+        "served outside the subset: {delta:?}"
+    );
+    assert_eq!(delta[0] + delta[2], 16, "{delta:?}");
+
+    // A subset naming no endpoint of the pool: 503 with a reason, and nobody is called.
+    let before = served();
+    let nowhere = protobuf_string_list(&["127.0.0.1:1".to_string()]);
+    let r = request(
+        gw,
+        "POST",
+        "/v1/completions",
+        &[(SUBSET_HEADER_LIST, &nowhere)],
+        completion(&model, "no match", false),
+    )
+    .await?;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.text().contains("failed to find endpoint candidates"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(served(), before);
+
+    // Without a hint every endpoint is eligible again (the hint is per request).
+    let r = request(
+        gw,
+        "POST",
+        "/v1/completions",
+        &[],
+        completion(&model, "no hint", false),
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    Ok(())
+}
+
+/// Base64 of a serialized `google.protobuf.Value` holding a list of strings: what Envoy's
+/// `header_to_metadata` `PROTOBUF_VALUE` rules decode into a metadata value.
+fn protobuf_string_list(items: &[String]) -> String {
+    use base64::Engine;
+    fn field(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
+        out.push(tag);
+        let mut n = bytes.len();
+        while n >= 0x80 {
+            out.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out.extend_from_slice(bytes);
+    }
+    let mut list = Vec::new();
+    for s in items {
+        // ListValue.values (1) = Value { string_value (3) }.
+        let mut v = Vec::new();
+        field(&mut v, 0x1a, s.as_bytes());
+        field(&mut list, 0x0a, &v);
+    }
+    // Value.list_value (6).
+    let mut value = Vec::new();
+    field(&mut value, 0x32, &list);
+    base64::engine::general_purpose::STANDARD.encode(value)
 }

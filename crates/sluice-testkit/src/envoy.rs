@@ -46,7 +46,24 @@ pub struct EnvoyOptions {
     /// For fail-open setups: the endpoint a request goes to when the picker set no
     /// destination (added only when absent, so a working picker's choice wins).
     pub fail_open_destination: Option<SocketAddr>,
+    /// Let clients set the subset hint through test headers: a `header_to_metadata` filter
+    /// before ext_proc copies [`SUBSET_HEADER_STRING`] (a comma-separated string) or
+    /// [`SUBSET_HEADER_LIST`] (a base64 `google.protobuf.Value` list) into filter metadata
+    /// `envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`, and ext_proc
+    /// forwards that namespace to the picker, as a gateway that computes subsets would.
+    pub subset_hint_headers: bool,
 }
+
+/// Test header whose value becomes the subset hint as one comma-separated string.
+pub const SUBSET_HEADER_STRING: &str = "x-test-subset";
+/// Test header whose value (base64 of a serialized `google.protobuf.Value` holding a list
+/// of strings) becomes the subset hint as a list, the protocol's documented shape.
+pub const SUBSET_HEADER_LIST: &str = "x-test-subset-list";
+
+/// Where the subset-hint filter goes: just before ext_proc.
+const EXT_PROC_FILTER_ANCHOR: &str = "                  - name: envoy.filters.http.ext_proc\n";
+/// Where ext_proc's metadata options go: after its last fixed field.
+const EXT_PROC_OPTIONS_ANCHOR: &str = "                      allow_mode_override: true\n";
 
 impl EnvoyOptions {
     /// Full-duplex, fail-closed, plaintext, one worker.
@@ -59,6 +76,7 @@ impl EnvoyOptions {
             access_log: true,
             concurrency: 1,
             fail_open_destination: None,
+            subset_hint_headers: false,
         }
     }
 }
@@ -140,7 +158,12 @@ pub fn render(opts: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String 
         ),
         None => String::new(),
     };
-    TEMPLATE
+    let template = if opts.subset_hint_headers {
+        with_subset_hint_filter(TEMPLATE)
+    } else {
+        TEMPLATE.to_string()
+    };
+    template
         .replace("{{FAIL_OPEN_DESTINATION}}", &fail_open)
         .replace("{{ADMIN_PORT}}", &admin_port.to_string())
         .replace("{{LISTEN_PORT}}", &listen_port.to_string())
@@ -158,6 +181,40 @@ pub fn render(opts: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String 
         .replace("{{TRAILER_MODE}}", trailers)
         .replace("{{ACCESS_LOG}}", access_log)
         .replace("{{EXTPROC_TLS}}", tls)
+}
+
+/// Inserts the header-to-metadata filter for the subset hint before ext_proc and has ext_proc
+/// forward that namespace. The shared template (also the documented deployment config) stays
+/// free of test-only filters, so the insertion is anchored on its ext_proc lines.
+fn with_subset_hint_filter(template: &str) -> String {
+    let rule = |header: &str, extra: &str| {
+        format!(
+            "                        - header: {header}\n                          remove: true\n                          on_header_present:\n                            metadata_namespace: envoy.lb.subset_hint\n                            key: x-gateway-destination-endpoint-subset\n{extra}"
+        )
+    };
+    let filter = format!(
+        "                  - name: envoy.filters.http.header_to_metadata\n                    typed_config:\n                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config\n                      request_rules:\n{}{}",
+        rule(
+            SUBSET_HEADER_STRING,
+            "                            type: STRING\n"
+        ),
+        rule(
+            SUBSET_HEADER_LIST,
+            "                            type: PROTOBUF_VALUE\n                            encode: BASE64\n"
+        ),
+    );
+    let options = "                      metadata_options:\n                        forwarding_namespaces:\n                          untyped: [\"envoy.lb.subset_hint\", \"envoy.lb\"]\n";
+    template
+        .replacen(
+            EXT_PROC_FILTER_ANCHOR,
+            &format!("{filter}{EXT_PROC_FILTER_ANCHOR}"),
+            1,
+        )
+        .replacen(
+            EXT_PROC_OPTIONS_ANCHOR,
+            &format!("{EXT_PROC_OPTIONS_ANCHOR}{options}"),
+            1,
+        )
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -260,5 +317,18 @@ mod tests {
             assert!(!y.contains("{{"), "{y}");
             assert!(y.contains("port_value: 9002"));
         }
+    }
+
+    #[test]
+    fn subset_hint_filter_lands_before_ext_proc_and_the_namespace_is_forwarded() {
+        let mut o = EnvoyOptions::new("127.0.0.1:9002".parse().unwrap());
+        assert!(!render(&o, 8081, 19000).contains("header_to_metadata"));
+        o.subset_hint_headers = true;
+        let y = render(&o, 8081, 19000);
+        let h2m = y.find("envoy.filters.http.header_to_metadata").unwrap();
+        let ext = y.find("envoy.filters.http.ext_proc").unwrap();
+        assert!(h2m < ext, "{y}");
+        assert!(y.contains("untyped: [\"envoy.lb.subset_hint\""), "{y}");
+        assert!(y.contains(SUBSET_HEADER_LIST) && y.contains(SUBSET_HEADER_STRING));
     }
 }
