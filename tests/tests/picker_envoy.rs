@@ -61,6 +61,15 @@ async fn full_duplex_behind_envoy() -> anyhow::Result<()> {
         );
     }
     assert_eq!(routed_total, 24.0);
+    // Each decision's plugin calls are timed under upstream's plugin-duration labels.
+    assert_eq!(
+        metric_value(
+            &text,
+            "inference_extension_plugin_duration_seconds_count{extension_point=\"Picker\",plugin_type=\"max-score-picker\",plugin_name=\"max-score-picker\"}"
+        ),
+        Some(24.0),
+        "{text}"
+    );
 
     // Streaming: server-sent events arrive and end with [DONE].
     let r = request(

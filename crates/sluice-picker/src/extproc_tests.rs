@@ -747,3 +747,58 @@ mod flow;
 
 #[path = "extproc_slo_tests.rs"]
 mod slo;
+
+#[test]
+fn scheduled_requests_export_plugin_durations_under_each_plugins_labels() {
+    let f = Fixture::new(vec![], vec![]);
+    f.b_is_best();
+    let req = br#"{"model":"m","prompt":"hello plugins"}"#;
+    for _ in 0..3 {
+        let mut s = f.service.session();
+        let out = run(&mut s, vec![post("/v1/completions"), body(req, true)]);
+        assert_eq!(
+            set_headers(&out[0])
+                .get(DESTINATION_KEY)
+                .map(String::as_str),
+            Some(B)
+        );
+        run(
+            &mut s,
+            vec![
+                resp_headers("200", "application/json", false),
+                resp_body(br#"{"model":"m","usage":{"prompt_tokens":3}}"#, true),
+            ],
+        );
+    }
+    let text = f.state.metrics().encode();
+    // The default profile: every scheduled request ran each of these once.
+    for (point, ty) in [
+        ("Scorer", "queue-scorer"),
+        ("Scorer", "kv-cache-utilization-scorer"),
+        ("Scorer", "prefix-cache-scorer"),
+        ("Picker", "max-score-picker"),
+    ] {
+        let want = format!(
+            r#"inference_extension_plugin_duration_seconds_count{{extension_point="{point}",plugin_type="{ty}",plugin_name="{ty}"}} 3"#
+        );
+        assert!(text.contains(&want), "missing {want} in\n{text}");
+    }
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("inference_extension_plugin_duration_seconds_count{"))
+        .collect();
+    assert!(
+        counted.iter().all(|l| !l.contains("plugin_type=\"\"")),
+        "every observed plugin has its type: {counted:#?}"
+    );
+    assert_eq!(
+        f.state
+            .current()
+            .unwrap()
+            .router
+            .plugin_durations()
+            .misses(),
+        0,
+        "every plugin call found its pre-resolved series: {counted:#?}"
+    );
+}

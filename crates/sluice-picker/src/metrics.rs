@@ -10,10 +10,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::RwLock;
+use sluice_scheduling::{ExtensionPoint, SchedulingObserver};
 
 /// General latency buckets (seconds).
 const G: &[f64] = &[
@@ -592,6 +594,120 @@ impl Metrics {
     /// registry. Call once per component, at start-up.
     pub fn register_with(&self, f: impl FnOnce(&mut Registry)) {
         f(&mut self.registry.lock());
+    }
+}
+
+/// Extension points a [`PluginDurations`] table has a slot for (one per [`ExtensionPoint`]).
+const N_POINTS: usize = 11;
+
+fn point_slot(p: ExtensionPoint) -> Option<usize> {
+    Some(match p {
+        ExtensionPoint::PrepareData => 0,
+        ExtensionPoint::Admitter => 1,
+        ExtensionPoint::ProfilePicker => 2,
+        ExtensionPoint::Filter => 3,
+        ExtensionPoint::Scorer => 4,
+        ExtensionPoint::Picker => 5,
+        ExtensionPoint::ProcessProfilesResults => 6,
+        ExtensionPoint::PreRequest => 7,
+        ExtensionPoint::ResponseReceived => 8,
+        ExtensionPoint::ResponseStreaming => 9,
+        ExtensionPoint::ResponseComplete => 10,
+        #[allow(unreachable_patterns)]
+        _ => return None,
+    })
+}
+
+/// One plugin instance's `inference_extension_plugin_duration_seconds` series, one per
+/// extension point it is called at.
+#[derive(Debug)]
+struct PluginSlot {
+    name: Arc<str>,
+    /// Series are created on a plugin's first call at a point (not for every point it could
+    /// serve, which would export empty histograms), then reused without allocating.
+    points: [OnceLock<Histogram>; N_POINTS],
+}
+
+/// `inference_extension_plugin_duration_seconds` for one scheduler: the scheduler's timing
+/// hook. The plugin table is filled once, when the snapshot's scheduler is built
+/// ([`PluginDurations::resolve`]), so a plugin call costs a short scan of the table (the
+/// scheduler passes the very `Arc<str>` names the table holds, so pointer equality usually
+/// settles it) and one histogram update: no label strings are built or hashed per request.
+#[derive(Debug)]
+pub struct PluginDurations {
+    family: HistFamily<PluginLabels>,
+    plugins: OnceLock<Vec<PluginSlot>>,
+    misses: AtomicU64,
+}
+
+impl PluginDurations {
+    /// An empty table exporting into `metrics`' plugin-duration family.
+    pub fn new(metrics: &Metrics) -> Self {
+        PluginDurations {
+            family: metrics.plugin_duration.clone(),
+            plugins: OnceLock::new(),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Records the scheduler's plugin instances (call once, after building the scheduler
+    /// and before it schedules; later calls are ignored).
+    pub fn resolve<'a>(&self, names: impl IntoIterator<Item = &'a Arc<str>>) {
+        let _ = self.plugins.set(
+            names
+                .into_iter()
+                .map(|name| PluginSlot {
+                    name: Arc::clone(name),
+                    points: Default::default(),
+                })
+                .collect(),
+        );
+    }
+
+    /// Plugin calls whose name was not in the table (each resolved its series the slow way).
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    fn labels(point: ExtensionPoint, plugin_type: &str, plugin_name: &str) -> PluginLabels {
+        PluginLabels {
+            extension_point: point.as_str().to_string(),
+            plugin_type: plugin_type.to_string(),
+            plugin_name: plugin_name.to_string(),
+        }
+    }
+}
+
+impl SchedulingObserver for PluginDurations {
+    fn plugin_duration(
+        &self,
+        point: ExtensionPoint,
+        plugin_type: &str,
+        plugin_name: &str,
+        elapsed: Duration,
+    ) {
+        let secs = elapsed.as_secs_f64();
+        let slot = self.plugins.get().and_then(|table| {
+            table
+                .iter()
+                .find(|s| std::ptr::eq(s.name.as_ptr(), plugin_name.as_ptr()))
+                .or_else(|| table.iter().find(|s| &*s.name == plugin_name))
+        });
+        match (slot, point_slot(point)) {
+            (Some(slot), Some(i)) => slot.points[i]
+                .get_or_init(|| {
+                    self.family
+                        .get_or_create(&Self::labels(point, plugin_type, plugin_name))
+                        .clone()
+                })
+                .observe(secs),
+            _ => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                self.family
+                    .get_or_create(&Self::labels(point, plugin_type, plugin_name))
+                    .observe(secs);
+            }
+        }
     }
 }
 

@@ -12,31 +12,47 @@ use sluice_scheduling::{
     SchedulerOptions, SharedState,
 };
 
+use crate::metrics::{Metrics, PluginDurations};
 use crate::state::EndpointRuntime;
 
 /// The scheduler a snapshot's configuration builds. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Router {
     scheduler: Scheduler,
+    durations: Arc<PluginDurations>,
 }
 
 impl Router {
     /// Validates `cfg` and builds its plugins (an empty config means upstream's default
     /// profile: queue 2, KV cache 2, prefix cache 3, max-score picker). `shared` is the
     /// pool's [`SharedState`]: passing the same one to every rebuild keeps the prefix index
-    /// and the SLO running-request queues across config changes.
+    /// and the SLO running-request queues across config changes. Every plugin call is timed
+    /// into `metrics`' `inference_extension_plugin_duration_seconds`, through a table of the
+    /// config's plugins resolved here, once.
     pub fn build(
         cfg: &EndpointPickerConfig,
         registry: &Registry,
         shared: &SharedState,
+        metrics: &Metrics,
     ) -> Result<Router, String> {
+        let durations = Arc::new(PluginDurations::new(metrics));
         let options = SchedulerOptions {
             shared: shared.clone(),
+            observer: Some(durations.clone()),
             ..SchedulerOptions::default()
         };
-        Scheduler::from_config_with(cfg, registry, options)
-            .map(|scheduler| Router { scheduler })
-            .map_err(|e| e.to_string())
+        let scheduler =
+            Scheduler::from_config_with(cfg, registry, options).map_err(|e| e.to_string())?;
+        durations.resolve(scheduler.plugins().iter().map(|p| &p.typed_name().name));
+        Ok(Router {
+            scheduler,
+            durations,
+        })
+    }
+
+    /// The plugin-duration table this scheduler reports into.
+    pub fn plugin_durations(&self) -> &PluginDurations {
+        &self.durations
     }
 
     /// The scheduler (for its configured plugins and detector).

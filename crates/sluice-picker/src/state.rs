@@ -358,6 +358,7 @@ impl PickerState {
                 &snapshot.picker_config,
                 &self.inner.registry,
                 &self.inner.shared,
+                &self.inner.metrics,
             )
             .map_err(|message| ApplyError::Config {
                 version: snapshot.version,
