@@ -2,6 +2,9 @@
 //! until a pool configuration is applied and SERVING from then on; `liveness` is always
 //! SERVING (upstream `cmd/epp/runner/health.go` without leader election).
 
+// Test helpers outside `#[test]` functions: clippy's test allowance does not reach them.
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
