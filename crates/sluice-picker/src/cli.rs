@@ -114,27 +114,11 @@ pub struct Args {
     pub log_json: bool,
 }
 
-/// Parses `50ms`, `2s`, `1m`, `1.5s`.
+/// Parses a duration flag the way upstream's Go flags do (`50ms`, `2s`, `1m30s`; a unit is
+/// required), with sluice-core's parser; the message names the flag's expected form.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 50ms, 2s or 1m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        "us" | "µs" => n / 1e6,
-        _ => return Err(format!("{s:?} has unknown unit {unit:?}; use ms, s or m")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a non-negative duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    sluice_core::quantity::parse_duration(s)
+        .map_err(|e| format!("{e}; expected a duration such as 50ms, 2s or 1m30s"))
 }
 
 impl Args {
@@ -341,8 +325,20 @@ mod tests {
         assert_eq!(parse_duration("50ms"), Ok(Duration::from_millis(50)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("abc").is_err());
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        let e = parse_duration("5 parsecs").unwrap_err();
+        assert!(e.contains("\"5 parsecs\"") && e.contains("unit"), "{e}");
+        assert!(parse_duration("abc").unwrap_err().contains("50ms"));
+        // Like Go's flags, a bare number is ambiguous and refused.
+        assert!(parse_duration("2").is_err());
+        let err = Args::try_parse_from(["sluice-picker", "--refresh-metrics-interval", "fast"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--refresh-metrics-interval") && err.contains("50ms"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -385,5 +381,129 @@ mod tests {
         assert!(opts.tls.is_none());
         let err = controller_options(&a, "https://ctl:9090", pool).unwrap_err();
         assert!(err.to_string().contains("--controller-ca-file"), "{err}");
+    }
+
+    /// A CA-signed PEM pair for `names` with `usage`.
+    fn leaf(
+        issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+        names: &[&str],
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) -> PemIdentity {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, issuer).unwrap();
+        PemIdentity {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// One health check through a channel built from the config client's options: the
+    /// same TLS settings the config stream connects with.
+    async fn check_over(opts: &ConfigClientOptions) -> Result<(), String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(opts.controller_address.clone())
+            .map_err(|e| e.to_string())?
+            .tls_config(opts.tls.clone().unwrap())
+            .map_err(|e| e.to_string())?;
+        let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    /// `--cert-path` is presented as the client certificate to an https controller that
+    /// requires one from its CA (mutual TLS as manifests/base deploys it); without it the
+    /// controller refuses the picker.
+    #[tokio::test]
+    async fn https_controller_sees_the_cert_path_identity_as_client_certificate() {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let server = leaf(
+            &issuer,
+            &["localhost"],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let client = leaf(
+            &issuer,
+            &["sluice-picker"],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-picker-mtls-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tls.crt"), &client.cert).unwrap();
+        std::fs::write(dir.join("tls.key"), &client.key).unwrap();
+        std::fs::write(dir.join("ca.crt"), &ca_pem).unwrap();
+
+        // A stand-in controller: any gRPC service behind TLS that requires a client
+        // certificate from the CA.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &server.cert,
+                &server.key,
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&ca_pem));
+        let server_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tls)
+                .unwrap()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+
+        let address = format!("https://localhost:{port}");
+        let pool = PoolRef {
+            namespace: "ns".into(),
+            name: "p".into(),
+        };
+        let ca_file = dir.join("ca.crt");
+        let cert_dir = dir.to_str().unwrap();
+        let with_cert = Args::try_parse_from([
+            "sluice-picker",
+            "--controller-address",
+            &address,
+            "--controller-ca-file",
+            ca_file.to_str().unwrap(),
+            "--cert-path",
+            cert_dir,
+        ])
+        .unwrap();
+        let opts = controller_options(&with_cert, &address, pool.clone()).unwrap();
+        check_over(&opts)
+            .await
+            .expect("the picker's --cert-path identity is accepted");
+
+        let without = Args::try_parse_from([
+            "sluice-picker",
+            "--controller-address",
+            &address,
+            "--controller-ca-file",
+            ca_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let opts = controller_options(&without, &address, pool).unwrap();
+        assert!(
+            check_over(&opts).await.is_err(),
+            "without a client certificate the controller must refuse the picker"
+        );
+        server_task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
