@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use memchr::memmem::Finder;
 use parking_lot::Mutex;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -323,6 +324,11 @@ struct Ctx {
 
 /// Runs the workload and returns the summary (and writes records if asked).
 pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
+    run_with_records(cfg).await.map(|(s, _)| s)
+}
+
+/// Runs the workload and returns the summary with every request's record, sorted by send time.
+pub async fn run_with_records(cfg: LoadConfig) -> anyhow::Result<(Summary, Vec<Record>)> {
     if cfg.targets.is_empty() {
         anyhow::bail!("load: at least one target base URL is required");
     }
@@ -424,7 +430,8 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
         }
         f.flush()?;
     }
-    Ok(Summary::from_records(&w.name, &records, wall_s))
+    let summary = Summary::from_records(&w.name, &records, wall_s);
+    Ok((summary, records))
 }
 
 fn model_of(ctx: &Ctx, plan: &Planned) -> String {
@@ -633,13 +640,18 @@ async fn exchange(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        buf.extend_from_slice(&data);
         if stream && ok {
-            // Split complete SSE events off the front of the buffer.
-            while let Some(pos) = find(&buf, b"\n\n") {
-                let event: Vec<u8> = buf.drain(..pos + 2).collect();
-                sse_event(&event[..pos], &mut x, t0);
+            if buf.is_empty() {
+                // The usual case: the frame holds whole events; scan it where it lies.
+                let used = sse_events(&data, &mut x, t0);
+                buf.extend_from_slice(&data[used..]);
+            } else {
+                buf.extend_from_slice(&data);
+                let used = sse_events(&buf, &mut x, t0);
+                buf.drain(..used);
             }
+        } else {
+            buf.extend_from_slice(&data);
         }
         if buf.len() > MAX_BODY {
             x.error = Some(format!(
@@ -672,8 +684,21 @@ async fn exchange(
     Ok(x)
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static NO_CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\":[]"));
+static EMPTY_TEXT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"text\":\"\""));
+static EMPTY_CONTENT: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"content\":\"\""));
+
+/// Handles every complete SSE event at the front of `buf`; returns the bytes consumed.
+fn sse_events(buf: &[u8], x: &mut Exchange, t0: Instant) -> usize {
+    let mut at = 0;
+    while let Some(pos) = EVENT_END.find(&buf[at..]) {
+        sse_event(&buf[at..at + pos], x, t0);
+        at += pos + 2;
+    }
+    at
 }
 
 fn sse_event(ev: &[u8], x: &mut Exchange, t0: Instant) {
@@ -686,14 +711,14 @@ fn sse_event(ev: &[u8], x: &mut Exchange, t0: Instant) {
             x.saw_done = true;
             continue;
         }
-        // Cheap checks first: parsing every token chunk as JSON would dominate the CPU.
-        if find(data, b"\"usage\"").is_some() && find(data, b"\"choices\":[]").is_some() {
+        // Cheap scans, no JSON parse: parsing every token chunk would dominate the CPU.
+        if USAGE.find(data).is_some() && NO_CHOICES.find(data).is_some() {
             if let Ok(v) = serde_json::from_slice::<Value>(data) {
                 read_usage(&v, x);
             }
             continue;
         }
-        if find(data, b"\"text\":\"\"").is_some() || find(data, b"\"content\":\"\"").is_some() {
+        if EMPTY_TEXT.find(data).is_some() || EMPTY_CONTENT.find(data).is_some() {
             continue; // an empty delta (role announcement, final marker)
         }
         let now = t0.elapsed();

@@ -330,27 +330,18 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             json,
         } => {
             let cfg = common.fleet(servers, &presets, IpAddr::from([127, 0, 0, 1]), None);
-            let s = sluice_sim::bench::run(
-                &cfg,
+            let bench = sluice_sim::bench::BenchConfig {
                 rate,
                 duration_s,
                 prompt_tokens,
                 output_tokens,
                 stream,
-            )
-            .await?;
+            };
+            let report = sluice_sim::bench::run(&cfg, &bench).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", s.render());
-                let achieved = s.requests as f64 / s.wall_s.max(1e-9);
-                println!(
-                    "bench: {servers} servers, offered {rate:.0} req/s simulated ({:.0} req/s wall at time scale {}), completed {:.0} req/s wall, {} errors",
-                    rate * common.time_scale,
-                    common.time_scale,
-                    achieved,
-                    s.requests - s.ok
-                );
+                print!("{}", report.render());
             }
         }
         Cmd::Presets => {

@@ -2,17 +2,21 @@
 //!
 //! One tokio task (the driver) steps the engine: it forms a batch at simulated time `t`,
 //! sleeps until the wall-clock instant of `t + step` (divided by the time scale), then applies
-//! the step and wakes the requests that got a token. Each request's handler waits on a `watch`
-//! channel holding its token count, so a slow client costs a counter, never a growing queue.
-//! Streaming answers are real SSE written as tokens appear.
+//! the step and wakes the requests that got a token. Each request's handler waits on a
+//! [`Slot`] holding its token count, so a slow client costs a counter, never a growing queue.
+//! Streaming answers are real SSE written as tokens appear: one event per token, rendered from
+//! a per-request template (this is the hot path of a busy fleet: one call per token), and the
+//! events that are ready when the body is polled go out as one frame.
 //!
 //! The accept loop is our own (hyper-util's auto builder per connection) so that a "die" fault
 //! can drop the listener and every open connection, and a later revive can bind the same port.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -21,6 +25,8 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::{BufMut, BytesMut};
+use hyper::body::Frame;
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -28,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+
 use tokio::task::JoinSet;
 
 use crate::api::{self, Api, Prompt};
@@ -159,10 +166,58 @@ struct Progress {
     finished: Option<RequestStats>,
 }
 
+/// What the driver publishes to one request's handler: the latest progress (never a queue of
+/// token events) and the waker of the task waiting for the next change.
+#[derive(Debug, Default)]
+struct SlotState {
+    progress: Progress,
+    /// The server died (fault injection) and this request is lost.
+    closed: bool,
+    waker: Option<Waker>,
+}
+
+/// One request's mailbox between the engine driver and the HTTP handler.
+#[derive(Debug, Default)]
+struct Slot(Mutex<SlotState>);
+
+impl Slot {
+    fn publish(&self, p: Progress) {
+        let w = {
+            let mut st = self.0.lock();
+            st.progress = p;
+            st.waker.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    fn close(&self) {
+        let w = {
+            let mut st = self.0.lock();
+            st.closed = true;
+            st.waker.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// The current progress and whether the slot was closed, registering `cx` to be woken by
+    /// the next change (under the same lock, so no change can slip in between).
+    fn poll(&self, cx: &Context<'_>) -> (Progress, bool) {
+        let mut st = self.0.lock();
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        (st.progress, st.closed)
+    }
+}
+
 #[derive(Debug)]
 struct Core {
     engine: Engine,
-    waiters: HashMap<ReqId, watch::Sender<Progress>>,
+    waiters: HashMap<ReqId, Arc<Slot>>,
     /// End of the last step, simulated.
     busy_until: Micros,
     /// Whether the engine still had work when the last step ended.
@@ -372,8 +427,8 @@ async fn drive(s: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         c.was_busy = c.engine.has_work();
         for ev in events {
             let done = ev.finished.is_some();
-            if let Some(tx) = c.waiters.get(&ev.id) {
-                tx.send_replace(Progress {
+            if let Some(slot) = c.waiters.get(&ev.id) {
+                slot.publish(Progress {
                     tokens: ev.output_tokens,
                     finished: ev.finished,
                 });
@@ -438,7 +493,9 @@ async fn supervise(
         {
             // A restarted server has an empty engine; in-flight requests are lost.
             let mut c = s.core.lock();
-            c.waiters.clear();
+            for (_, slot) in c.waiters.drain() {
+                slot.close();
+            }
             c.engine = Engine::new(s.engine_cfg.clone(), s.seed);
             c.was_busy = false;
             c.epoch += 1;
@@ -614,6 +671,7 @@ fn unix_secs() -> u64 {
 }
 
 /// Aborts the engine request if the handler (or its stream) is dropped before the end.
+#[derive(Debug)]
 struct Cancel {
     s: Arc<Shared>,
     id: ReqId,
@@ -692,7 +750,7 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
         Prompt::Text(t) => tokenizer::tokenize_text(t, &s.model, lora, bs),
         Prompt::Ids(ids) => tokenizer::tokenize_ids(ids, &s.model, lora, bs),
     };
-    let (id, epoch, mut rx) = {
+    let (id, epoch, slot) = {
         let mut c = s.core.lock();
         if c.waiters.len() >= s.max_pending {
             drop(c);
@@ -727,9 +785,9 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
         );
         match submitted {
             Ok(id) => {
-                let (tx, rx) = watch::channel(Progress::default());
-                c.waiters.insert(id, tx);
-                (id, c.epoch, rx)
+                let slot = Arc::new(Slot::default());
+                c.waiters.insert(id, slot.clone());
+                (id, c.epoch, slot)
             }
             Err(e) => {
                 drop(c);
@@ -762,18 +820,24 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
         done: false,
     };
     if !req.stream {
-        let fin = loop {
-            if let Some(f) = rx.borrow_and_update().finished {
-                break f;
-            }
-            if rx.changed().await.is_err() {
-                return json_error(
-                    &s,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailableError",
-                    "the simulated server restarted",
-                );
-            }
+        let fin = std::future::poll_fn(|cx| match slot.poll(cx) {
+            (
+                Progress {
+                    finished: Some(f), ..
+                },
+                _,
+            ) => Poll::Ready(Some(f)),
+            (_, true) => Poll::Ready(None),
+            _ => Poll::Pending,
+        })
+        .await;
+        let Some(fin) = fin else {
+            return json_error(
+                &s,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableError",
+                "the simulated server restarted",
+            );
         };
         cancel.done = true;
         let body = api::full_response(
@@ -794,50 +858,20 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
     } else {
         None
     };
-    let include_usage = req.include_usage;
-    let model_json = s.model_json.clone();
-    let model = s.model.clone();
-    let stream = async_stream::stream! {
-        // Move the whole guard in (a closure would capture only the field it touches), so the
-        // request is aborted when the client goes away mid-stream.
-        let mut cancel = cancel;
-        let mut sent = 0u32;
-        loop {
-            let p = *rx.borrow_and_update();
-            if p.tokens > sent {
-                let mut buf = String::with_capacity(256 * (p.tokens - sent) as usize);
-                while sent < p.tokens {
-                    if drop_after.is_some_and(|d| sent >= d) {
-                        yield Ok::<Bytes, std::io::Error>(Bytes::from(buf));
-                        yield Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "injected fault: connection dropped mid-stream"));
-                        return;
-                    }
-                    let last = sent + 1 == p.tokens;
-                    let finish = if last { p.finished.map(|f| f.reason.as_str()) } else { None };
-                    push_chunk(&mut buf, api, &rid, &model_json, created, api::token_text(sent), finish);
-                    sent += 1;
-                }
-                if let (Some(f), true) = (p.finished, include_usage) {
-                    let u = api::usage_chunk(api, &rid, &model, created, api::usage(f.prompt_tokens, f.output_tokens, f.cached_tokens));
-                    buf.push_str("data: ");
-                    buf.push_str(&u.to_string());
-                    buf.push_str("\n\n");
-                }
-                if p.finished.is_some() {
-                    buf.push_str("data: [DONE]\n\n");
-                    cancel.done = true;
-                    yield Ok(Bytes::from(buf));
-                    return;
-                }
-                yield Ok(Bytes::from(buf));
-            }
-            if rx.changed().await.is_err() {
-                yield Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the simulated server restarted"));
-                return;
-            }
-        }
+    let body = SseBody {
+        tmpl: ChunkTemplate::new(api, &rid, &s.model_json, created),
+        rid,
+        created,
+        api,
+        slot,
+        cancel,
+        sent: 0,
+        drop_after,
+        include_usage: req.include_usage,
+        buf: BytesMut::new(),
+        phase: Phase::Streaming,
     };
-    let mut r = Response::new(Body::from_stream(stream));
+    let mut r = Response::new(Body::new(body));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -847,30 +881,217 @@ async fn generate(s: Arc<Shared>, api: Api, body: Bytes) -> Response {
     with_server(&s, r)
 }
 
-/// Writes one SSE chunk without going through `serde_json::Value` (this is the hot path:
-/// one call per generated token).
-fn push_chunk(
-    buf: &mut String,
-    api: Api,
-    id: &str,
-    model_json: &str,
+/// The constant parts of one request's token chunks, so that rendering a token is three
+/// copies into the frame buffer (no formatting, no `serde_json::Value`, no allocation).
+#[derive(Debug)]
+struct ChunkTemplate {
+    /// `data: {...` up to the opening quote of the token text.
+    head: Box<[u8]>,
+    /// From the closing quote of the text to `"finish_reason":`.
+    mid: &'static [u8],
+    /// After the finish reason to the end of the event.
+    tail: &'static [u8],
+}
+
+impl ChunkTemplate {
+    /// `model_json` is the model name already JSON-encoded (with its quotes); `id` must need no
+    /// JSON escaping (the server builds it from ASCII letters, digits and dashes).
+    fn new(api: Api, id: &str, model_json: &str, created: u64) -> Self {
+        let (object, open, mid, tail): (&str, &str, &'static [u8], &'static [u8]) = match api {
+            Api::Completions => (
+                "text_completion",
+                "\"text\":\"",
+                b"\",\"logprobs\":null,\"finish_reason\":",
+                b",\"stop_reason\":null}]}\n\n",
+            ),
+            Api::Chat => (
+                "chat.completion.chunk",
+                "\"delta\":{\"role\":\"assistant\",\"content\":\"",
+                b"\"},\"logprobs\":null,\"finish_reason\":",
+                b"}]}\n\n",
+            ),
+        };
+        let head = format!(
+            "data: {{\"id\":\"{id}\",\"object\":\"{object}\",\"created\":{created},\"model\":{model_json},\"choices\":[{{\"index\":0,{open}"
+        );
+        Self {
+            head: head.into_bytes().into_boxed_slice(),
+            mid,
+            tail,
+        }
+    }
+
+    /// Appends the event of one token; `text` must need no JSON escaping (see
+    /// [`api::token_text`]).
+    fn push(&self, buf: &mut BytesMut, text: &str, finish: Option<&str>) {
+        let fin_len = finish.map_or(4, |f| f.len() + 2);
+        let len = self.head.len() + text.len() + self.mid.len() + fin_len + self.tail.len();
+        if buf.capacity() - buf.len() < len {
+            // Frames are split off this buffer, so one allocation serves many tokens.
+            buf.reserve(len.max(FRAME_ALLOC));
+        }
+        buf.put_slice(&self.head);
+        buf.put_slice(text.as_bytes());
+        buf.put_slice(self.mid);
+        match finish {
+            None => buf.put_slice(b"null"),
+            Some(f) => {
+                buf.put_u8(b'"');
+                buf.put_slice(f.as_bytes());
+                buf.put_u8(b'"');
+            }
+        }
+        buf.put_slice(self.tail);
+    }
+}
+
+/// Bytes reserved at a time for a stream's frames (about 16 token events).
+const FRAME_ALLOC: usize = 4096;
+
+#[derive(Debug)]
+enum Phase {
+    Streaming,
+    /// The next frame is this error (connection dropped), then the end.
+    Broken(&'static str),
+    Done,
+}
+
+/// The SSE body of one streamed request, polled by hyper straight from the request's slot:
+/// whatever tokens exist when it is polled go out as one frame, one event per token.
+#[derive(Debug)]
+struct SseBody {
+    tmpl: ChunkTemplate,
+    rid: String,
     created: u64,
-    text: &str,
-    finish: Option<&str>,
-) {
-    use std::fmt::Write as _;
-    let finish = match finish {
-        Some(f) => format!("\"{f}\""),
-        None => "null".to_owned(),
-    };
-    let _ = match api {
-        Api::Completions => write!(
-            buf,
-            "data: {{\"id\":\"{id}\",\"object\":\"text_completion\",\"created\":{created},\"model\":{model_json},\"choices\":[{{\"index\":0,\"text\":\"{text}\",\"logprobs\":null,\"finish_reason\":{finish},\"stop_reason\":null}}]}}\n\n"
-        ),
-        Api::Chat => write!(
-            buf,
-            "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{model_json},\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"{text}\"}},\"logprobs\":null,\"finish_reason\":{finish}}}]}}\n\n"
-        ),
-    };
+    api: Api,
+    slot: Arc<Slot>,
+    /// Aborts the engine request if the client goes away mid-stream.
+    cancel: Cancel,
+    sent: u32,
+    drop_after: Option<u32>,
+    include_usage: bool,
+    buf: BytesMut,
+    phase: Phase,
+}
+
+impl SseBody {
+    fn frame(&mut self) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Poll::Ready(Some(Ok(Frame::data(self.buf.split().freeze()))))
+    }
+}
+
+impl hyper::body::Body for SseBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        match this.phase {
+            Phase::Streaming => {}
+            Phase::Broken(msg) => {
+                this.phase = Phase::Done;
+                return Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    msg,
+                ))));
+            }
+            Phase::Done => return Poll::Ready(None),
+        }
+        let (p, closed) = this.slot.poll(cx);
+        if p.tokens > this.sent {
+            while this.sent < p.tokens {
+                if this.drop_after.is_some_and(|d| this.sent >= d) {
+                    this.phase = Phase::Broken("injected fault: connection dropped mid-stream");
+                    return this.frame();
+                }
+                let last = this.sent + 1 == p.tokens;
+                let finish = if last {
+                    p.finished.map(|f| f.reason.as_str())
+                } else {
+                    None
+                };
+                this.tmpl
+                    .push(&mut this.buf, api::token_text(this.sent), finish);
+                this.sent += 1;
+            }
+            if let Some(f) = p.finished {
+                if this.include_usage {
+                    let u = api::usage_chunk(
+                        this.api,
+                        &this.rid,
+                        &this.cancel.s.model,
+                        this.created,
+                        api::usage(f.prompt_tokens, f.output_tokens, f.cached_tokens),
+                    );
+                    this.buf.put_slice(b"data: ");
+                    this.buf.put_slice(u.to_string().as_bytes());
+                    this.buf.put_slice(b"\n\n");
+                }
+                this.buf.put_slice(b"data: [DONE]\n\n");
+                this.cancel.done = true;
+                this.phase = Phase::Done;
+            }
+            return this.frame();
+        }
+        if closed {
+            this.phase = Phase::Done;
+            return Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the simulated server restarted",
+            ))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn template_chunks_are_the_reference_chunks_byte_for_byte_in_json() {
+        // A model name that needs escaping, as the template embeds it pre-encoded.
+        let model = "org/model \"q\" \\ é";
+        let model_json = serde_json::to_string(model).unwrap();
+        for api in [Api::Completions, Api::Chat] {
+            let t = ChunkTemplate::new(api, "cmpl-sim-0-7", &model_json, 1_234);
+            let mut buf = BytesMut::new();
+            t.push(&mut buf, api::token_text(3), None);
+            t.push(&mut buf, api::token_text(4), Some("length"));
+            let text = std::str::from_utf8(&buf).unwrap();
+            let events: Vec<&str> = text.split_terminator("\n\n").collect();
+            assert_eq!(events.len(), 2, "{text}");
+            for (ev, (tok, fin)) in events.iter().zip([(3, None), (4, Some("length"))]) {
+                let v: Value = serde_json::from_str(ev.strip_prefix("data: ").unwrap()).unwrap();
+                let want =
+                    api::stream_chunk(api, "cmpl-sim-0-7", model, 1_234, api::token_text(tok), fin);
+                assert_eq!(v, want, "{api:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_buffer_serves_many_frames() {
+        let t = ChunkTemplate::new(Api::Completions, "cmpl-x-1", "\"m\"", 1);
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for i in 0..40 {
+            t.push(&mut buf, api::token_text(i), None);
+            frames.push(buf.split().freeze());
+        }
+        // Every frame is one whole event; splitting never corrupts an earlier frame.
+        for (i, f) in frames.iter().enumerate() {
+            let s = std::str::from_utf8(f).unwrap();
+            assert!(s.starts_with("data: {") && s.ends_with("}\n\n"), "{s}");
+            assert!(s.contains(api::token_text(i as u32)), "{s}");
+        }
+    }
 }
