@@ -600,7 +600,7 @@ impl Session {
                 "the pool has no ready endpoints",
             )
         })?;
-        let dest = pick.endpoint.address.to_string();
+        let dest = loaded.destination(std::slice::from_ref(&pick));
         let mutation = self.routing_mutation(&dest, None);
         self.routed = Some(Routed {
             loaded,
@@ -852,7 +852,7 @@ impl Session {
                 return Err(RequestError::new(code, e.to_string()));
             }
         };
-        let dest = scheduled.result.destination_header();
+        let dest = loaded.destination(&scheduled.result.targets);
         if let Some(t) = scheduled.result.targets.first() {
             labels
                 .attempt_success(
@@ -1062,7 +1062,7 @@ impl Session {
             self.resp.usage = self.resp.sse.usage();
         }
         if let Some(served) = &self.served
-            && r.first_target.map(|t| t.to_string()).as_deref() != Some(served.as_str())
+            && served.parse::<SocketAddr>().ok() != r.first_target
         {
             tracing::debug!(
                 request_id = r.request.request_id,

@@ -119,10 +119,93 @@ impl Envelope {
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
     // Every place usage can sit is under a `"usage"` key: a body without one (errors,
     // embeddings without usage, plain text) is not worth a JSON parse.
-    if !contains(body, b"\"usage\"") {
+    let last = USAGE_FINDER.rfind(body)?;
+    // OpenAI, Responses and Anthropic bodies carry usage at the top level, and vLLM, SGLang
+    // and OpenAI put it last: read just that object instead of tokenizing the whole body
+    // (choices, logprobs, ...), which cost ~13k instructions per response.
+    if let Some(u) = top_level_value_at(body, last, true).and_then(parse_usage_value) {
+        return Some(u);
+    }
+    // Usage elsewhere at the top level: check each occurrence's nesting depth.
+    for at in memchr::memmem::rfind_iter(body, USAGE_KEY) {
+        if let Some(u) = top_level_value_at(body, at, false).and_then(parse_usage_value) {
+            return Some(u);
+        }
+    }
+    // Usage nested elsewhere (`response.usage`, `message.usage`): the full parse.
+    serde_json::from_slice::<Envelope>(body).ok()?.usage()
+}
+
+static USAGE_FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(USAGE_KEY));
+
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// The value after the `"usage"` at `at` when that is a key of the top-level object (not
+/// inside a string, not in a nested object or array), and, with `last`, the last one: the
+/// value must then be followed by nothing but the top-level object's closing brace, which
+/// settles the depth without scanning the body. The value's end is checked by the caller.
+fn top_level_value_at(body: &[u8], at: usize, last: bool) -> Option<UsageValue<'_>> {
+    if !last && json_depth_at(body, at)? != 1 {
         return None;
     }
-    serde_json::from_slice::<Envelope>(body).ok()?.usage()
+    let rest = body.get(at + USAGE_KEY.len()..)?;
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+    Some(UsageValue {
+        bytes: rest.trim_ascii_start(),
+        must_end_body: last,
+    })
+}
+
+/// Where a candidate `usage` value starts.
+struct UsageValue<'a> {
+    bytes: &'a [u8],
+    /// Only `}` (the top-level object's end) may follow the value.
+    must_end_body: bool,
+}
+
+/// Object/array nesting depth at byte `end` of a JSON text, or `None` when `end` falls
+/// inside a string (or the text is malformed before it). Strings are skipped with `memchr`,
+/// so this costs far less than parsing.
+fn json_depth_at(body: &[u8], end: usize) -> Option<u32> {
+    let text = body.get(..end)?;
+    let mut depth = 0u32;
+    let mut i = 0;
+    while let Some(&b) = text.get(i) {
+        match b {
+            b'"' => {
+                // Skip to the closing quote, stepping over escapes.
+                let mut j = i + 1;
+                loop {
+                    let k = j + memchr::memchr2(b'"', b'\\', text.get(j..)?)?;
+                    if text.get(k) == Some(&b'\\') {
+                        j = k + 2;
+                    } else {
+                        j = k + 1;
+                        break;
+                    }
+                }
+                i = j;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            _ => {}
+        }
+        i += 1;
+    }
+    Some(depth)
+}
+
+/// One `usage` object at the start of the value (what follows it is only checked, not
+/// parsed).
+fn parse_usage_value(value: UsageValue<'_>) -> Option<Usage> {
+    let mut values = serde_json::Deserializer::from_slice(value.bytes).into_iter::<RawUsage>();
+    let raw = values.next()?.ok()?;
+    if value.must_end_body && value.bytes.get(values.byte_offset()..)?.trim_ascii() != b"}" {
+        return None;
+    }
+    Some(Usage::from(raw))
 }
 
 /// Upper bound on one buffered SSE line; longer lines are skipped, not buffered.
@@ -279,6 +362,67 @@ mod tests {
         );
         assert_eq!(usage_from_json(b"no healthy upstream"), None);
         assert_eq!(usage_from_json(br#"{"choices":[]}"#), None);
+    }
+
+    /// The reference: the whole body parsed as JSON.
+    fn full_parse(body: &[u8]) -> Option<Usage> {
+        serde_json::from_slice::<Envelope>(body).ok()?.usage()
+    }
+
+    #[test]
+    fn only_the_top_level_usage_counts_wherever_the_key_appears() {
+        let cases: &[(&[u8], Option<u64>)] = &[
+            // Simulator / vLLM order: usage last.
+            (
+                br#"{"choices":[{"index":0,"text":" hi"}],"model":"m","object":"text_completion","usage":{"completion_tokens":1,"prompt_tokens":246,"total_tokens":247}}"#,
+                Some(246),
+            ),
+            // Usage first, then a nested object with its own "usage" key.
+            (
+                br#"{"usage":{"prompt_tokens":3},"choices":[{"usage":{"prompt_tokens":99}}]}"#,
+                Some(3),
+            ),
+            // The word inside strings, escaped or not, and as a value.
+            (
+                br#"{"choices":[{"text":"the \"usage\": {\"prompt_tokens\": 5} key"}],"note":"usage","usage":{"prompt_tokens":8}}"#,
+                Some(8),
+            ),
+            (br#"{"usage":{"prompt_tokens":4},"note":"usage"}"#, Some(4)),
+            // Whitespace around the colon; backslashes before a closing quote.
+            (
+                b"{\"text\":\"a\\\\\", \"usage\" : \n {\"input_tokens\": 6, \"output_tokens\": 1}}",
+                Some(6),
+            ),
+            // Only nested usage (Responses-style event as a body): the full parse finds it.
+            (
+                br#"{"type":"response.completed","response":{"usage":{"input_tokens":2,"output_tokens":9}}}"#,
+                Some(2),
+            ),
+            // Last key, but of a nested object: not the top level.
+            (br#"{"a":{"usage":{"prompt_tokens":5}}}"#, None),
+            (
+                br#"{"usage":{"prompt_tokens":7},"a":{"usage":{"prompt_tokens":5}}}"#,
+                Some(7),
+            ),
+            // Nested only in an array: no top-level usage.
+            (br#"{"data":[{"usage":{"prompt_tokens":1}}]}"#, None),
+            (br#"{"usage":null}"#, None),
+            (br#"{"text":"\"usage\":{\"prompt_tokens\":1}"}"#, None),
+            (br#"{"usage":{"prompt_tokens":1"#, None),
+            (br#""usage""#, None),
+        ];
+        for (body, want) in cases {
+            let got = usage_from_json(body);
+            assert_eq!(
+                got.map(|u| u.prompt_tokens),
+                *want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            if full_parse(body).is_some() {
+                assert_eq!(got, full_parse(body), "{}", String::from_utf8_lossy(body));
+            }
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct EndpointRuntime {
     pub in_flight: Arc<InFlightCounters>,
     /// Labels for the per-endpoint metric series.
     pub labels: EndpointLabels,
+    /// `ip:port` as it goes into `x-gateway-destination-endpoint` (IPv6 bracketed),
+    /// formatted once rather than per request.
+    pub address_text: Arc<str>,
     scraped: Mutex<Option<(Arc<EndpointMetrics>, Instant)>>,
 }
 
@@ -45,6 +48,7 @@ impl EndpointRuntime {
             port: endpoint.address.port().to_string(),
         };
         EndpointRuntime {
+            address_text: endpoint.address.to_string().into(),
             endpoint: Arc::new(endpoint),
             in_flight: Arc::new(InFlightCounters::default()),
             labels,
@@ -114,6 +118,25 @@ impl Loaded {
         self.by_address
             .get(&address)
             .and_then(|&i| self.endpoints.get(i))
+    }
+
+    /// The `x-gateway-destination-endpoint` value for `targets`: their `ip:port`s joined
+    /// with `,`, from the strings formatted when the snapshot was applied.
+    pub fn destination(&self, targets: &[Candidate]) -> String {
+        let mut out = String::with_capacity(targets.len() * 22);
+        for (i, t) in targets.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            match self.endpoint_at(t.endpoint.address) {
+                Some(rt) => out.push_str(&rt.address_text),
+                None => {
+                    use std::fmt::Write as _;
+                    let _ = write!(out, "{}", t.endpoint.address);
+                }
+            }
+        }
+        out
     }
 
     /// The endpoint with this key.
@@ -505,5 +528,58 @@ impl PickerState {
         m.pool_avg_kv.get_or_create(&pool).set(avg(kv));
         m.pool_avg_queue.get_or_create(&pool).set(avg(queue));
         m.pool_avg_running.get_or_create(&pool).set(avg(running));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::PoolRef;
+
+    #[test]
+    fn destination_joins_preformatted_addresses_with_ipv6_bracketed() {
+        let state = PickerState::new(Arc::new(Metrics::new()), None, None);
+        let addrs: Vec<SocketAddr> = ["[fd00::7]:8000", "10.0.0.1:8001"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let eps = addrs
+            .iter()
+            .map(|a| Endpoint::from_address("default", *a))
+            .collect();
+        let pool = PoolRef {
+            namespace: "default".into(),
+            name: "p".into(),
+        };
+        state
+            .apply_snapshot(crate::standalone::snapshot(
+                pool,
+                1,
+                eps,
+                Default::default(),
+            ))
+            .unwrap();
+        let loaded = state.current().unwrap();
+        let cands = loaded.candidates(Instant::now());
+        // Snapshot order is the snapshot's; the value follows the targets' order.
+        let forward = loaded.destination(&cands);
+        let mut reversed = cands.clone();
+        reversed.reverse();
+        let backward = loaded.destination(&reversed);
+        let mut parts: Vec<&str> = forward.split(',').collect();
+        assert_eq!(parts.len(), 2);
+        assert!(parts.contains(&"[fd00::7]:8000") && parts.contains(&"10.0.0.1:8001"));
+        parts.reverse();
+        assert_eq!(backward, parts.join(","));
+        assert_eq!(loaded.destination(&cands[..1]), parts[1]);
+        // A target outside the snapshot (a plugin's own candidate) is still formatted.
+        let stray = Candidate::new(
+            Arc::new(Endpoint::from_address(
+                "default",
+                "[::1]:9".parse().unwrap(),
+            )),
+            EndpointMetrics::default(),
+        );
+        assert_eq!(loaded.destination(&[stray]), "[::1]:9");
     }
 }

@@ -7,6 +7,10 @@
 //! - `http`: a closed-loop HTTP load driver printing one JSON line (rate, p50, p99).
 //! - `grpc`: drives an ext_proc server directly (no Envoy) with complete request/response
 //!   conversations and prints one JSON line (rate).
+//! - `session`: runs complete conversations through the picker's session state machine
+//!   in-process (no gRPC, no Envoy) on one thread and prints one JSON line (ns per request):
+//!   the picker's own per-request work, stable under `valgrind --tool=callgrind` (run two
+//!   request counts and take the difference to cancel start-up).
 
 // The report is the product of this tool: it goes to stdout.
 #![allow(clippy::print_stdout)]
@@ -93,6 +97,15 @@ enum Cmd {
         #[arg(long)]
         model: String,
     },
+    /// Run conversations through in-process sessions.
+    Session {
+        /// Conversations to run.
+        #[arg(long, default_value_t = 10_000)]
+        requests: u64,
+        /// Endpoints in the pool (default profile).
+        #[arg(long, default_value_t = 8)]
+        endpoints: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -116,6 +129,10 @@ fn main() -> Result<()> {
                 duration,
                 model,
             } => grpc_load(addr, concurrency, duration, model).await,
+            Cmd::Session {
+                requests,
+                endpoints,
+            } => session_load(requests, endpoints),
         }
     })
 }
@@ -477,6 +494,122 @@ async fn grpc_load(addr: String, concurrency: usize, duration: f64, model: Strin
     println!(
         "{}",
         serde_json::json!({"requests": n, "errors": errors, "rps": n as f64 / wall, "first_error": first})
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- in-process sessions
+
+/// What a simulator answers a non-streamed completion with (serde_json orders keys, so
+/// `usage` comes last, as with the simulator).
+const SIM_RESPONSE: &[u8] = br#"{"choices":[{"finish_reason":"length","index":0,"logprobs":null,"stop_reason":null,"text":" the quick brown fox"}],"created":1763930000,"id":"cmpl-5f2c9a7e4b1d4c7e9a3f6b2d8e1c0a94","model":"meta-llama/Llama-3.1-8B-Instruct","object":"text_completion","usage":{"completion_tokens":1,"prompt_tokens":246,"total_tokens":247}}"#;
+
+fn session_load(requests: u64, endpoints: usize) -> Result<()> {
+    use sluice_core::{Endpoint, EndpointMetrics, PoolRef};
+    use sluice_picker::metrics::Metrics;
+    use sluice_picker::{ExtProcService, PickerState, ServerOptions, standalone};
+
+    let state = PickerState::new(Arc::new(Metrics::new()), None, None);
+    let addrs: Vec<std::net::SocketAddr> = (0..endpoints)
+        .map(|i| std::net::SocketAddr::from(([10, 0, 0, 1 + i as u8], 8000)))
+        .collect();
+    let eps = addrs
+        .iter()
+        .map(|a| Endpoint::from_address("default", *a))
+        .collect();
+    let pool = PoolRef {
+        namespace: "default".into(),
+        name: "bench".into(),
+    };
+    state
+        .apply_snapshot(standalone::snapshot(pool, 1, eps, Default::default()))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let loaded = state.current().context("snapshot applied")?;
+    for (i, a) in addrs.iter().enumerate() {
+        if let Some(ep) = loaded.endpoint_at(*a) {
+            ep.record_scrape(
+                EndpointMetrics {
+                    waiting_queue_size: (i % 3) as u32,
+                    running_requests_size: 4 + i as u32,
+                    kv_cache_usage: 0.1 + 0.05 * i as f64,
+                    ..Default::default()
+                },
+                Instant::now(),
+            );
+        }
+    }
+    let service = ExtProcService::new(state.clone(), ServerOptions::default());
+    let model = "meta-llama/Llama-3.1-8B-Instruct";
+    let body = body_of(model, 1024);
+    let request_headers = |i: u64| {
+        let id = format!("9f1c2e7a-4b3d-4e8f-a1b2-{i:012x}");
+        let len = body.len().to_string();
+        hdrs(
+            &[
+                (":authority", "127.0.0.1:8081"),
+                (":path", "/v1/completions"),
+                (":method", "POST"),
+                (":scheme", "http"),
+                ("content-type", "application/json"),
+                ("content-length", &len),
+                ("x-forwarded-proto", "http"),
+                ("x-request-id", &id),
+            ],
+            false,
+        )
+    };
+    let response_headers = hdrs(
+        &[
+            (":status", "200"),
+            ("content-type", "application/json"),
+            ("content-length", &SIM_RESPONSE.len().to_string()),
+            ("date", "Sun, 23 Nov 2026 21:00:00 GMT"),
+        ],
+        false,
+    );
+    let msg = |r: In| ProcessingRequest {
+        request: Some(r),
+        ..Default::default()
+    };
+    let mut out = VecDeque::with_capacity(8);
+    let started = Instant::now();
+    for i in 0..requests {
+        let mut session = service.session();
+        session.handle(msg(In::RequestHeaders(request_headers(i))), &mut out);
+        session.handle(
+            msg(In::RequestBody(HttpBody {
+                body: body.to_vec(),
+                end_of_stream: true,
+                ..Default::default()
+            })),
+            &mut out,
+        );
+        if let Some(Out::ImmediateResponse(ir)) = out.front().and_then(|r| r.response.as_ref()) {
+            anyhow::bail!(
+                "picker answered {:?}: {}",
+                ir.status,
+                String::from_utf8_lossy(&ir.body)
+            );
+        }
+        session.handle(msg(In::ResponseHeaders(response_headers.clone())), &mut out);
+        session.handle(
+            msg(In::ResponseBody(HttpBody {
+                body: SIM_RESPONSE.to_vec(),
+                end_of_stream: true,
+                ..Default::default()
+            })),
+            &mut out,
+        );
+        drop(session);
+        out.clear();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{}",
+        serde_json::json!({
+            "requests": requests,
+            "ns_per_request": elapsed.as_nanos() as f64 / requests.max(1) as f64,
+        })
     );
     Ok(())
 }
