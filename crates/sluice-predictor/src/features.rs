@@ -138,8 +138,13 @@ pub struct Features {
     pub running: u32,
     /// Fraction of the prompt already in the endpoint's prefix cache, 0.0..=1.0.
     pub prefix_cache_score: f64,
-    /// Uncached prompt tokens dispatched to the endpoint and not yet prefilled.
+    /// Uncached prompt tokens dispatched to the endpoint and not yet prefilled (requests
+    /// without a first response byte yet): the prefill work queued ahead of this request.
     pub prefill_tokens_in_flight: u32,
+    /// Requests dispatched to the endpoint without a first response byte yet; `running`
+    /// minus this is the decode batch the request will share steps with.
+    #[serde(default)]
+    pub prefill_requests_in_flight: u32,
     /// Tokens the request has generated so far (0 at dispatch).
     pub tokens_generated: u32,
     /// The endpoint's role.
@@ -155,6 +160,11 @@ impl Features {
         self.kv_cache_usage = clamp_unit(self.kv_cache_usage);
         self.prefix_cache_score = clamp_unit(self.prefix_cache_score);
         self
+    }
+
+    /// Requests in flight past their first token: the decode batch.
+    pub fn decoding(&self) -> u32 {
+        self.running.saturating_sub(self.prefill_requests_in_flight)
     }
 
     /// Prompt tokens that still need prefill on this endpoint.

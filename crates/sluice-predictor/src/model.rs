@@ -13,7 +13,7 @@
 //!    be ~100× slower than this model for 200 trees of depth 6 and would need a new,
 //!    heavy dependency to train.
 //! 2. **Cheap, bounded online training.** The fit accumulates a p×p normal matrix
-//!    (p ≤ 16) in one pass over the stored samples and solves it by Cholesky: O(n·p²),
+//!    (p ≤ 17) in one pass over the stored samples and solves it by Cholesky: O(n·p²),
 //!    ~10 ms for 100k samples, on a background thread. No iterations, no hyper-parameter
 //!    search, no learning rate to tune, deterministic.
 //! 3. **Accuracy on serving-engine physics.** TTFT and TPOT of a batching engine are close
@@ -64,8 +64,11 @@ pub enum Objective {
 }
 
 impl Objective {
-    /// The median: the default.
+    /// The median: the most accurate point estimate.
     pub const MEDIAN: Objective = Objective::Quantile { q: 0.5 };
+
+    /// The 90th percentile: the default, for SLO validity checks.
+    pub const P90: Objective = Objective::Quantile { q: 0.9 };
 }
 
 /// An objective spelled wrongly.
@@ -97,61 +100,71 @@ impl std::str::FromStr for Objective {
     }
 }
 
-pub(crate) const TTFT_P: usize = 16;
+pub(crate) const TTFT_P: usize = 17;
 pub(crate) const TPOT_P: usize = 10;
 
 /// Engineered TTFT features. Token counts are in thousands so the raw coefficients stay
 /// near unit scale (the fit standardises anyway; this keeps the published ones readable).
+///
+/// The shape follows a chunked-prefill engine: the first token comes once the prefill work
+/// ahead (`tif`) and the request's own uncached prompt (`eff`) have gone through steps that
+/// the decode batch (`dec`) shares, so the decode batch multiplies both; `waiting` (scraped)
+/// carries what other pickers sent.
 #[inline]
 pub(crate) fn ttft_design(f: &Features) -> [f64; TTFT_P] {
     let kv = f.kv_cache_usage;
     let input = f64::from(f.input_tokens) * 1e-3;
     let eff = f.uncached_input_tokens() * 1e-3;
     let tif = f64::from(f.prefill_tokens_in_flight) * 1e-3;
+    let pending = f64::from(f.prefill_requests_in_flight);
+    let dec = f64::from(f.decoding());
     let waiting = f64::from(f.waiting);
-    let running = f64::from(f.running);
+    let work = eff + tif;
     let queued = if f.waiting > 0 { 1.0 } else { 0.0 };
     [
         1.0,
         eff,
         input,
         tif,
-        waiting,
-        running,
+        pending,
+        dec,
         kv,
-        running * eff,
-        running * tif,
-        waiting * eff,
-        waiting * running,
-        waiting * waiting,
+        dec * eff,
+        dec * tif,
+        waiting,
+        waiting * work,
+        waiting * dec,
         kv * eff,
         kv * tif,
         eff * eff,
+        waiting * waiting,
         queued,
     ]
 }
 
-/// Engineered TPOT features.
+/// Engineered TPOT features: a decode step costs a fixed part plus a part per sequence and
+/// per context token (`dec`, `kv`), and the prefill work in flight (`tif`) will share the
+/// steps of the request's decode.
 #[inline]
 pub(crate) fn tpot_design(f: &Features) -> [f64; TPOT_P] {
     let kv = f.kv_cache_usage;
     let input = f64::from(f.input_tokens) * 1e-3;
     let tif = f64::from(f.prefill_tokens_in_flight) * 1e-3;
+    let pending = f64::from(f.prefill_requests_in_flight);
+    let dec = f64::from(f.decoding());
     let waiting = f64::from(f.waiting);
-    let running = f64::from(f.running);
-    let generated = f64::from(f.tokens_generated) * 1e-3;
     let queued = if f.waiting > 0 { 1.0 } else { 0.0 };
     [
         1.0,
-        running,
+        dec,
         kv,
         tif,
         waiting,
         input,
-        running * kv,
-        running * running,
+        dec * kv,
+        dec * dec,
         queued,
-        generated,
+        pending,
     ]
 }
 

@@ -132,6 +132,8 @@ pub struct Scheduled {
     /// Plugins' per-request state, randomness and start time.
     pub cycle: Cycle,
     accounted_tokens: Option<u64>,
+    /// Whether the request is still counted in its target's prefill phase.
+    in_prefill: bool,
     completed: bool,
 }
 
@@ -144,7 +146,18 @@ impl Scheduled {
     fn release(&mut self) {
         if let (Some(tokens), Some(t)) = (self.accounted_tokens.take(), self.result.targets.first())
         {
-            t.in_flight.remove(tokens);
+            t.in_flight
+                .remove(tokens, std::mem::take(&mut self.in_prefill));
+        }
+    }
+
+    /// The first response bytes arrived: the request has left its prefill phase.
+    fn end_prefill(&mut self) {
+        if !std::mem::take(&mut self.in_prefill) {
+            return;
+        }
+        if let (Some(tokens), Some(t)) = (self.accounted_tokens, self.result.targets.first()) {
+            t.in_flight.end_prefill(tokens);
         }
     }
 }
@@ -552,6 +565,7 @@ impl Scheduler {
             },
             cycle,
             accounted_tokens: None,
+            in_prefill: false,
             completed: false,
         })
     }
@@ -673,6 +687,7 @@ impl Scheduler {
         let tokens = uncached_tokens(request, scheduled);
         target.in_flight.add(tokens);
         scheduled.accounted_tokens = Some(tokens);
+        scheduled.in_prefill = true;
         for (name, p) in &self.inner.pre_requests {
             self.timed(ExtensionPoint::PreRequest, name, || {
                 p.pre_request(&mut scheduled.cycle, request, &scheduled.result)
@@ -715,6 +730,9 @@ impl Scheduler {
     ) {
         if scheduled.completed {
             return;
+        }
+        if !chunk.data.is_empty() {
+            scheduled.end_prefill();
         }
         for (name, p) in &self.inner.response_hooks {
             self.timed(ExtensionPoint::ResponseStreaming, name, || {

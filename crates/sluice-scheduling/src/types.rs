@@ -45,21 +45,44 @@ impl LlmRequest {
 
 /// Requests and prompt tokens the picker has sent to one endpoint and not yet seen finish.
 ///
-/// The scheduler updates these itself (in `pre_request` and `complete`); the picker creates one
-/// per endpoint, keeps it for the endpoint's lifetime and hands the same `Arc` in every
-/// [`Candidate`] so that counting needs no map lookup on the hot path.
+/// The scheduler updates these itself (in `pre_request`, on the first response bytes and in
+/// `complete`); the picker creates one per endpoint, keeps it for the endpoint's lifetime and
+/// hands the same `Arc` in every [`Candidate`] so that counting needs no map lookup on the
+/// hot path.
+///
+/// Two views are kept: everything in flight (`requests`, `tokens`: load, as upstream's
+/// `InFlightLoad`), and the part still in its prefill phase, dispatched but without a first
+/// response byte yet (`prefill_requests`, `prefill_tokens`). A new request's time to first
+/// token is driven by the prefill work queued ahead of it, not by the prompts of requests
+/// that are already decoding, so the latency predictor reads the second view.
 #[derive(Debug, Default)]
 pub struct InFlightCounters {
     requests: AtomicU32,
     tokens: AtomicU64,
+    prefill_requests: AtomicU32,
+    prefill_tokens: AtomicU64,
+}
+
+fn saturating_sub_u32(a: &AtomicU32, v: u32) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+        Some(x.saturating_sub(v))
+    });
+}
+
+fn saturating_sub_u64(a: &AtomicU64, v: u64) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+        Some(x.saturating_sub(v))
+    });
 }
 
 impl InFlightCounters {
-    /// Counters starting at the given values (useful in tests and simulations).
+    /// Counters starting at the given values, none of them in prefill (useful in tests and
+    /// simulations).
     pub fn with_values(requests: u32, tokens: u64) -> Self {
         InFlightCounters {
             requests: AtomicU32::new(requests),
             tokens: AtomicU64::new(tokens),
+            ..InFlightCounters::default()
         }
     }
 
@@ -73,25 +96,43 @@ impl InFlightCounters {
         self.tokens.load(Ordering::Relaxed)
     }
 
-    /// Counts one more request carrying `tokens` uncached prompt tokens.
+    /// Requests in flight that have not produced a response byte yet (queued or prefilling).
+    pub fn prefill_requests(&self) -> u32 {
+        self.prefill_requests.load(Ordering::Relaxed)
+    }
+
+    /// Uncached prompt tokens of the requests counted by
+    /// [`prefill_requests`](Self::prefill_requests).
+    pub fn prefill_tokens(&self) -> u64 {
+        self.prefill_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more request carrying `tokens` uncached prompt tokens; it starts in its
+    /// prefill phase.
     pub fn add(&self, tokens: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.tokens.fetch_add(tokens, Ordering::Relaxed);
+        self.prefill_requests.fetch_add(1, Ordering::Relaxed);
+        self.prefill_tokens.fetch_add(tokens, Ordering::Relaxed);
     }
 
-    /// Undoes one [`add`](Self::add); saturates at zero so that a bug elsewhere can never wrap
-    /// the counters into enormous values that would mark the endpoint saturated forever.
-    pub fn remove(&self, tokens: u64) {
-        let _ = self
-            .requests
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(1))
-            });
-        let _ = self
-            .tokens
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(tokens))
-            });
+    /// Ends the prefill phase of one request counted by [`add`](Self::add) with `tokens`
+    /// (its first response bytes arrived). Saturates at zero.
+    pub fn end_prefill(&self, tokens: u64) {
+        saturating_sub_u32(&self.prefill_requests, 1);
+        saturating_sub_u64(&self.prefill_tokens, tokens);
+    }
+
+    /// Undoes one [`add`](Self::add); `in_prefill` says whether
+    /// [`end_prefill`](Self::end_prefill) has not been called for it. Saturates at zero so
+    /// that a bug elsewhere can never wrap the counters into enormous values that would mark
+    /// the endpoint saturated forever.
+    pub fn remove(&self, tokens: u64, in_prefill: bool) {
+        saturating_sub_u32(&self.requests, 1);
+        saturating_sub_u64(&self.tokens, tokens);
+        if in_prefill {
+            self.end_prefill(tokens);
+        }
     }
 }
 

@@ -196,6 +196,53 @@ fn in_flight_counts_follow_every_exit_path() {
 }
 
 #[test]
+fn prefill_counts_end_at_the_first_response_bytes_and_on_every_exit() {
+    let s = scheduler("plugins: [{type: queue-scorer}]");
+    let cands = candidates(&[pod(0, 0.0)]);
+    let target = &cands[0].in_flight;
+    let prefill = || (target.prefill_requests(), target.prefill_tokens());
+    let mut req = request("a", "m");
+    req.prompt_tokens = 100;
+    let mut a = s.schedule(&req, &cands).unwrap();
+    s.pre_request(&req, &mut a);
+    let mut b = s.schedule(&req, &cands).unwrap();
+    s.pre_request(&req, &mut b);
+    assert_eq!(prefill(), (2, 200), "both wait for their first token");
+
+    let empty = ResponseChunk {
+        data: b"",
+        end_of_stream: false,
+    };
+    s.response_chunk(&req, &mut a, empty);
+    assert_eq!(prefill(), (2, 200), "an empty chunk is not a first token");
+    let first = ResponseChunk {
+        data: b"data: {}",
+        end_of_stream: false,
+    };
+    s.response_chunk(&req, &mut a, first);
+    s.response_chunk(&req, &mut a, first);
+    assert_eq!(prefill(), (1, 100), "a's first bytes end its prefill, once");
+    assert_eq!(
+        (target.requests(), target.tokens()),
+        (2, 200),
+        "a is still in flight (decoding)"
+    );
+    s.complete(&req, &mut a, Outcome::Success);
+    assert_eq!(
+        prefill(),
+        (1, 100),
+        "completing a decoding request leaves prefill alone"
+    );
+    s.complete(&req, &mut b, Outcome::ClientDisconnected);
+    assert_eq!(
+        prefill(),
+        (0, 0),
+        "a request that never answered leaves prefill on completion"
+    );
+    assert_eq!((target.requests(), target.tokens()), (0, 0));
+}
+
+#[test]
 fn in_flight_tokens_exclude_the_cached_prefix() {
     let s = scheduler("plugins: [{type: prefix-cache-scorer, parameters: {autoTune: false}}]");
     let cands = candidates(&[pod(0, 0.0)]);

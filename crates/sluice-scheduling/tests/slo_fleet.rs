@@ -103,6 +103,17 @@ const CLASSES: [Class; 3] = [
     },
 ];
 
+const FLEET_TWO: [Preset; 8] = [
+    Preset::H100Llama8b,
+    Preset::H100Llama8b,
+    Preset::H100Llama8b,
+    Preset::H100Llama8b,
+    Preset::A100Llama8b,
+    Preset::A100Llama8b,
+    Preset::A100Llama8b,
+    Preset::A100Llama8b,
+];
+
 const FLEET: [Preset; 8] = [
     Preset::H100Llama8b,
     Preset::H100Llama8b,
@@ -119,8 +130,9 @@ enum Policy {
     RoundRobin,
     Random,
     Default,
-    /// The SLO profile with this `headroomSelectionStrategy`.
-    Slo(&'static str),
+    /// The SLO profile with this `headroomSelectionStrategy` and predictor objective
+    /// (`p90`, the default, or `median`).
+    Slo(&'static str, &'static str),
 }
 
 impl Policy {
@@ -129,9 +141,11 @@ impl Policy {
             Policy::RoundRobin => "round-robin",
             Policy::Random => "random",
             Policy::Default => "default profile",
-            Policy::Slo("least") => "SLO (least)",
-            Policy::Slo("most") => "SLO (most)",
-            Policy::Slo(_) => "SLO (other)",
+            Policy::Slo("least", "p90") => "SLO least p90",
+            Policy::Slo("most", "p90") => "SLO most p90",
+            Policy::Slo("least", "median") => "SLO least p50",
+            Policy::Slo("most", "median") => "SLO most p50",
+            Policy::Slo(..) => "SLO (other)",
         }
     }
 }
@@ -177,8 +191,20 @@ fn arrivals(rate: f64, until: Micros, seed: u64) -> Vec<Arrival> {
             })
             .unwrap_or(CLASSES.len() - 1);
         let c = CLASSES[class];
+        // Lengths are log-normal around the class mean (σ = SLO_BENCH_SIGMA, mean-preserving),
+        // as chat traffic is: most requests short, a few long (ShareGPT-shaped). σ = 0 gives
+        // the uniform ±50 % jitter.
+        let sigma: f64 = env("SLO_BENCH_SIGMA", 0.0);
         let jitter = |rng: &mut SmallRng, v: u32| {
-            ((f64::from(v) * rng.random_range(0.5..1.5)) as u32).max(1)
+            let factor = if sigma > 0.0 {
+                // Box–Muller: one standard normal from two uniforms.
+                let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                (sigma * z - sigma * sigma / 2.0).exp().clamp(0.05, 10.0)
+            } else {
+                rng.random_range(0.5..1.5)
+            };
+            ((f64::from(v) * factor) as u32).max(1)
         };
         out.push(Arrival {
             at: t as Micros,
@@ -220,6 +246,9 @@ struct Done {
     /// (predicted, actual) for the SLO profile.
     ttft_pairs: Vec<(f64, f64)>,
     tpot_pairs: Vec<(f64, f64)>,
+    /// Per request with a prediction: server, features at dispatch, predicted and actual
+    /// TTFT/TPOT (for `SLO_BENCH_DUMP`).
+    rows: Vec<String>,
     decision_wall: Duration,
     decisions: usize,
     prediction_wall: Duration,
@@ -232,6 +261,7 @@ struct Live {
     first: Option<Micros>,
     tokens: u32,
     predicted: Option<(f64, Option<f64>)>,
+    features: Option<sluice_predictor::Features>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -267,6 +297,11 @@ fn mape(pairs: &[(f64, f64)]) -> f64 {
     100.0 * v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// Share (%) of pairs whose actual value was at most the prediction.
+fn coverage(pairs: &[(f64, f64)]) -> f64 {
+    100.0 * pairs.iter().filter(|(p, a)| a <= p).count() as f64 / pairs.len().max(1) as f64
+}
+
 impl Report {
     fn attainment(&self) -> f64 {
         self.done.good as f64 / self.done.total.max(1) as f64
@@ -294,12 +329,13 @@ fn run(
     let shared = SharedState::default();
     let mut predictor: Option<Arc<InProcessPredictor>> = None;
     let scheduler = match policy {
-        Policy::Default | Policy::Slo(_) => {
-            let cfg = if let Policy::Slo(strategy) = policy {
+        Policy::Default | Policy::Slo(..) => {
+            let cfg = if let Policy::Slo(strategy, objective) = policy {
                 let p = Arc::new(
                     InProcessPredictor::spawn(PredictorConfig {
                         retrain_interval: None,
                         queue_capacity: 1 << 20,
+                        objective: objective.parse().unwrap(),
                         ..PredictorConfig::default()
                     })
                     .unwrap(),
@@ -415,6 +451,26 @@ fn run(
             done.good += 1;
         }
         if let Some((pt, pp)) = l.predicted {
+            if let Some(f) = l.features {
+                done.rows.push(format!(
+                    "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{}",
+                    f.class.0,
+                    f.kv_cache_usage,
+                    f.input_tokens,
+                    f.prefix_cache_score,
+                    f.waiting,
+                    f.running,
+                    f.prefill_tokens_in_flight,
+                    f.prefill_requests_in_flight,
+                    a.class,
+                    a.output,
+                    pt,
+                    ttft,
+                    pp.unwrap_or(f64::NAN),
+                    tpot,
+                    l.tokens
+                ));
+            }
             done.ttft_pairs.push((pt, ttft));
             if let Some(pp) = pp
                 && l.tokens > 1
@@ -461,6 +517,7 @@ fn run(
                     prompt_tokens: c.prefix_tokens + a.unique,
                 };
                 let mut predicted = None;
+                let mut features = None;
                 let (server, scheduled) = match &scheduler {
                     None => {
                         let s = if policy == Policy::RoundRobin {
@@ -488,6 +545,7 @@ fn run(
                                     first: None,
                                     tokens: 0,
                                     predicted: None,
+                                    features: None,
                                 };
                                 finish(&mut done, &l, false, t);
                                 continue;
@@ -503,12 +561,11 @@ fn run(
                             .get::<SloCycleState>("predicted-latency/predicted-latency-scorer")
                         {
                             done.prediction_wall += st.prediction_time;
-                            predicted = st
-                                .endpoints
-                                .iter()
-                                .find(|e| Some(e.candidate) == target)
+                            let chosen = st.endpoints.iter().find(|e| Some(e.candidate) == target);
+                            predicted = chosen
                                 .and_then(|e| e.prediction)
                                 .map(|p| (p.ttft_ms, p.tpot_ms));
+                            features = chosen.map(|e| e.features);
                         }
                         let server = endpoints
                             .iter()
@@ -535,6 +592,7 @@ fn run(
                         first: None,
                         tokens: 0,
                         predicted,
+                        features,
                     },
                 );
                 if !stepping[server]
@@ -625,7 +683,7 @@ fn slo_profile_beats_round_robin_on_a_small_fleet_and_leaks_nothing() {
     // which cannot meet a 50 ms TPOT; the SLO profile learns that within the warm-up.
     let fleet = [Preset::H100Llama8b, Preset::L4Llama8b];
     let rr = run(Policy::RoundRobin, &fleet, 6.0, 10, 20, 3);
-    let slo = run(Policy::Slo("least"), &fleet, 6.0, 10, 20, 3);
+    let slo = run(Policy::Slo("least", "p90"), &fleet, 6.0, 10, 20, 3);
     assert_eq!(slo.leaked_running, 0, "running-request queues are empty");
     assert_eq!(slo.leaked_in_flight, 0);
     assert!(
@@ -639,6 +697,11 @@ fn slo_profile_beats_round_robin_on_a_small_fleet_and_leaks_nothing() {
 #[test]
 #[ignore = "benchmark: run with `cargo xtask bench-slo`"]
 fn slo_fleet_report() {
+    let fleet: &[Preset] = if std::env::var("SLO_BENCH_FLEET").as_deref() == Ok("two") {
+        &FLEET_TWO
+    } else {
+        &FLEET
+    };
     let seed: u64 = env("SLO_BENCH_SEED", 7);
     let warmup: u64 = env("SLO_BENCH_WARMUP", 30);
     let seconds: u64 = env("SLO_BENCH_SECONDS", 60);
@@ -654,7 +717,7 @@ fn slo_fleet_report() {
             );
             let mut best = (f64::INFINITY, 0.0);
             for rate in [20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0, 180.0] {
-                let r = run(Policy::RoundRobin, &FLEET, rate, warmup.min(10), 20, seed);
+                let r = run(Policy::RoundRobin, fleet, rate, warmup.min(10), 20, seed);
                 println!(
                     "  {rate:>6.1} req/s: attainment {:5.1} %",
                     100.0 * r.attainment()
@@ -720,35 +783,46 @@ fn slo_fleet_report() {
         Policy::RoundRobin,
         Policy::Random,
         Policy::Default,
-        Policy::Slo("least"),
-        Policy::Slo("most"),
+        Policy::Slo("least", "p90"),
+        Policy::Slo("most", "p90"),
+        Policy::Slo("least", "median"),
     ] {
-        let mut r = run(policy, &FLEET, rate, warmup, seconds, seed);
+        let mut r = run(policy, fleet, rate, warmup, seconds, seed);
         row(&mut r);
+        if let (Ok(dir), Policy::Slo(strategy, objective)) =
+            (std::env::var("SLO_BENCH_DUMP"), policy)
+        {
+            let path = std::path::Path::new(&dir).join(format!("slo-{strategy}-{objective}.csv"));
+            let header = "class,kv,input,prefix,waiting,running,prefill_tokens,prefill_requests,workload_class,output,pred_ttft,ttft,pred_tpot,tpot,tokens\n";
+            std::fs::write(&path, header.to_owned() + &r.done.rows.join("\n")).unwrap();
+        }
         reports.push(r);
     }
-    let g = |p: Policy| reports.iter().find(|r| r.policy == p).unwrap().goodput();
+    let get = |p: Policy| reports.iter().find(|r| r.policy == p).unwrap();
     for strategy in ["least", "most"] {
-        let slo = g(Policy::Slo(strategy));
+        let slo = get(Policy::Slo(strategy, "p90")).goodput();
         println!(
-            "goodput ratio, SLO ({strategy}): / default = {:.2} (target ≥ 1.3), / round-robin = {:.2} (target ≥ 1.6)",
-            slo / g(Policy::Default).max(1e-9),
-            slo / g(Policy::RoundRobin).max(1e-9)
+            "goodput ratio, SLO {strategy} p90: / default = {:.2} (target ≥ 1.3), / round-robin = {:.2} (target ≥ 1.6)",
+            slo / get(Policy::Default).goodput().max(1e-9),
+            slo / get(Policy::RoundRobin).goodput().max(1e-9)
         );
     }
+    let median = get(Policy::Slo("least", "median"));
+    println!(
+        "predictor MAPE after warm-up, median objective (chosen endpoint vs the simulated outcome): TTFT {:.1} % over {} requests, TPOT {:.1} % over {} (target ≤ 10 %)",
+        mape(&median.done.ttft_pairs),
+        median.done.ttft_pairs.len(),
+        mape(&median.done.tpot_pairs),
+        median.done.tpot_pairs.len(),
+    );
     for strategy in ["least", "most"] {
-        let slo = reports
-            .iter()
-            .find(|r| r.policy == Policy::Slo(strategy))
-            .unwrap();
+        let r = get(Policy::Slo(strategy, "p90"));
         println!(
-            "predictor MAPE after warm-up, SLO ({strategy}) (chosen endpoint vs the simulated outcome): TTFT {:.1} % over {} requests, TPOT {:.1} % over {} (target ≤ 10 %); in-loop batch prediction for {} endpoints {:.2} µs mean",
-            mape(&slo.done.ttft_pairs),
-            slo.done.ttft_pairs.len(),
-            mape(&slo.done.tpot_pairs),
-            slo.done.tpot_pairs.len(),
-            FLEET.len(),
-            slo.done.prediction_wall.as_secs_f64() * 1e6 / slo.done.decisions.max(1) as f64
+            "p90 objective, SLO {strategy}: actual ≤ predicted for TTFT {:.1} %, TPOT {:.1} % of requests (target 90 %); in-loop batch prediction for {} endpoints {:.2} µs mean",
+            coverage(&r.done.ttft_pairs),
+            coverage(&r.done.tpot_pairs),
+            fleet.len(),
+            r.done.prediction_wall.as_secs_f64() * 1e6 / r.done.decisions.max(1) as f64
         );
     }
     let stress = rate * 1.5;
@@ -757,8 +831,36 @@ fn slo_fleet_report() {
 stress: {stress} req/s (1.5 × the rate above)"
     );
     header();
-    for policy in [Policy::Default, Policy::Slo("least"), Policy::Slo("most")] {
-        let mut r = run(policy, &FLEET, stress, warmup, seconds, seed);
+    for policy in [
+        Policy::Default,
+        Policy::Slo("least", "p90"),
+        Policy::Slo("most", "p90"),
+    ] {
+        let mut r = run(policy, fleet, stress, warmup, seconds, seed);
         row(&mut r);
+    }
+    println!("\nload sweep, goodput req/s (attainment %):");
+    println!(
+        "{:>10} {:>16} {:>16} {:>16} {:>16}",
+        "rate", "round-robin", "default", "SLO least p90", "SLO most p90"
+    );
+    for factor in [0.5, 1.0, 1.25, 1.5, 2.0] {
+        let r = rate * factor;
+        let cells: Vec<String> = [
+            Policy::RoundRobin,
+            Policy::Default,
+            Policy::Slo("least", "p90"),
+            Policy::Slo("most", "p90"),
+        ]
+        .into_iter()
+        .map(|p| {
+            let rep = run(p, fleet, r, warmup.min(20), seconds.min(40), seed);
+            format!("{:.1} ({:.0})", rep.goodput(), 100.0 * rep.attainment())
+        })
+        .collect();
+        println!(
+            "{:>10.1} {:>16} {:>16} {:>16} {:>16}",
+            r, cells[0], cells[1], cells[2], cells[3]
+        );
     }
 }

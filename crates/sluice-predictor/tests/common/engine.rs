@@ -70,6 +70,10 @@ pub fn run(
                     running: running.len() as u32,
                     prefix_cache_score: prefix,
                     prefill_tokens_in_flight: tif as u32,
+                    prefill_requests_in_flight: running
+                        .iter()
+                        .filter(|r| r.prefill_left > 0.0)
+                        .count() as u32,
                     tokens_generated: 0,
                     role: PodRole::Both,
                     class: e.class,

@@ -83,6 +83,7 @@ pub fn features(rng: &mut SmallRng) -> Features {
         running,
         prefix_cache_score: prefix,
         prefill_tokens_in_flight: tif,
+        prefill_requests_in_flight: 0,
         tokens_generated: 0,
         role: PodRole::Both,
         class,

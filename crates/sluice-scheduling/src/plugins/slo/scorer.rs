@@ -312,11 +312,13 @@ impl PredictedLatencyScorer {
             )
         };
         let mut running = c.in_flight.requests();
-        let mut tokens = c.in_flight.tokens();
+        let mut prefilling = c.in_flight.prefill_requests();
+        let mut tokens = c.in_flight.prefill_tokens();
         // At PreRequest the scheduler has already counted this request in flight; the
         // features must describe the endpoint as the request found it.
         if let Some(own) = exclude {
             running = running.saturating_sub(1);
+            prefilling = prefilling.saturating_sub(1);
             tokens = tokens.saturating_sub(own);
         }
         Features {
@@ -326,6 +328,7 @@ impl PredictedLatencyScorer {
             running,
             prefix_cache_score: prefix_score,
             prefill_tokens_in_flight: u32::try_from(tokens).unwrap_or(u32::MAX),
+            prefill_requests_in_flight: prefilling,
             tokens_generated: 0,
             role,
             class: self.services.classes().class_of(
@@ -679,7 +682,7 @@ impl PreRequest for PredictedLatencyScorer {
                     request,
                     target,
                     prefix,
-                    Some(own.min(target.in_flight.tokens())),
+                    Some(own.min(target.in_flight.prefill_tokens())),
                 )
             }
         };
