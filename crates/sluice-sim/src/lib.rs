@@ -12,6 +12,7 @@ pub mod api;
 pub mod bench;
 pub mod engine;
 pub mod fleet;
+mod http1;
 mod kv;
 pub mod load;
 pub mod metrics;

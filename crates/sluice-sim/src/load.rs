@@ -14,11 +14,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use memchr::memmem::Finder;
 use parking_lot::Mutex;
 use rand::SeedableRng;
@@ -28,6 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::api::Api;
+use crate::http1;
 use crate::server::SERVER_HEADER;
 use crate::workload::{Planned, Workload, text_of};
 
@@ -312,11 +308,10 @@ impl Summary {
     }
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
 struct Ctx {
     cfg: LoadConfig,
-    client: HttpClient,
+    targets: Vec<http1::Target>,
+    pool: http1::Pool,
     start: Instant,
     records: Mutex<Vec<Record>>,
     prefixes: Vec<Vec<String>>,
@@ -341,12 +336,13 @@ pub async fn run_with_records(cfg: LoadConfig) -> anyhow::Result<(Summary, Vec<R
     cfg.workload
         .validate()
         .map_err(|e| anyhow::anyhow!("workload {}: {e}", cfg.workload.name))?;
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(4096)
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(http);
+    let targets = cfg
+        .targets
+        .iter()
+        .map(|t| http1::Target::parse(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("load: {e}"))?;
+    let pool = http1::Pool::new(4096);
     let w = &cfg.workload;
     // Shared prefixes are generated once per (class, group).
     let prefixes = w
@@ -367,7 +363,8 @@ pub async fn run_with_records(cfg: LoadConfig) -> anyhow::Result<(Summary, Vec<R
         .collect();
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
-        client,
+        targets,
+        pool,
         start: Instant::now(),
         records: Mutex::new(Vec::new()),
         prefixes,
@@ -496,33 +493,32 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
     }
-    let target = &ctx.cfg.targets[(id as usize) % ctx.cfg.targets.len()];
+    let target = &ctx.targets[(id as usize) % ctx.targets.len()];
     let path = match api {
         Api::Chat => "/v1/chat/completions",
         Api::Completions => "/v1/completions",
     };
-    let mut req = http::Request::builder()
-        .method("POST")
-        .uri(format!("{}{path}", target.trim_end_matches('/')))
-        .header("content-type", "application/json");
+    let body = body.to_string();
+    let mut headers: Vec<(&str, String)> = Vec::new();
     if let Some(t) = c.slo.ttft_ms {
-        req = req.header("x-slo-ttft-ms", t.to_string());
+        headers.push(("x-slo-ttft-ms", t.to_string()));
     }
     if let Some(t) = c.slo.tpot_ms {
-        req = req.header("x-slo-tpot-ms", t.to_string());
+        headers.push(("x-slo-tpot-ms", t.to_string()));
     }
     if let Some(o) = &c.objective {
-        req = req.header("x-gateway-inference-objective", o);
+        headers.push(("x-gateway-inference-objective", o.clone()));
     }
     if let Some(wc) = &c.workload {
-        req = req.header(
+        headers.push((
             "x-workload-context",
             serde_json::to_string(wc).unwrap_or_default(),
-        );
+        ));
     }
     for (k, v) in &c.headers {
-        req = req.header(k, v);
+        headers.push((k, v.clone()));
     }
+    let request = build_request(target, path, &headers, &body);
     let scale = ctx.cfg.time_scale;
     let t0 = Instant::now();
     let mut rec = Record {
@@ -543,11 +539,15 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
         slo_tpot_ms: c.slo.tpot_ms,
         good: false,
     };
-    let outcome = match req.body(Full::new(Bytes::from(body.to_string()))) {
+    let outcome = match request {
         Ok(req) => {
-            tokio::time::timeout(ctx.cfg.timeout, exchange(&ctx.client, req, c.stream, t0)).await
+            tokio::time::timeout(
+                ctx.cfg.timeout,
+                exchange(&ctx.pool, target, &req, c.stream, t0),
+            )
+            .await
         }
-        Err(e) => Ok(Err(format!("cannot build request: {e}"))),
+        Err(e) => Ok(Err(e)),
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3 * scale;
     rec.e2e_ms = ms(t0.elapsed());
@@ -596,71 +596,129 @@ struct Exchange {
     saw_done: bool,
 }
 
+/// Renders the HTTP/1.1 request; the error names a custom header that cannot be sent.
+fn build_request(
+    target: &http1::Target,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> Result<Vec<u8>, String> {
+    use std::fmt::Write as _;
+    let mut head = String::with_capacity(256);
+    let _ = write!(
+        head,
+        "POST {}{path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        target.prefix,
+        target.host,
+        body.len()
+    );
+    for (k, v) in headers {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+            || http::HeaderValue::from_str(v).is_err()
+        {
+            return Err(format!(
+                "cannot build request: header {k:?}: {v:?} is not a valid HTTP header"
+            ));
+        }
+        let _ = write!(head, "{k}: {v}\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    Ok(out)
+}
+
+/// Collects one response: the status and server from the head, then either SSE events as
+/// they arrive (timestamped) or the whole body.
+struct Collect {
+    x: Exchange,
+    stream: bool,
+    t0: Instant,
+    /// Unfinished SSE event, or the whole non-streamed body.
+    buf: Vec<u8>,
+    overflow: bool,
+}
+
+impl http1::Sink for Collect {
+    fn head(&mut self, head: &http1::Head) {
+        self.x.status = head.status;
+        self.x.server = head
+            .kept
+            .iter()
+            .find(|(k, _)| k == SERVER_HEADER)
+            .map(|(_, v)| v.clone());
+    }
+
+    fn data(&mut self, data: &[u8]) {
+        let ok = (200..300).contains(&self.x.status);
+        if self.stream && ok {
+            if self.buf.is_empty() {
+                // The usual case: the piece holds whole events; scan it where it lies.
+                let used = sse_events(data, &mut self.x, self.t0);
+                self.buf.extend_from_slice(&data[used..]);
+            } else {
+                self.buf.extend_from_slice(data);
+                let used = sse_events(&self.buf, &mut self.x, self.t0);
+                self.buf.drain(..used);
+            }
+        } else if !self.overflow {
+            self.buf.extend_from_slice(data);
+        }
+        if self.buf.len() > MAX_BODY {
+            // Keep reading to the end (the connection stays usable) but stop buffering.
+            self.overflow = true;
+            self.buf.clear();
+        }
+    }
+}
+
 async fn exchange(
-    client: &HttpClient,
-    req: http::Request<Full<Bytes>>,
+    pool: &http1::Pool,
+    target: &http1::Target,
+    request: &[u8],
     stream: bool,
     t0: Instant,
 ) -> Result<Exchange, String> {
-    let resp = client
-        .request(req)
-        .await
-        .map_err(|e| format!("request failed: {e}"))?;
-    let status = resp.status().as_u16();
-    let server = resp
-        .headers()
-        .get(SERVER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let mut x = Exchange {
-        status,
-        server,
-        error: None,
-        first: None,
-        last: None,
-        chunks: 0,
-        prompt_tokens: None,
-        completion_tokens: None,
-        saw_done: false,
+    let mut sink = Collect {
+        x: Exchange {
+            status: 0,
+            server: None,
+            error: None,
+            first: None,
+            last: None,
+            chunks: 0,
+            prompt_tokens: None,
+            completion_tokens: None,
+            saw_done: false,
+        },
+        stream,
+        t0,
+        buf: Vec::new(),
+        overflow: false,
     };
-    let mut body = resp.into_body();
-    let mut buf: Vec<u8> = Vec::new();
-    let ok = (200..300).contains(&status);
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                x.error = Some(format!(
-                    "response body broken after {} chunks: {e}",
-                    x.chunks
-                ));
-                return Ok(x);
-            }
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if stream && ok {
-            if buf.is_empty() {
-                // The usual case: the frame holds whole events; scan it where it lies.
-                let used = sse_events(&data, &mut x, t0);
-                buf.extend_from_slice(&data[used..]);
-            } else {
-                buf.extend_from_slice(&data);
-                let used = sse_events(&buf, &mut x, t0);
-                buf.drain(..used);
-            }
-        } else {
-            buf.extend_from_slice(&data);
-        }
-        if buf.len() > MAX_BODY {
-            x.error = Some(format!(
-                "response larger than {MAX_BODY} bytes without an event boundary"
-            ));
+    match http1::exchange(pool, target, request, &[SERVER_HEADER], &mut sink).await {
+        Ok(_) => {}
+        Err(http1::Failure::Request(e)) => return Err(e),
+        Err(http1::Failure::Body(e)) => {
+            let mut x = sink.x;
+            x.error = Some(format!("{e} (after {} chunks)", x.chunks));
             return Ok(x);
         }
     }
-    if !ok {
+    let Collect {
+        mut x,
+        buf,
+        overflow,
+        ..
+    } = sink;
+    let status = x.status;
+    if overflow {
+        x.error = Some(format!(
+            "response larger than {MAX_BODY} bytes without an event boundary"
+        ));
+        return Ok(x);
+    }
+    if !(200..300).contains(&status) {
         let v: Value = serde_json::from_slice(&buf).unwrap_or(Value::Null);
         let msg = v["error"]["message"]
             .as_str()

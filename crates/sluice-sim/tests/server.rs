@@ -448,3 +448,36 @@ classes:
     let _ = std::fs::remove_file(dir);
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_compares_what_clients_saw_with_the_engine_model_replayed() {
+    let mut fc = FleetConfig::new(2, &[Preset::H100Llama8b]);
+    fc.time_scale = 2.0;
+    let bench = sluice_sim::bench::BenchConfig {
+        rate: 40.0,
+        duration_s: 1.0,
+        prompt_tokens: 128,
+        output_tokens: 8,
+        stream: true,
+    };
+    let r = sluice_sim::bench::run(&fc, &bench).await.unwrap();
+    let s = &r.summary;
+    assert_eq!(s.ok, s.requests, "{}", r.render());
+    assert_eq!(s.per_server.len(), 2);
+    // Every answered request was replayed on the server that answered it.
+    assert_eq!(r.model_ttft_ms.n as u64, s.ok);
+    assert_eq!(r.model_tpot_ms.n as u64, s.ok);
+    // A light load on an H100: the model decodes at ~7 ms per token and the clients, at twice
+    // real time on a (possibly busy) test machine, see about the same.
+    assert!(
+        r.model_tpot_ms.p50 > 5.0 && r.model_tpot_ms.p50 < 10.0,
+        "{}",
+        r.render()
+    );
+    assert!(
+        (s.tpot_ms.p50 - r.model_tpot_ms.p50).abs() < 5.0,
+        "{}",
+        r.render()
+    );
+    assert!(r.render().contains("kept up: "), "{}", r.render());
+}
