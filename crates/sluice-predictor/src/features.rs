@@ -145,6 +145,14 @@ pub struct Features {
     /// minus this is the decode batch the request will share steps with.
     #[serde(default)]
     pub prefill_requests_in_flight: u32,
+    /// Length of the endpoint's latest engine step in ms, from the rhythm of its streamed
+    /// response chunks (0 = unknown).
+    #[serde(default)]
+    pub step_ms: f64,
+    /// Time since the endpoint's latest step emitted its tokens, in ms (meaningful only
+    /// with `step_ms > 0`).
+    #[serde(default)]
+    pub since_step_ms: f64,
     /// Tokens the request has generated so far (0 at dispatch).
     pub tokens_generated: u32,
     /// The endpoint's role.
@@ -159,7 +167,21 @@ impl Features {
     pub fn sanitised(mut self) -> Self {
         self.kv_cache_usage = clamp_unit(self.kv_cache_usage);
         self.prefix_cache_score = clamp_unit(self.prefix_cache_score);
+        // A step longer than a minute is not a step; NaN or negative means unknown.
+        self.step_ms = finite_in(self.step_ms, 60_000.0);
+        self.since_step_ms = finite_in(self.since_step_ms, f64::MAX);
         self
+    }
+
+    /// Expected wait for the endpoint's current engine step to end, in ms: a request can
+    /// only join the batch at a step boundary. 0 when the step rhythm is unknown or the
+    /// step is overdue (idle engine, or a long prefill step the other features describe).
+    pub fn step_residual_ms(&self) -> f64 {
+        if self.step_ms > 0.0 && self.since_step_ms.is_finite() {
+            (self.step_ms - self.since_step_ms.max(0.0)).clamp(0.0, self.step_ms)
+        } else {
+            0.0
+        }
     }
 
     /// Requests in flight past their first token: the decode batch.
@@ -170,6 +192,14 @@ impl Features {
     /// Prompt tokens that still need prefill on this endpoint.
     pub fn uncached_input_tokens(&self) -> f64 {
         (1.0 - clamp_unit(self.prefix_cache_score)) * f64::from(self.input_tokens)
+    }
+}
+
+fn finite_in(x: f64, max: f64) -> f64 {
+    if x.is_finite() && x > 0.0 {
+        x.min(max)
+    } else {
+        0.0
     }
 }
 
@@ -229,6 +259,20 @@ mod tests {
         assert_eq!(PodRole::from_label(Some("decode")), PodRole::Decode);
         assert_eq!(PodRole::from_label(Some("both")), PodRole::Both);
         assert_eq!(PodRole::from_label(None), PodRole::Both);
+    }
+
+    #[test]
+    fn step_residual_is_what_is_left_of_the_current_step() {
+        let f = |step_ms, since_step_ms| Features {
+            step_ms,
+            since_step_ms,
+            ..Features::default()
+        };
+        assert_eq!(f(12.0, 3.0).step_residual_ms(), 9.0);
+        assert_eq!(f(12.0, 30.0).step_residual_ms(), 0.0, "overdue step");
+        assert_eq!(f(0.0, 3.0).step_residual_ms(), 0.0, "unknown rhythm");
+        assert_eq!(f(f64::NAN, 3.0).sanitised().step_residual_ms(), 0.0);
+        assert_eq!(f(12.0, -5.0).sanitised().step_residual_ms(), 12.0);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!    be ~100× slower than this model for 200 trees of depth 6 and would need a new,
 //!    heavy dependency to train.
 //! 2. **Cheap, bounded online training.** The fit accumulates a p×p normal matrix
-//!    (p ≤ 17) in one pass over the stored samples and solves it by Cholesky: O(n·p²),
+//!    (p ≤ 19) in one pass over the stored samples and solves it by Cholesky: O(n·p²),
 //!    ~10 ms for 100k samples, on a background thread. No iterations, no hyper-parameter
 //!    search, no learning rate to tune, deterministic.
 //! 3. **Accuracy on serving-engine physics.** TTFT and TPOT of a batching engine are close
@@ -100,7 +100,7 @@ impl std::str::FromStr for Objective {
     }
 }
 
-pub(crate) const TTFT_P: usize = 17;
+pub(crate) const TTFT_P: usize = 19;
 pub(crate) const TPOT_P: usize = 10;
 
 /// Engineered TTFT features. Token counts are in thousands so the raw coefficients stay
@@ -109,7 +109,9 @@ pub(crate) const TPOT_P: usize = 10;
 /// The shape follows a chunked-prefill engine: the first token comes once the prefill work
 /// ahead (`tif`) and the request's own uncached prompt (`eff`) have gone through steps that
 /// the decode batch (`dec`) shares, so the decode batch multiplies both; `waiting` (scraped)
-/// carries what other pickers sent.
+/// carries what other pickers sent. Before any of that, the request waits for the end of
+/// the endpoint's current step (`residual`, from the rhythm of its response chunks), and the
+/// step length itself says how busy the endpoint is right now.
 #[inline]
 pub(crate) fn ttft_design(f: &Features) -> [f64; TTFT_P] {
     let kv = f.kv_cache_usage;
@@ -121,8 +123,12 @@ pub(crate) fn ttft_design(f: &Features) -> [f64; TTFT_P] {
     let waiting = f64::from(f.waiting);
     let work = eff + tif;
     let queued = if f.waiting > 0 { 1.0 } else { 0.0 };
+    let residual = f.step_residual_ms();
+    let step = f.step_ms;
     [
         1.0,
+        residual,
+        step,
         eff,
         input,
         tif,

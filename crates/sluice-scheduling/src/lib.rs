@@ -40,4 +40,5 @@ pub use scheduler::{Scheduled, Scheduler, SchedulerOptions};
 pub use types::{
     Candidate, InFlightCounters, LlmRequest, Outcome, PluginError, ProfileFailure,
     ProfileRunResult, ResponseChunk, ScheduleError, SchedulingResult, ScoredEndpoint, ScorerScores,
+    StepPhase,
 };

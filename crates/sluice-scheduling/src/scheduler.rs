@@ -733,6 +733,9 @@ impl Scheduler {
         }
         if !chunk.data.is_empty() {
             scheduled.end_prefill();
+            if let Some(t) = scheduled.result.targets.first() {
+                t.in_flight.observe_chunk(self.inner.clock.now());
+            }
         }
         for (name, p) in &self.inner.response_hooks {
             self.timed(ExtensionPoint::ResponseStreaming, name, || {

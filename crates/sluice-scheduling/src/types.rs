@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sluice_core::{Endpoint, EndpointMetrics};
@@ -55,12 +55,56 @@ impl LlmRequest {
 /// response byte yet (`prefill_requests`, `prefill_tokens`). A new request's time to first
 /// token is driven by the prefill work queued ahead of it, not by the prompts of requests
 /// that are already decoding, so the latency predictor reads the second view.
-#[derive(Debug, Default)]
+///
+/// It also keeps the endpoint's **step phase**: a batching engine emits the tokens of one
+/// decode step for all its sequences at once, so response chunks arrive from an endpoint in
+/// bursts, one per engine step. The start of the latest burst and the gap before it tell
+/// how far the endpoint is into its current step and how long a step takes; a request
+/// dispatched now waits for the rest of the current step before its prefill can start,
+/// which is most of the error in predicting a short time to first token.
+#[derive(Debug)]
 pub struct InFlightCounters {
     requests: AtomicU32,
     tokens: AtomicU64,
     prefill_requests: AtomicU32,
     prefill_tokens: AtomicU64,
+    /// Time origin of the `*_us` fields below.
+    epoch: Instant,
+    /// When the latest burst of response chunks began (µs since `epoch`; 0 = never).
+    burst_start_us: AtomicU64,
+    /// When the latest response chunk arrived (µs since `epoch`).
+    last_chunk_us: AtomicU64,
+    /// Gap between the starts of the last two bursts (µs; 0 = unknown).
+    step_us: AtomicU64,
+}
+
+impl Default for InFlightCounters {
+    fn default() -> Self {
+        InFlightCounters {
+            requests: AtomicU32::new(0),
+            tokens: AtomicU64::new(0),
+            prefill_requests: AtomicU32::new(0),
+            prefill_tokens: AtomicU64::new(0),
+            epoch: Instant::now(),
+            burst_start_us: AtomicU64::new(0),
+            last_chunk_us: AtomicU64::new(0),
+            step_us: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Chunks closer together than this belong to one engine step (the engine writes all of a
+/// step's tokens at once; the network spreads them by well under a step, which is at least
+/// a few milliseconds for any LLM).
+const BURST_GAP: Duration = Duration::from_micros(1_500);
+
+/// Where an endpoint is in its engine step, as seen from its response chunks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepPhase {
+    /// Time since the latest burst of response chunks began.
+    pub since_step: Duration,
+    /// Length of the endpoint's latest step (gap between the last two bursts).
+    pub step: Duration,
 }
 
 fn saturating_sub_u32(a: &AtomicU32, v: u32) {
@@ -121,6 +165,45 @@ impl InFlightCounters {
     pub fn end_prefill(&self, tokens: u64) {
         saturating_sub_u32(&self.prefill_requests, 1);
         saturating_sub_u64(&self.prefill_tokens, tokens);
+    }
+
+    /// Records response bytes from this endpoint at `now` (see [`StepPhase`]).
+    pub fn observe_chunk(&self, now: Instant) {
+        let now_us = u64::try_from(now.saturating_duration_since(self.epoch).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.last_chunk_us.swap(now_us, Ordering::Relaxed);
+        if last != 0 && now_us.saturating_sub(last) < BURST_GAP.as_micros() as u64 {
+            return;
+        }
+        // A new burst: one thread wins the swap and records the step length.
+        let start = self.burst_start_us.swap(now_us, Ordering::Relaxed);
+        if start != 0 && now_us > start {
+            let gap = now_us - start;
+            let prev = self.step_us.load(Ordering::Relaxed);
+            // A gap far longer than the last step is the engine idling between requests,
+            // not a step: let the estimate grow towards it only gradually.
+            let step = if prev != 0 && gap > 4 * prev {
+                2 * prev
+            } else {
+                gap
+            };
+            self.step_us.store(step, Ordering::Relaxed);
+        }
+    }
+
+    /// The endpoint's step phase at `now`, once two bursts have been seen.
+    pub fn step_phase(&self, now: Instant) -> Option<StepPhase> {
+        let step = self.step_us.load(Ordering::Relaxed);
+        let start = self.burst_start_us.load(Ordering::Relaxed);
+        if step == 0 || start == 0 {
+            return None;
+        }
+        let at = self.epoch + Duration::from_micros(start);
+        Some(StepPhase {
+            since_step: now.saturating_duration_since(at),
+            step: Duration::from_micros(step),
+        })
     }
 
     /// Undoes one [`add`](Self::add); `in_prefill` says whether
@@ -345,4 +428,42 @@ pub enum PluginError {
     /// Something went wrong inside the plugin.
     #[error("{0}")]
     Internal(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_phase_follows_bursts_of_chunks() {
+        let c = InFlightCounters::default();
+        let t0 = c.epoch + Duration::from_millis(100);
+        let at = |ms: f64| t0 + Duration::from_secs_f64(ms / 1e3);
+        assert_eq!(c.step_phase(t0), None, "nothing seen yet");
+        // Step 1 ends at 0 ms: three streams' chunks within 0.3 ms of each other.
+        for ms in [0.0, 0.1, 0.3] {
+            c.observe_chunk(at(ms));
+        }
+        assert_eq!(
+            c.step_phase(at(1.0)),
+            None,
+            "one burst gives no step length"
+        );
+        // Step 2 ends 12 ms after step 1.
+        for ms in [12.0, 12.2] {
+            c.observe_chunk(at(ms));
+        }
+        let p = c.step_phase(at(15.0)).unwrap();
+        assert_eq!(p.step, Duration::from_millis(12));
+        assert_eq!(p.since_step, Duration::from_millis(3));
+        // The engine idles for a second, then steps again: the idle gap is not a step.
+        c.observe_chunk(at(1012.0));
+        let p = c.step_phase(at(1013.0)).unwrap();
+        assert_eq!(
+            p.step,
+            Duration::from_millis(24),
+            "grows at most 2x per burst"
+        );
+        assert_eq!(p.since_step, Duration::from_millis(1));
+    }
 }

@@ -75,6 +75,8 @@ pub fn run(
                         .filter(|r| r.prefill_left > 0.0)
                         .count() as u32,
                     tokens_generated: 0,
+                    step_ms: 0.0,
+                    since_step_ms: 0.0,
                     role: PodRole::Both,
                     class: e.class,
                 };

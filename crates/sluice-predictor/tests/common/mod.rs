@@ -85,6 +85,8 @@ pub fn features(rng: &mut SmallRng) -> Features {
         prefill_tokens_in_flight: tif,
         prefill_requests_in_flight: 0,
         tokens_generated: 0,
+        step_ms: 0.0,
+        since_step_ms: 0.0,
         role: PodRole::Both,
         class,
     }

@@ -321,7 +321,10 @@ impl PredictedLatencyScorer {
             prefilling = prefilling.saturating_sub(1);
             tokens = tokens.saturating_sub(own);
         }
+        let phase = c.in_flight.step_phase(self.clock.now());
         Features {
+            step_ms: phase.map_or(0.0, |p| p.step.as_secs_f64() * 1e3),
+            since_step_ms: phase.map_or(0.0, |p| p.since_step.as_secs_f64() * 1e3),
             kv_cache_usage: m.kv_cache_usage,
             input_tokens: request.prompt_tokens,
             waiting: m.waiting_queue_size,
