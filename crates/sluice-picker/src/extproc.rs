@@ -421,12 +421,7 @@ impl Session {
         self.headers.reserve(map.headers.len());
         let mut fallback_path = None;
         for hv in map.headers {
-            let value = if hv.raw_value.is_empty() {
-                hv.value
-            } else {
-                String::from_utf8(hv.raw_value)
-                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-            };
+            let value = header_value(hv.value, hv.raw_value);
             let key = if hv.key.bytes().any(|b| b.is_ascii_uppercase()) {
                 hv.key.to_ascii_lowercase()
             } else {
@@ -915,11 +910,7 @@ impl Session {
         let mut pairs = Vec::new();
         if let Some(map) = h.headers {
             for hv in map.headers {
-                let value = if hv.raw_value.is_empty() {
-                    hv.value
-                } else {
-                    String::from_utf8_lossy(&hv.raw_value).into_owned()
-                };
+                let value = header_value(hv.value, hv.raw_value);
                 match hv.key.as_str() {
                     ":status" | "status" => status = value.trim().parse::<u16>().ok(),
                     "content-type" if value.contains("text/event-stream") => {
@@ -1119,6 +1110,17 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.finish_response();
+    }
+}
+
+/// A header's value as Envoy sends it: `raw_value` when set (taken over without copying
+/// when it is UTF-8), else `value`.
+fn header_value(value: String, raw_value: Vec<u8>) -> String {
+    if raw_value.is_empty() {
+        value
+    } else {
+        String::from_utf8(raw_value)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 
