@@ -130,6 +130,15 @@ impl InFlightCounters {
         }
     }
 
+    /// Zero counters whose step-phase timestamps count from `epoch` (a simulation passes its
+    /// virtual clock's origin so that runs repeat exactly).
+    pub fn with_epoch(epoch: Instant) -> Self {
+        InFlightCounters {
+            epoch,
+            ..InFlightCounters::default()
+        }
+    }
+
     /// Requests in flight.
     pub fn requests(&self) -> u32 {
         self.requests.load(Ordering::Relaxed)

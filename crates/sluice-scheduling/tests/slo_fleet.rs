@@ -386,7 +386,10 @@ fn run(
             Arc::new(e)
         })
         .collect();
-    let in_flight: Vec<Arc<InFlightCounters>> = fleet.iter().map(|_| Arc::default()).collect();
+    let in_flight: Vec<Arc<InFlightCounters>> = fleet
+        .iter()
+        .map(|_| Arc::new(InFlightCounters::with_epoch(clock.base)))
+        .collect();
     let scrape = |engines: &[Engine]| -> Vec<Candidate> {
         engines
             .iter()
