@@ -170,7 +170,15 @@ pub async fn run(cfg: &FleetConfig, bench: &BenchConfig) -> anyhow::Result<Bench
     // In process, every request in flight holds two sockets (client and server side); past this
     // bound an overloaded run counts dropped arrivals instead of exhausting file descriptors.
     lc.max_in_flight = 4096;
-    let outcome = load::run_with_records(lc).await;
+    // On a worker thread, not the caller's (`block_on` runs on its own thread): then the
+    // arrival timer fires where the time driver runs, instead of waking another thread for
+    // each of thousands of arrivals per second.
+    let outcome = match tokio::spawn(load::run_with_records(lc)).await {
+        Ok(o) => o,
+        Err(e) => Err(anyhow::anyhow!(
+            "bench: the load generator task failed: {e}"
+        )),
+    };
     for h in handles {
         h.shutdown().await;
     }

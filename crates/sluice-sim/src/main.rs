@@ -311,7 +311,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             cfg.timeout = Duration::try_from_secs_f64(timeout_s).map_err(|_| {
                 anyhow::anyhow!("--timeout-s must be a positive number of seconds, got {timeout_s}")
             })?;
-            let s = load::run(cfg).await?;
+            // On a worker thread, where the arrival timers fire (see `bench::run`).
+            let s = tokio::spawn(load::run(cfg))
+                .await
+                .map_err(|e| anyhow::anyhow!("the load generator task failed: {e}"))??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
