@@ -694,6 +694,7 @@ impl Session {
         let request = LlmRequest {
             request_id: self.request_id.clone(),
             target_model: target.clone(),
+            requested_model: incoming.clone(),
             prompt,
             cache_salt: parsed.cache_salt.clone(),
             headers: std::mem::take(&mut self.headers),

@@ -18,6 +18,9 @@ pub struct LlmRequest {
     pub request_id: String,
     /// The model the request targets after rewrite.
     pub target_model: String,
+    /// The model the client asked for, before any rewrite (metrics label it `model_name`);
+    /// empty means the same as `target_model`.
+    pub requested_model: String,
     /// The bytes the prefix-cache producer hashes (for chat completions, the JSON of
     /// `messages`; for completions, the prompt text). Empty disables prefix matching.
     pub prompt: Bytes,

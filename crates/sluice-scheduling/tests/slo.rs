@@ -371,6 +371,41 @@ fn sse_headers() -> Vec<(String, String)> {
 }
 
 #[test]
+fn metrics_label_the_requested_model_and_the_rewritten_target() {
+    let p = Scripted::new(&[(0, 100.0, Some(20.0))]);
+    let s = setup(&p);
+    let cands = candidates(&pods(1));
+    let r = LlmRequest {
+        requested_model: "chat-alias".into(),
+        ..req(1, SLO, 0)
+    };
+    let mut sch = s.scheduler.schedule(&r, &cands).unwrap();
+    s.scheduler.pre_request(&r, &mut sch);
+    s.scheduler.response_headers(&r, &mut sch, &sse_headers());
+    s.clock.advance(Duration::from_millis(50));
+    let chunk = ResponseChunk {
+        data: b"data: x",
+        end_of_stream: false,
+    };
+    s.scheduler.response_chunk(&r, &mut sch, chunk);
+    s.clock.advance(Duration::from_millis(20));
+    s.scheduler.response_chunk(&r, &mut sch, chunk);
+    s.scheduler.complete(&r, &mut sch, Outcome::Success);
+    let mut registry = prometheus_client::registry::Registry::default();
+    SloServices::from_shared(&s.shared)
+        .metrics()
+        .register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(
+            "inference_objective_request_ttft_seconds_count{model_name=\"chat-alias\",target_model_name=\"m\"} 1"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
 fn training_samples_measure_ttft_from_dispatch_and_inter_token_tpot() {
     let p = Scripted::new(&[(0, 100.0, Some(20.0)), (1, 300.0, Some(20.0))]);
     let s = setup(&p);

@@ -520,6 +520,7 @@ fn run(
                 let request = LlmRequest {
                     request_id: format!("r{i}"),
                     target_model: MODEL.into(),
+                    requested_model: String::new(),
                     prompt: Bytes::from(bytes),
                     cache_salt: None,
                     headers: vec![

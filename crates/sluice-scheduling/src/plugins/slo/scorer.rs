@@ -389,10 +389,13 @@ impl PredictedLatencyScorer {
     }
 
     fn labels(request: &LlmRequest) -> SloLabels {
-        // The scheduler sees the model after rewrite only; both labels carry it until the
-        // picker passes the requested name.
+        let requested = if request.requested_model.is_empty() {
+            &request.target_model
+        } else {
+            &request.requested_model
+        };
         SloLabels {
-            model_name: request.target_model.clone(),
+            model_name: requested.clone(),
             target_model_name: request.target_model.clone(),
         }
     }
