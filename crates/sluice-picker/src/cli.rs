@@ -19,7 +19,7 @@ use crate::server::{ServeConfig, serve};
 use crate::standalone;
 use crate::state::{PickerOptions, PickerState};
 use crate::tls::PemIdentity;
-use sluice_predictor::{InProcessPredictor, PredictorConfig};
+use sluice_predictor::{InProcessPredictor, Objective, PredictorConfig};
 use sluice_scheduling::plugins::slo::SloServices;
 
 /// sluice-picker: an Envoy ext_proc endpoint picker for inference pools.
@@ -109,6 +109,12 @@ pub struct Args {
     /// `x-slo-ttft-ms` / `x-slo-tpot-ms`.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub enable_latency_predictor: bool,
+    /// What the latency predictor estimates: `p90` (default: an endpoint counts as meeting an
+    /// SLO when its 90th-percentile latency does), `median`, `mean`, `p<N>` or a quantile
+    /// such as 0.75. Lower quantiles pack endpoints tighter and miss more SLOs; see
+    /// docs/slo-routing.md.
+    #[arg(long, value_name = "OBJECTIVE", value_parser = parse_objective)]
+    pub latency_objective: Option<Objective>,
     /// Log as JSON lines.
     #[arg(long, default_value_t = false)]
     pub log_json: bool,
@@ -119,6 +125,11 @@ pub struct Args {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     sluice_core::quantity::parse_duration(s)
         .map_err(|e| format!("{e}; expected a duration such as 50ms, 2s or 1m30s"))
+}
+
+fn parse_objective(s: &str) -> Result<Objective, String> {
+    s.parse()
+        .map_err(|e: sluice_predictor::ParseObjectiveError| e.to_string())
 }
 
 impl Args {
@@ -145,8 +156,14 @@ pub async fn run(args: Args) -> Result<()> {
         name: args.pool_name.clone(),
     };
     let options = PickerOptions {
-        slo: if args.enable_latency_predictor {
-            let predictor = InProcessPredictor::spawn(PredictorConfig::default())
+        slo: if args.enable_latency_predictor || args.latency_objective.is_some() {
+            let config = PredictorConfig {
+                objective: args
+                    .latency_objective
+                    .unwrap_or(PredictorConfig::default().objective),
+                ..PredictorConfig::default()
+            };
+            let predictor = InProcessPredictor::spawn(config)
                 .context("starting the latency predictor (--enable-latency-predictor)")?;
             Some(SloServices::with_predictor(Arc::new(predictor)))
         } else {
@@ -357,6 +374,24 @@ mod tests {
             Args::try_parse_from(["sluice-picker", "--config-file", "a", "--config-text", "b"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn latency_objective_flag() {
+        let a = Args::try_parse_from(["sluice-picker", "--latency-objective", "median"]).unwrap();
+        assert_eq!(a.latency_objective, Some(Objective::MEDIAN));
+        let a = Args::try_parse_from(["sluice-picker", "--latency-objective", "p75"]).unwrap();
+        assert_eq!(a.latency_objective, Some(Objective::Quantile { q: 0.75 }));
+        assert_eq!(
+            Args::try_parse_from(["sluice-picker"])
+                .unwrap()
+                .latency_objective,
+            None
+        );
+        let err = Args::try_parse_from(["sluice-picker", "--latency-objective", "p100"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected mean, median"), "{err}");
     }
 
     #[test]
