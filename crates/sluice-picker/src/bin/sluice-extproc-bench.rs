@@ -46,6 +46,10 @@ use sluice_picker::errors::set_header;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+// The same allocator as sluice-picker, so the floor and the picker differ only in their logic.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "ext_proc benchmark helpers")]
 struct Cli {
