@@ -7,24 +7,50 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// A free TCP port on 127.0.0.1 (bound, read, released: another process could take it in
-/// between, which is rare enough on loopback for tests).
+/// Ports handed out come from this range, below Linux's default ephemeral range
+/// (32768–60999). A port found free and released for a child process to bind is then never
+/// taken in between by an outgoing connection (those draw from the ephemeral range), nor by
+/// another test asking the kernel for port 0, which was the race a `bind(0)` probe had.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
+/// The next candidate port: a per-process random start, then a shared counter, so the
+/// threads of one test binary never get the same port and two binaries rarely collide.
+fn next_candidate() -> u16 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static START: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        (std::process::id().wrapping_mul(7_919) ^ nanos) % span
+    });
+    let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+    // `offset < span <= u16::MAX`, so the conversion cannot fail.
+    PORT_RANGE.start + u16::try_from(offset).unwrap_or(0)
+}
+
+/// A free TCP port on 127.0.0.1: one that could be bound a moment ago, from a range no
+/// outgoing connection uses, and never handed out twice by this process.
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port")?;
-    Ok(l.local_addr()?.port())
+    for _ in 0..u32::from(PORT_RANGE.end - PORT_RANGE.start) {
+        let port = next_candidate();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!(
+        "no free loopback port in {}..{}",
+        PORT_RANGE.start,
+        PORT_RANGE.end
+    )
 }
 
 /// `n` distinct free ports.
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    // Hold all listeners until every port is known, so the n ports are distinct.
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()
-        .context("binding free ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    (0..n).map(|_| free_port()).collect()
 }
 
 /// The workspace root (the directory holding the workspace `Cargo.toml`).
@@ -191,14 +217,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn free_ports_are_distinct_and_bindable() {
-        let ports = free_ports(4).unwrap();
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let ports = free_ports(64).unwrap();
         let mut sorted = ports.clone();
+        sorted.sort_unstable();
         sorted.dedup();
-        assert_eq!(sorted.len(), 4);
-        for p in ports {
-            TcpListener::bind(("127.0.0.1", p)).unwrap();
-        }
+        assert_eq!(sorted.len(), 64, "{ports:?}");
+        assert!(ports.iter().all(|p| PORT_RANGE.contains(p)), "{ports:?}");
+        // Nothing else in this process takes ports from the range, and outgoing
+        // connections use the ephemeral range: each port can be bound now.
+        let held: Vec<TcpListener> = ports
+            .iter()
+            .map(|&p| TcpListener::bind(("127.0.0.1", p)).unwrap())
+            .collect();
+        assert_eq!(held.len(), 64);
     }
 
     #[test]
