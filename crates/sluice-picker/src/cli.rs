@@ -19,7 +19,9 @@ use crate::server::{ServeConfig, serve};
 use crate::standalone;
 use crate::state::{PickerOptions, PickerState};
 use crate::tls::PemIdentity;
-use sluice_predictor::{InProcessPredictor, Objective, PredictorConfig};
+use sluice_predictor::{
+    InProcessPredictor, Objective, PredictorConfig, RemoteConfig, RemotePredictor,
+};
 use sluice_scheduling::plugins::slo::SloServices;
 
 /// sluice-picker: an Envoy ext_proc endpoint picker for inference pools.
@@ -115,6 +117,24 @@ pub struct Args {
     /// docs/slo-routing.md.
     #[arg(long, value_name = "OBJECTIVE", value_parser = parse_objective)]
     pub latency_objective: Option<Objective>,
+    /// Use llm-d's latency predictor sidecars instead of the in-process predictor: their
+    /// prediction servers (`/predict/bulk/strict`), comma-separated, e.g.
+    /// http://localhost:8001. A request waits for the answer (at most
+    /// --latency-predictor-timeout) and falls back to the composite score without it.
+    #[arg(
+        long,
+        value_name = "URL,...",
+        value_delimiter = ',',
+        requires = "latency_training_url"
+    )]
+    pub latency_predictor_url: Vec<String>,
+    /// The llm-d training server (`/add_training_data_bulk`) that receives the observed
+    /// latencies, e.g. http://localhost:8000.
+    #[arg(long, value_name = "URL", requires = "latency_predictor_url")]
+    pub latency_training_url: Option<String>,
+    /// Deadline of one remote batch prediction.
+    #[arg(long, default_value = "400ms", value_parser = parse_duration)]
+    pub latency_predictor_timeout: Duration,
     /// Log as JSON lines.
     #[arg(long, default_value_t = false)]
     pub log_json: bool,
@@ -156,7 +176,16 @@ pub async fn run(args: Args) -> Result<()> {
         name: args.pool_name.clone(),
     };
     let options = PickerOptions {
-        slo: if args.enable_latency_predictor || args.latency_objective.is_some() {
+        slo: if let Some(training_url) = &args.latency_training_url {
+            let remote = RemotePredictor::new(RemoteConfig {
+                prediction_urls: args.latency_predictor_url.clone(),
+                training_url: training_url.clone(),
+                timeout: args.latency_predictor_timeout,
+                ..RemoteConfig::default()
+            })
+            .context("--latency-predictor-url / --latency-training-url")?;
+            Some(SloServices::with_predictor(Arc::new(remote)))
+        } else if args.enable_latency_predictor || args.latency_objective.is_some() {
             let config = PredictorConfig {
                 objective: args
                     .latency_objective
@@ -392,6 +421,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("expected mean, median"), "{err}");
+    }
+
+    #[test]
+    fn remote_predictor_flags_come_in_pairs() {
+        let a = Args::try_parse_from([
+            "sluice-picker",
+            "--latency-predictor-url",
+            "http://p1:8001,http://p2:8001",
+            "--latency-training-url",
+            "http://t:8000",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.latency_predictor_url,
+            ["http://p1:8001", "http://p2:8001"]
+        );
+        assert_eq!(a.latency_training_url.as_deref(), Some("http://t:8000"));
+        assert_eq!(a.latency_predictor_timeout, Duration::from_millis(400));
+        let err = Args::try_parse_from(["sluice-picker", "--latency-predictor-url", "http://p:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--latency-training-url"), "{err}");
     }
 
     #[test]

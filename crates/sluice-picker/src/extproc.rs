@@ -38,7 +38,11 @@ use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use futures::Stream;
 use rand::Rng;
 use sluice_flowcontrol::{Admission, AdmissionGuard, DROPPED_REASON_HEADER};
-use sluice_scheduling::{Candidate, LlmRequest, Outcome, ResponseChunk, Scheduled};
+use sluice_predictor::PredictResult;
+use sluice_scheduling::plugins::slo::{
+    DEFERRED_PREDICTION_KEY, DeferredPrediction, PrefetchedPredictions,
+};
+use sluice_scheduling::{Candidate, LlmRequest, Outcome, ResponseChunk, ScheduleError, Scheduled};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::errors::{ErrorCode, RequestError, set_header};
@@ -193,6 +197,16 @@ where
                     }
                 }
             }
+            if this.session.predicting.is_some() {
+                // Nor while a remote latency prediction is on its way.
+                match this.session.poll_prediction(cx, &mut this.out) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => {
+                        this.done = this.session.finished;
+                        continue;
+                    }
+                }
+            }
             match Pin::new(&mut this.inbound).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
@@ -259,6 +273,27 @@ struct Pending {
     admission: Admission,
 }
 
+/// A request whose latency predictions come from an asynchronous (remote) predictor: the
+/// scheduler decided with the composite score and asked for predictions; the decision is
+/// taken again once they arrive, or kept if the predictor fails.
+struct Predicting {
+    prepared: Prepared,
+    cands: Vec<Candidate>,
+    admission: Option<AdmissionGuard>,
+    fallback: Scheduled,
+    endpoints: Vec<sluice_core::EndpointKey>,
+    answer: Pin<Box<dyn Future<Output = PredictResult> + Send>>,
+}
+
+impl std::fmt::Debug for Predicting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Predicting")
+            .field("request_id", &self.prepared.request.request_id)
+            .field("endpoints", &self.endpoints.len())
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Default)]
 struct ResponseState {
     status: Option<u16>,
@@ -291,6 +326,7 @@ pub struct Session {
     started: Instant,
     routed: Option<Routed>,
     pending: Option<Pending>,
+    predicting: Option<Predicting>,
     resp: ResponseState,
     completed: bool,
     finished: bool,
@@ -315,6 +351,7 @@ impl Session {
             started: Instant::now(),
             routed: None,
             pending: None,
+            predicting: None,
             resp: ResponseState::default(),
             completed: false,
             finished: false,
@@ -700,6 +737,7 @@ impl Session {
             headers: std::mem::take(&mut self.headers),
             priority,
             prompt_tokens: u32::try_from(parsed.estimated_prompt_tokens()).unwrap_or(u32::MAX),
+            prefetched_predictions: None,
         };
         let cands = match self.candidates(&loaded) {
             Ok(c) => c,
@@ -821,13 +859,136 @@ impl Session {
             },
         };
         let sched_start = Instant::now();
-        let scheduled = loaded
+        let decided = loaded
             .router
-            .schedule(&request, &cands, loaded.flow.is_none());
+            .decide(&request, &cands, loaded.flow.is_none());
         metrics
             .scheduler_e2e
             .observe(sched_start.elapsed().as_secs_f64());
-        let scheduled = match scheduled {
+        if let Ok(first) = &decided
+            && request.prefetched_predictions.is_none()
+            && let Some(deferred) = first
+                .cycle
+                .state
+                .get::<DeferredPrediction>(DEFERRED_PREDICTION_KEY)
+                .cloned()
+            && let Ok(fallback) = decided
+        {
+            let DeferredPrediction {
+                predictor,
+                endpoints,
+                features,
+            } = deferred;
+            self.predicting = Some(Predicting {
+                prepared: Prepared {
+                    loaded,
+                    request,
+                    labels,
+                    incoming,
+                    target,
+                    body,
+                    body_eos,
+                    t0,
+                },
+                cands,
+                admission,
+                fallback,
+                endpoints,
+                answer: Box::pin(async move { predictor.predict_batch(&features).await }),
+            });
+            return Ok(());
+        }
+        self.finish_dispatch(
+            Prepared {
+                loaded,
+                request,
+                labels,
+                incoming,
+                target,
+                body,
+                body_eos,
+                t0,
+            },
+            admission,
+            decided,
+            out,
+        )
+    }
+
+    /// Polls a pending remote latency prediction; once it resolves, decides again with the
+    /// predictions (or keeps the composite decision if the predictor failed) and answers.
+    /// `Ready` at once when nothing is pending.
+    pub fn poll_prediction(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<ProcessingResponse>,
+    ) -> Poll<()> {
+        let Some(p) = &mut self.predicting else {
+            return Poll::Ready(());
+        };
+        let answer = match p.answer.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(a) => a,
+        };
+        let Some(Predicting {
+            mut prepared,
+            cands,
+            admission,
+            fallback,
+            endpoints,
+            ..
+        }) = self.predicting.take()
+        else {
+            return Poll::Ready(());
+        };
+        let decided = match answer {
+            Ok(predictions) if predictions.len() == endpoints.len() => {
+                prepared.request.prefetched_predictions =
+                    Some(Arc::new(PrefetchedPredictions::new(endpoints, predictions)));
+                let loaded = Arc::clone(&prepared.loaded);
+                loaded
+                    .router
+                    .decide(&prepared.request, &cands, loaded.flow.is_none())
+            }
+            Ok(predictions) => {
+                tracing::debug!(
+                    rows = predictions.len(),
+                    endpoints = endpoints.len(),
+                    "remote latency predictor answered the wrong number of rows; keeping the composite decision"
+                );
+                Ok(fallback)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "remote latency prediction failed; keeping the composite decision");
+                Ok(fallback)
+            }
+        };
+        if let Err(e) = self.finish_dispatch(prepared, admission, decided, out) {
+            self.reject(&e, out);
+        }
+        Poll::Ready(())
+    }
+
+    /// Commits a decision and answers Envoy with the routing mutation.
+    fn finish_dispatch(
+        &mut self,
+        prepared: Prepared,
+        admission: Option<AdmissionGuard>,
+        decided: Result<Scheduled, ScheduleError>,
+        out: &mut VecDeque<ProcessingResponse>,
+    ) -> Result<(), RequestError> {
+        let Prepared {
+            loaded,
+            request,
+            labels,
+            incoming,
+            target,
+            body,
+            body_eos,
+            t0,
+        } = prepared;
+        let metrics = Arc::clone(self.state.metrics());
+        let scheduled = match decided {
             Ok(s) => s,
             Err(e) => {
                 let code = ErrorCode::from_http_status(e.http_status());
@@ -848,6 +1009,8 @@ impl Session {
                 return Err(RequestError::new(code, e.to_string()));
             }
         };
+        let mut scheduled = scheduled;
+        loaded.router.commit(&request, &mut scheduled);
         let dest = loaded.destination(&scheduled.result.targets);
         if let Some(t) = scheduled.result.targets.first() {
             labels

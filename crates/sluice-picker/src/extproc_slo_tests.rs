@@ -164,3 +164,162 @@ fn a_sheddable_request_with_an_impossible_ttft_slo_gets_429_once_the_predictor_h
     drop(s);
     assert_eq!(f.running().total(), 0);
 }
+
+/// A predictor that answers asynchronously, as the remote (llm-d sidecar) predictor does:
+/// endpoints with an empty queue are fast, the others slow; or it fails.
+#[derive(Debug, Default)]
+struct AsyncPredictor {
+    fail: bool,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl sluice_predictor::LatencyPredictor for AsyncPredictor {
+    fn predict_batch<'a>(&'a self, batch: &'a [Features]) -> sluice_predictor::PredictFuture<'a> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let fail = self.fail;
+        sluice_predictor::PredictFuture::pending(async move {
+            tokio::task::yield_now().await;
+            if fail {
+                return Err(sluice_predictor::PredictError::Unavailable {
+                    url: "http://predictor".into(),
+                    reason: "connection refused".into(),
+                });
+            }
+            Ok(batch
+                .iter()
+                .map(|f| {
+                    let ttft = if f.waiting == 0 { 100.0 } else { 9_000.0 };
+                    sluice_predictor::Prediction {
+                        ttft_ms: ttft,
+                        tpot_ms: Some(10.0),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    fn record(&self, _: TrainingSample) {}
+
+    fn ready(&self) -> bool {
+        true
+    }
+
+    fn is_synchronous(&self) -> bool {
+        false
+    }
+}
+
+fn async_fixture(fail: bool) -> (PickerState, ExtProcService, Arc<AsyncPredictor>) {
+    let predictor = Arc::new(AsyncPredictor {
+        fail,
+        ..AsyncPredictor::default()
+    });
+    let state = PickerState::with_options(
+        Arc::new(Metrics::new()),
+        None,
+        None,
+        PickerOptions {
+            slo: Some(SloServices::with_predictor(predictor.clone())),
+        },
+    );
+    let eps = [A, B]
+        .iter()
+        .map(|a| Endpoint::from_address("default", a.parse().unwrap()))
+        .collect();
+    let snap = PoolSnapshot::new(
+        PoolRef {
+            namespace: "default".into(),
+            name: "pool".into(),
+        },
+        1,
+        Default::default(),
+        eps,
+        vec![],
+        vec![],
+        slo_config().unwrap(),
+    );
+    state.apply_snapshot(snap).unwrap();
+    let loaded = state.current().unwrap();
+    for ep in &loaded.endpoints {
+        // A's queue is empty, B's is not: the predictor above calls only A fast.
+        let waiting = if ep.endpoint.address.to_string() == A {
+            0
+        } else {
+            3
+        };
+        ep.record_scrape(metrics(waiting, 0.3), Instant::now());
+    }
+    let service = ExtProcService::new(state.clone(), ServerOptions::default());
+    (state, service, predictor)
+}
+
+/// Sends one SLO request through a [`SessionStream`] (which polls the pending prediction)
+/// and returns the destination header of the routing answer.
+async fn route_through_stream(
+    service: &ExtProcService,
+) -> (
+    String,
+    SessionStream<futures::channel::mpsc::UnboundedReceiver<Result<ProcessingRequest, Status>>>,
+) {
+    use futures::StreamExt;
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let mut stream = SessionStream::new(rx, service.session());
+    tx.unbounded_send(Ok(slo_request("5000", None))).unwrap();
+    tx.unbounded_send(Ok(body(BODY, true))).unwrap();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+        .await
+        .expect("an answer")
+        .expect("stream open")
+        .expect("not an error");
+    assert!(
+        immediate(std::slice::from_ref(&first)).is_none(),
+        "{first:?}"
+    );
+    (set_headers(&first).remove(DESTINATION_KEY).unwrap(), stream)
+}
+
+#[tokio::test]
+async fn an_asynchronous_predictor_is_awaited_and_its_predictions_route() {
+    let (state, service, predictor) = async_fixture(false);
+    let mut on_a = 0;
+    let mut open = Vec::new();
+    for _ in 0..40 {
+        let (dest, stream) = route_through_stream(&service).await;
+        on_a += usize::from(dest == A);
+        open.push(stream);
+    }
+    // B is predicted to miss the 5 s TTFT SLO: drawn at about 1 % of A's weight.
+    assert!(
+        on_a >= 37,
+        "{on_a} of 40 on the endpoint predicted to meet the SLO"
+    );
+    assert_eq!(
+        predictor.calls.load(std::sync::atomic::Ordering::Relaxed),
+        40,
+        "one remote call per request"
+    );
+    let loaded = state.current().unwrap();
+    let counted: u32 = loaded
+        .endpoints
+        .iter()
+        .map(|e| e.in_flight.requests())
+        .sum();
+    assert_eq!(
+        counted, 40,
+        "each request counted in flight once, not per decision"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_asynchronous_predictor_falls_back_to_the_composite_score() {
+    let (_state, service, predictor) = async_fixture(true);
+    for _ in 0..10 {
+        let (dest, _) = route_through_stream(&service).await;
+        assert!(dest == A || dest == B, "{dest}");
+    }
+    assert_eq!(
+        predictor.calls.load(std::sync::atomic::Ordering::Relaxed),
+        10
+    );
+}

@@ -82,12 +82,29 @@ impl Router {
         candidates: &[Candidate],
         legacy_admit: bool,
     ) -> Result<Scheduled, ScheduleError> {
+        let mut scheduled = self.decide(request, candidates, legacy_admit)?;
+        self.commit(request, &mut scheduled);
+        Ok(scheduled)
+    }
+
+    /// Admission and the scheduling cycle, without the PreRequest hooks: a decision that
+    /// may still be replaced (for example once asynchronous latency predictions arrive).
+    /// Dropping it leaves nothing counted.
+    pub fn decide(
+        &self,
+        request: &LlmRequest,
+        candidates: &[Candidate],
+        legacy_admit: bool,
+    ) -> Result<Scheduled, ScheduleError> {
         if legacy_admit {
             self.scheduler.legacy_admit(request, candidates)?;
         }
-        let mut scheduled = self.scheduler.schedule(request, candidates)?;
-        self.scheduler.pre_request(request, &mut scheduled);
-        Ok(scheduled)
+        self.scheduler.schedule(request, candidates)
+    }
+
+    /// Runs the PreRequest hooks of the decision that will be forwarded.
+    pub fn commit(&self, request: &LlmRequest, scheduled: &mut Scheduled) {
+        self.scheduler.pre_request(request, scheduled);
     }
 
     /// Response headers arrived; returns headers plugins want added to the response.

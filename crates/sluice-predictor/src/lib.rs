@@ -134,6 +134,13 @@ pub trait LatencyPredictor: Send + Sync + fmt::Debug {
     /// skip calls because of it — the remote predictor only learns it is ready by
     /// answering one.
     fn ready(&self) -> bool;
+
+    /// Whether [`predict_batch`](Self::predict_batch) answers at once (the in-process
+    /// predictor). A scheduler that cannot wait asks an asynchronous predictor outside the
+    /// scheduling cycle instead of calling it and dropping the future.
+    fn is_synchronous(&self) -> bool {
+        true
+    }
 }
 
 /// Configuration of the in-process predictor.

@@ -372,6 +372,10 @@ impl LatencyPredictor for RemotePredictor {
         }
     }
 
+    fn is_synchronous(&self) -> bool {
+        false
+    }
+
     fn ready(&self) -> bool {
         self.inner.ready.load(Ordering::Relaxed)
     }

@@ -34,6 +34,9 @@ pub struct LlmRequest {
     pub priority: i32,
     /// Estimated prompt length in tokens (used by token-based load accounting).
     pub prompt_tokens: u32,
+    /// Latency predictions fetched for this request before scheduling, when the predictor
+    /// answers asynchronously (see [`crate::plugins::slo::DeferredPrediction`]).
+    pub prefetched_predictions: Option<Arc<crate::plugins::slo::PrefetchedPredictions>>,
 }
 
 impl LlmRequest {

@@ -520,7 +520,6 @@ fn run(
                 let request = LlmRequest {
                     request_id: format!("r{i}"),
                     target_model: MODEL.into(),
-                    requested_model: String::new(),
                     prompt: Bytes::from(bytes),
                     cache_salt: None,
                     headers: vec![
@@ -529,6 +528,7 @@ fn run(
                     ],
                     priority: c.priority,
                     prompt_tokens: c.prefix_tokens + a.unique,
+                    ..LlmRequest::default()
                 };
                 let mut predicted = None;
                 let mut features = None;

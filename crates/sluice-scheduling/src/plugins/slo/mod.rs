@@ -33,8 +33,8 @@ pub use headers::Slo;
 pub use metrics::{SloLabels, SloMetrics};
 pub use running::RunningRequests;
 pub use scorer::{
-    Decision, EndpointPrediction, HeadroomStrategy, PredictedLatencyScorer, ScorerParams,
-    SloCycleState,
+    DEFERRED_PREDICTION_KEY, Decision, DeferredPrediction, EndpointPrediction, HeadroomStrategy,
+    PredictedLatencyScorer, PrefetchedPredictions, ScorerParams, SloCycleState,
 };
 
 use crate::registry::{Registry, SharedState};

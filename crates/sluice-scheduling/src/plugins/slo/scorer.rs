@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sluice_core::endpoint::HARDWARE_CLASS_LABEL;
-use sluice_predictor::{Features, LatencyTracker, PodRole, Prediction};
+use sluice_predictor::{Features, LatencyPredictor, LatencyTracker, PodRole, Prediction};
 
 use super::SloServices;
 use super::headers::Slo;
@@ -201,6 +201,47 @@ pub struct EndpointPrediction {
     pub valid: bool,
     /// The weight given to the picker, before scaling into [0, 1].
     pub weight: f64,
+}
+
+/// Cycle-state key of [`DeferredPrediction`].
+pub const DEFERRED_PREDICTION_KEY: &str = "predicted-latency/deferred";
+
+/// Left in the cycle state when the predictor could not answer synchronously (the remote
+/// predictor): the scorer fell back to the composite score, and the caller may await
+/// `predictor` on `features`, put the answers in [`LlmRequest::prefetched_predictions`] and
+/// schedule again. Scheduling itself never waits on I/O.
+#[derive(Clone, Debug)]
+pub struct DeferredPrediction {
+    /// The predictor to ask.
+    pub predictor: Arc<dyn LatencyPredictor>,
+    /// The endpoints, in the order of `features`.
+    pub endpoints: Vec<sluice_core::EndpointKey>,
+    /// One row per endpoint.
+    pub features: Vec<Features>,
+}
+
+/// Predictions fetched before scheduling (from a predictor that answers asynchronously),
+/// by endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct PrefetchedPredictions {
+    /// One prediction per endpoint.
+    pub by_endpoint: Vec<(sluice_core::EndpointKey, Prediction)>,
+}
+
+impl PrefetchedPredictions {
+    /// Pairs the endpoints of a [`DeferredPrediction`] with the predictor's answers.
+    pub fn new(endpoints: Vec<sluice_core::EndpointKey>, predictions: Vec<Prediction>) -> Self {
+        PrefetchedPredictions {
+            by_endpoint: endpoints.into_iter().zip(predictions).collect(),
+        }
+    }
+
+    fn get(&self, key: &sluice_core::EndpointKey) -> Option<Prediction> {
+        self.by_endpoint
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, p)| *p)
+    }
 }
 
 /// The scorer's per-request record, in the cycle state under [`PredictedLatencyScorer::state_key`].
@@ -484,7 +525,30 @@ impl Scorer for PredictedLatencyScorer {
         } else {
             let started = Instant::now();
             let answer = match self.services.predictor() {
-                Some(p) => p.predict_batch(&features).try_now(),
+                Some(p) if p.is_synchronous() => p.predict_batch(&features).try_now(),
+                // An asynchronous predictor: use the answers fetched for this request if
+                // there are any for every endpoint, else ask the caller to fetch them.
+                Some(p) => match &request.prefetched_predictions {
+                    Some(pre) => endpoints
+                        .iter()
+                        .map(|&i| pre.get(&candidates[i].endpoint.key))
+                        .collect::<Option<Vec<_>>>()
+                        .map(Ok),
+                    None => {
+                        cycle.state.insert(
+                            DEFERRED_PREDICTION_KEY.to_owned(),
+                            DeferredPrediction {
+                                predictor: Arc::clone(p),
+                                endpoints: endpoints
+                                    .iter()
+                                    .map(|&i| candidates[i].endpoint.key.clone())
+                                    .collect(),
+                                features: features.clone(),
+                            },
+                        );
+                        None
+                    }
+                },
                 None => None,
             };
             state.prediction_time = started.elapsed();
