@@ -834,39 +834,30 @@ impl Session {
         admission: Option<AdmissionGuard>,
         out: &mut VecDeque<ProcessingResponse>,
     ) -> Result<(), RequestError> {
-        let Prepared {
-            loaded,
-            request,
-            labels,
-            incoming,
-            target,
-            body,
-            body_eos,
-            t0,
-        } = prepared;
         let metrics = Arc::clone(self.state.metrics());
         let cands = match cands {
             Some(c) => c,
-            None => match self.candidates(&loaded) {
+            None => match self.candidates(&prepared.loaded) {
                 Ok(c) => c,
                 Err(e) => {
                     metrics
                         .request_error_total
-                        .get_or_create(&error_labels(&labels, e.code.as_str()))
+                        .get_or_create(&error_labels(&prepared.labels, e.code.as_str()))
                         .inc();
                     return Err(e);
                 }
             },
         };
         let sched_start = Instant::now();
+        let loaded = &prepared.loaded;
         let decided = loaded
             .router
-            .decide(&request, &cands, loaded.flow.is_none());
+            .decide(&prepared.request, &cands, loaded.flow.is_none());
         metrics
             .scheduler_e2e
             .observe(sched_start.elapsed().as_secs_f64());
         if let Ok(first) = &decided
-            && request.prefetched_predictions.is_none()
+            && prepared.request.prefetched_predictions.is_none()
             && let Some(deferred) = first
                 .cycle
                 .state
@@ -880,16 +871,7 @@ impl Session {
                 features,
             } = deferred;
             self.predicting = Some(Predicting {
-                prepared: Prepared {
-                    loaded,
-                    request,
-                    labels,
-                    incoming,
-                    target,
-                    body,
-                    body_eos,
-                    t0,
-                },
+                prepared,
                 cands,
                 admission,
                 fallback,
@@ -898,21 +880,7 @@ impl Session {
             });
             return Ok(());
         }
-        self.finish_dispatch(
-            Prepared {
-                loaded,
-                request,
-                labels,
-                incoming,
-                target,
-                body,
-                body_eos,
-                t0,
-            },
-            admission,
-            decided,
-            out,
-        )
+        self.finish_dispatch(prepared, admission, decided, out)
     }
 
     /// Polls a pending remote latency prediction; once it resolves, decides again with the
