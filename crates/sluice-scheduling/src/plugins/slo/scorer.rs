@@ -524,6 +524,9 @@ impl Scorer for PredictedLatencyScorer {
             None
         } else {
             let started = Instant::now();
+            // Answers fetched before the cycle took no time here; their duration is the
+            // remote call's, which this metric does not see.
+            let prefetched = request.prefetched_predictions.is_some();
             let answer = match self.services.predictor() {
                 Some(p) if p.is_synchronous() => p.predict_batch(&features).try_now(),
                 // An asynchronous predictor: use the answers fetched for this request if
@@ -554,10 +557,12 @@ impl Scorer for PredictedLatencyScorer {
             state.prediction_time = started.elapsed();
             match answer {
                 Some(Ok(p)) if p.len() == features.len() => {
-                    self.services.metrics().observe_prediction_duration(
-                        &Self::labels(request),
-                        state.prediction_time.as_secs_f64(),
-                    );
+                    if !prefetched {
+                        self.services.metrics().observe_prediction_duration(
+                            &Self::labels(request),
+                            state.prediction_time.as_secs_f64(),
+                        );
+                    }
                     Some(p)
                 }
                 Some(Ok(p)) => {
