@@ -14,41 +14,53 @@ struct SloFixture {
     predictor: Arc<InProcessPredictor>,
 }
 
+/// A picker state with the SLO profile over endpoints A and B, the given predictor, and a
+/// sheddable objective `batch`; every endpoint's scrape reports `waiting(address)` queued
+/// requests.
+fn slo_state(
+    predictor: Arc<dyn sluice_predictor::LatencyPredictor>,
+    waiting: impl Fn(&str) -> u32,
+) -> PickerState {
+    let state = PickerState::with_options(
+        Arc::new(Metrics::new()),
+        None,
+        None,
+        PickerOptions {
+            slo: Some(SloServices::with_predictor(predictor)),
+        },
+    );
+    let eps = [A, B]
+        .iter()
+        .map(|a| Endpoint::from_address("default", a.parse().unwrap()))
+        .collect();
+    let snap = PoolSnapshot::new(
+        PoolRef {
+            namespace: "default".into(),
+            name: "pool".into(),
+        },
+        1,
+        Default::default(),
+        eps,
+        vec![Objective {
+            name: "batch".into(),
+            priority: -1,
+        }],
+        vec![],
+        slo_config().unwrap(),
+    );
+    state.apply_snapshot(snap).unwrap();
+    let loaded = state.current().unwrap();
+    for ep in &loaded.endpoints {
+        let q = waiting(&ep.endpoint.address.to_string());
+        ep.record_scrape(metrics(q, 0.3), Instant::now());
+    }
+    state
+}
+
 impl SloFixture {
     fn new() -> Self {
         let predictor = Arc::new(InProcessPredictor::spawn(PredictorConfig::default()).unwrap());
-        let state = PickerState::with_options(
-            Arc::new(Metrics::new()),
-            None,
-            None,
-            PickerOptions {
-                slo: Some(SloServices::with_predictor(predictor.clone())),
-            },
-        );
-        let eps = [A, B]
-            .iter()
-            .map(|a| Endpoint::from_address("default", a.parse().unwrap()))
-            .collect();
-        let snap = PoolSnapshot::new(
-            PoolRef {
-                namespace: "default".into(),
-                name: "pool".into(),
-            },
-            1,
-            Default::default(),
-            eps,
-            vec![Objective {
-                name: "batch".into(),
-                priority: -1,
-            }],
-            vec![],
-            slo_config().unwrap(),
-        );
-        state.apply_snapshot(snap).unwrap();
-        let loaded = state.current().unwrap();
-        for ep in &loaded.endpoints {
-            ep.record_scrape(metrics(2, 0.3), Instant::now());
-        }
+        let state = slo_state(predictor.clone(), |_| 2);
         let service = ExtProcService::new(state.clone(), ServerOptions::default());
         SloFixture {
             state,
@@ -215,41 +227,8 @@ fn async_fixture(fail: bool) -> (PickerState, ExtProcService, Arc<AsyncPredictor
         fail,
         ..AsyncPredictor::default()
     });
-    let state = PickerState::with_options(
-        Arc::new(Metrics::new()),
-        None,
-        None,
-        PickerOptions {
-            slo: Some(SloServices::with_predictor(predictor.clone())),
-        },
-    );
-    let eps = [A, B]
-        .iter()
-        .map(|a| Endpoint::from_address("default", a.parse().unwrap()))
-        .collect();
-    let snap = PoolSnapshot::new(
-        PoolRef {
-            namespace: "default".into(),
-            name: "pool".into(),
-        },
-        1,
-        Default::default(),
-        eps,
-        vec![],
-        vec![],
-        slo_config().unwrap(),
-    );
-    state.apply_snapshot(snap).unwrap();
-    let loaded = state.current().unwrap();
-    for ep in &loaded.endpoints {
-        // A's queue is empty, B's is not: the predictor above calls only A fast.
-        let waiting = if ep.endpoint.address.to_string() == A {
-            0
-        } else {
-            3
-        };
-        ep.record_scrape(metrics(waiting, 0.3), Instant::now());
-    }
+    // A's queue is empty, B's is not: the predictor above calls only A fast.
+    let state = slo_state(predictor.clone(), |addr| if addr == A { 0 } else { 3 });
     let service = ExtProcService::new(state.clone(), ServerOptions::default());
     (state, service, predictor)
 }
