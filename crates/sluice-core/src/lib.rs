@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod endpoint;
+pub mod engine_metrics;
 pub mod objective;
 pub mod quantity;
 pub mod rewrite;

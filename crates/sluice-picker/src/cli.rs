@@ -63,7 +63,8 @@ pub struct Args {
     #[arg(long, default_value = "/metrics")]
     pub model_server_metrics_path: String,
     /// Engine assumed for endpoints without an engine label (vllm, sglang, trtllm-serve,
-    /// triton-tensorrt-llm).
+    /// triton-tensorrt-llm, or one the config's core-metrics-extractor `engineConfigs`
+    /// defines); the extractor's `defaultEngine` parameter wins over this flag.
     #[arg(long, default_value = "vllm")]
     pub default_engine: String,
     /// Standalone mode: the pool's endpoints, `HOST:PORT,...`.

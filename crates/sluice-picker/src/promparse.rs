@@ -6,206 +6,8 @@
 //! Nothing is allocated per line; only LoRA adapter names are copied out.
 
 use sluice_core::EndpointMetrics;
-
-/// A PromQL-style instant selector: a metric name with optional exact label matches,
-/// written `name` or `name{label="value",...}` (values quoted or not).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Selector {
-    /// The metric (series) name.
-    pub name: String,
-    /// Labels that must have these values.
-    pub labels: Vec<(String, String)>,
-}
-
-impl Selector {
-    /// Parses `name{k="v",k2=v2}`; an empty string means "disabled" and yields `None`.
-    pub fn parse(spec: &str) -> Result<Option<Selector>, String> {
-        let spec = spec.trim();
-        if spec.is_empty() {
-            return Ok(None);
-        }
-        let (name, rest) = match spec.find('{') {
-            Some(i) => (&spec[..i], Some(&spec[i + 1..])),
-            None => (spec, None),
-        };
-        let name = name.trim();
-        if name.is_empty() || name.contains(char::is_whitespace) {
-            return Err(format!("metric selector {spec:?} has no valid metric name"));
-        }
-        let mut labels = Vec::new();
-        if let Some(rest) = rest {
-            let inner = rest
-                .strip_suffix('}')
-                .ok_or_else(|| format!("metric selector {spec:?} is missing its closing '}}'"))?;
-            for pair in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=').ok_or_else(|| {
-                    format!("label matcher {pair:?} in {spec:?} is not label=value")
-                })?;
-                let v = v.trim();
-                let v = v
-                    .strip_prefix('"')
-                    .and_then(|v| v.strip_suffix('"'))
-                    .unwrap_or(v);
-                labels.push((k.trim().to_string(), v.to_string()));
-            }
-        }
-        Ok(Some(Selector {
-            name: name.to_string(),
-            labels,
-        }))
-    }
-
-    fn simple(name: &str) -> Option<Selector> {
-        Some(Selector {
-            name: name.to_string(),
-            labels: Vec::new(),
-        })
-    }
-
-    fn with(name: &str, k: &str, v: &str) -> Option<Selector> {
-        Some(Selector {
-            name: name.to_string(),
-            labels: vec![(k.to_string(), v.to_string())],
-        })
-    }
-
-    fn matches(&self, name: &[u8], labels: &[u8]) -> bool {
-        name == self.name.as_bytes()
-            && self
-                .labels
-                .iter()
-                .all(|(k, v)| label_value(labels, k.as_bytes()) == Some(v.as_bytes()))
-    }
-}
-
-/// Where an engine reports KV-cache geometry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CacheInfo {
-    /// An info series whose labels carry block size and block count.
-    Labels {
-        /// The info series.
-        series: Selector,
-        /// Label holding the block size in tokens.
-        block_size_label: String,
-        /// Label holding the number of blocks.
-        num_blocks_label: String,
-    },
-    /// Two gauges.
-    Gauges {
-        /// Tokens per block.
-        block_size: Option<Selector>,
-        /// Number of blocks.
-        num_blocks: Option<Selector>,
-    },
-}
-
-/// Which series mean what for one model-server engine (upstream `core-metrics-extractor`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EngineMapping {
-    /// Requests waiting in the queue.
-    pub waiting: Option<Selector>,
-    /// Requests running.
-    pub running: Option<Selector>,
-    /// KV-cache utilisation 0..1.
-    pub kv_usage: Option<Selector>,
-    /// Fallback for `kv_usage` on older servers (vLLM's `gpu_cache_usage_perc`).
-    pub kv_usage_fallback: Option<Selector>,
-    /// LoRA info series (value = last-update timestamp; labels list adapters).
-    pub lora: Option<Selector>,
-    /// KV-cache geometry.
-    pub cache_info: Option<CacheInfo>,
-}
-
-impl EngineMapping {
-    /// The built-in mapping for an engine name (`vllm`, `sglang`, `trtllm-serve`,
-    /// `triton-tensorrt-llm`); `None` for an unknown engine.
-    pub fn builtin(engine: &str) -> Option<EngineMapping> {
-        Some(match engine {
-            "vllm" => EngineMapping {
-                waiting: Selector::simple("vllm:num_requests_waiting"),
-                running: Selector::simple("vllm:num_requests_running"),
-                kv_usage: Selector::simple("vllm:kv_cache_usage_perc"),
-                kv_usage_fallback: Selector::simple("vllm:gpu_cache_usage_perc"),
-                lora: Selector::simple("vllm:lora_requests_info"),
-                cache_info: Some(CacheInfo::Labels {
-                    series: Selector {
-                        name: "vllm:cache_config_info".into(),
-                        labels: vec![],
-                    },
-                    block_size_label: "block_size".into(),
-                    num_blocks_label: "num_gpu_blocks".into(),
-                }),
-            },
-            "sglang" => EngineMapping {
-                waiting: Selector::simple("sglang:num_queue_reqs"),
-                running: Selector::simple("sglang:num_running_reqs"),
-                kv_usage: Selector::simple("sglang:token_usage"),
-                kv_usage_fallback: None,
-                lora: None,
-                cache_info: Some(CacheInfo::Labels {
-                    series: Selector {
-                        name: "sglang:cache_config_info".into(),
-                        labels: vec![],
-                    },
-                    block_size_label: "page_size".into(),
-                    num_blocks_label: "num_pages".into(),
-                }),
-            },
-            "trtllm-serve" => EngineMapping {
-                waiting: Selector::simple("trtllm_num_requests_waiting"),
-                running: Selector::simple("trtllm_num_requests_running"),
-                kv_usage: Selector::simple("trtllm_kv_cache_utilization"),
-                kv_usage_fallback: None,
-                lora: None,
-                cache_info: Some(CacheInfo::Gauges {
-                    block_size: Selector::simple("trtllm_kv_cache_tokens_per_block"),
-                    num_blocks: Selector::simple("trtllm_kv_cache_max_blocks"),
-                }),
-            },
-            "triton-tensorrt-llm" => EngineMapping {
-                waiting: Selector::with("nv_trt_llm_request_metrics", "request_type", "waiting"),
-                running: Selector::with("nv_trt_llm_request_metrics", "request_type", "scheduled"),
-                kv_usage: Selector::with(
-                    "nv_trt_llm_kv_cache_block_metrics",
-                    "kv_cache_block_type",
-                    "fraction",
-                ),
-                kv_usage_fallback: None,
-                lora: None,
-                cache_info: Some(CacheInfo::Gauges {
-                    block_size: Selector::with(
-                        "nv_trt_llm_kv_cache_block_metrics",
-                        "kv_cache_block_type",
-                        "tokens_per",
-                    ),
-                    num_blocks: Selector::with(
-                        "nv_trt_llm_kv_cache_block_metrics",
-                        "kv_cache_block_type",
-                        "max",
-                    ),
-                }),
-            },
-            _ => return None,
-        })
-    }
-
-    fn wanted(&self, name: &[u8]) -> bool {
-        let sel = |s: &Option<Selector>| s.as_ref().is_some_and(|s| s.name.as_bytes() == name);
-        sel(&self.waiting)
-            || sel(&self.running)
-            || sel(&self.kv_usage)
-            || sel(&self.kv_usage_fallback)
-            || sel(&self.lora)
-            || match &self.cache_info {
-                Some(CacheInfo::Labels { series, .. }) => series.name.as_bytes() == name,
-                Some(CacheInfo::Gauges {
-                    block_size,
-                    num_blocks,
-                }) => sel(block_size) || sel(num_blocks),
-                None => false,
-            }
-    }
-}
+use sluice_core::engine_metrics::label_value;
+pub use sluice_core::engine_metrics::{CacheInfo, EngineMapping, EngineMappings, Selector};
 
 /// The best sample seen for one selector: highest timestamp wins, later lines win ties.
 #[derive(Clone, Copy, Default)]
@@ -269,7 +71,7 @@ pub fn extract(text: &[u8], mapping: &EngineMapping) -> Extracted {
         }
         let name_end = memchr::memchr3(b'{', b' ', b'\t', line).unwrap_or(line.len());
         let name = &line[..name_end];
-        if !mapping.wanted(name) {
+        if !mapping.wants(name) {
             continue;
         }
         let Some((labels, value, ts)) = split_sample(&line[name_end..]) else {
@@ -437,40 +239,6 @@ fn closing_brace(s: &[u8]) -> Option<usize> {
     None
 }
 
-/// The raw (still escaped) value of label `key` in `k="v",k2="v2"`.
-fn label_value<'a>(labels: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
-    let mut rest = labels;
-    loop {
-        let trimmed = rest
-            .iter()
-            .position(|b| !matches!(b, b' ' | b','))
-            .map(|i| &rest[i..])?;
-        let eq = trimmed.iter().position(|&b| b == b'=')?;
-        let k = trimmed[..eq].trim_ascii();
-        let after = trimmed.get(eq + 1..)?.trim_ascii_start();
-        if after.first() != Some(&b'"') {
-            return None;
-        }
-        let mut escaped = false;
-        let mut end = None;
-        for (i, &b) in after.iter().enumerate().skip(1) {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                end = Some(i);
-                break;
-            }
-        }
-        let end = end?;
-        if k == key {
-            return Some(&after[1..end]);
-        }
-        rest = after.get(end + 1..)?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,23 +339,5 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max"} 1000
             "negative values clamp to zero"
         );
         assert_eq!(e.fields_found, 1);
-    }
-
-    #[test]
-    fn selectors_parse() {
-        let s = Selector::parse(r#"nv_trt_llm_request_metrics{request_type="waiting", x=y}"#)
-            .unwrap()
-            .unwrap();
-        assert_eq!(s.name, "nv_trt_llm_request_metrics");
-        assert_eq!(
-            s.labels,
-            vec![
-                ("request_type".into(), "waiting".into()),
-                ("x".into(), "y".into())
-            ]
-        );
-        assert_eq!(Selector::parse("").unwrap(), None);
-        assert!(Selector::parse("a{b=c").unwrap_err().contains("closing"));
-        assert!(Selector::parse("a{b}").unwrap_err().contains("label=value"));
     }
 }

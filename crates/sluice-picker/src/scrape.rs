@@ -17,7 +17,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::metrics::Metrics;
-use crate::promparse::{EngineMapping, extract};
+use arc_swap::ArcSwap;
+use sluice_core::EndpointPickerConfig;
+use sluice_core::engine_metrics::EngineMappings;
+
+use crate::promparse::extract;
 use crate::state::EndpointRuntime;
 
 /// Largest metrics page read; anything longer is an error, not an allocation.
@@ -54,6 +58,9 @@ pub struct Scraper {
     client: Client<HttpConnector, Empty<Bytes>>,
     metrics: Arc<Metrics>,
     capacity: Option<crate::state::CapacitySignal>,
+    /// Which series each engine reports; replaced when a config changes them, read on
+    /// every scrape.
+    mappings: Arc<ArcSwap<EngineMappings>>,
 }
 
 impl Scraper {
@@ -66,11 +73,30 @@ impl Scraper {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(1)
             .build(connector);
+        let mappings = EngineMappings::builtin(&settings.default_engine).unwrap_or_default();
         Scraper {
             settings: Arc::new(settings),
             client,
             metrics,
             capacity: None,
+            mappings: Arc::new(ArcSwap::from_pointee(mappings)),
+        }
+    }
+
+    /// The engine mappings `config` asks for (its `core-metrics-extractor` parameters, with
+    /// `--default-engine` as the default engine when they name none), to [`install`] once
+    /// the config is accepted.
+    ///
+    /// [`install`]: Scraper::install_mappings
+    pub fn mappings_for(&self, config: &EndpointPickerConfig) -> Result<EngineMappings, String> {
+        EngineMappings::from_config(config, &self.settings.default_engine)
+    }
+
+    /// Makes every scraper, running or future, read pages with `mappings` from its next
+    /// scrape on.
+    pub fn install_mappings(&self, mappings: EngineMappings) {
+        if *self.mappings.load_full() != mappings {
+            self.mappings.store(Arc::new(mappings));
         }
     }
 
@@ -87,22 +113,6 @@ impl Scraper {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let engine = endpoint
-            .endpoint
-            .engine()
-            .unwrap_or(&self.settings.default_engine)
-            .to_string();
-        let mapping = EngineMapping::builtin(&engine).unwrap_or_else(|| {
-            tracing::warn!(endpoint = %endpoint.endpoint.key, engine, "unknown engine label; scraping with the vllm mapping");
-            EngineMapping::builtin("vllm").unwrap_or(EngineMapping {
-                waiting: None,
-                running: None,
-                kv_usage: None,
-                kv_usage_fallback: None,
-                lora: None,
-                cache_info: None,
-            })
-        });
         let uri = format!(
             "http://{}{}",
             endpoint.endpoint.metrics_address, self.settings.path
@@ -110,7 +120,6 @@ impl Scraper {
         let task = ScrapeTask {
             endpoint: Arc::downgrade(endpoint),
             uri,
-            mapping,
             this: self.clone(),
         };
         handle.spawn(task.run());
@@ -120,7 +129,6 @@ impl Scraper {
 struct ScrapeTask {
     endpoint: Weak<EndpointRuntime>,
     uri: String,
-    mapping: EngineMapping,
     this: Scraper,
 }
 
@@ -138,6 +146,7 @@ impl ScrapeTask {
         };
         let mut failing = false;
         let mut missing_logged: Vec<&'static str> = Vec::new();
+        let mut unknown_engine_logged = false;
         loop {
             tick.tick().await;
             let Some(endpoint) = self.endpoint.upgrade() else {
@@ -148,7 +157,14 @@ impl ScrapeTask {
                 tokio::time::timeout(settings.timeout, fetch(&self.this.client, uri.clone())).await;
             match result {
                 Ok(Ok(body)) => {
-                    let extracted = extract(&body, &self.mapping);
+                    let mappings = self.this.mappings.load();
+                    let (engine, mapping, known) = mappings.for_endpoint(&endpoint.endpoint);
+                    if !known && !unknown_engine_logged {
+                        let label = endpoint.endpoint.labels.get(mappings.label_key());
+                        tracing::warn!(endpoint = %endpoint.endpoint.key, label = ?label, default = engine, "the engine label names no known engine; scraping with the default engine's mapping");
+                    }
+                    unknown_engine_logged = !known;
+                    let extracted = extract(&body, mapping);
                     if extracted.missing != missing_logged {
                         if !extracted.missing.is_empty() {
                             tracing::warn!(endpoint = %endpoint.endpoint.key, missing = ?extracted.missing, "model server metrics lack mapped families");
@@ -205,4 +221,153 @@ async fn fetch(
         .await
         .map_err(|e| format!("reading body: {e}"))?;
     Ok(body.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::standalone;
+    use crate::state::PickerState;
+    use sluice_core::{Endpoint, PoolRef};
+
+    /// A model server that speaks only its own metric names (keep-alive HTTP/1.1).
+    async fn custom_engine_server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let page = "# TYPE tgi_queue_size gauge\ntgi_queue_size 7\ntgi_batch_current_size{kind=\"decode\"} 3\ntgi_batch_current_size{kind=\"prefill\"} 1\n";
+                    let mut buf = vec![0u8; 4096];
+                    let mut have = Vec::new();
+                    loop {
+                        let Ok(n) = conn.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        have.extend_from_slice(&buf[..n]);
+                        while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                            have.drain(..end + 4);
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{page}",
+                                page.len()
+                            );
+                            if conn.write_all(resp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn scraped_queue(state: &PickerState, want: Option<u32>) -> Option<u32> {
+        let mut last = None;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let loaded = state.current().unwrap();
+            last = loaded.endpoints[0]
+                .metrics(Instant::now())
+                .map(|(m, _)| m.waiting_queue_size);
+            if last == want {
+                break;
+            }
+        }
+        last
+    }
+
+    #[tokio::test]
+    async fn engine_configs_from_the_picker_config_decide_which_series_are_read() {
+        let server = custom_engine_server().await;
+        let settings = ScrapeSettings {
+            interval: Duration::from_millis(10),
+            ..ScrapeSettings::default()
+        };
+        let state = PickerState::new(Arc::new(Metrics::new()), Some(settings), None);
+        let pool = PoolRef {
+            namespace: "default".into(),
+            name: "p".into(),
+        };
+        let endpoints = vec![Endpoint::from_address("default", server)];
+        let tgi = standalone::config_from_text(
+            r#"
+plugins:
+- type: queue-scorer
+- type: core-metrics-extractor
+  parameters:
+    defaultEngine: tgi
+    engineConfigs:
+    - name: tgi
+      queuedRequestsSpec: tgi_queue_size
+      runningRequestsSpec: 'tgi_batch_current_size{kind="decode"}'
+"#,
+        )
+        .unwrap();
+        state
+            .apply_snapshot(standalone::snapshot(
+                pool.clone(),
+                1,
+                endpoints.clone(),
+                tgi,
+            ))
+            .unwrap();
+        assert_eq!(scraped_queue(&state, Some(7)).await, Some(7));
+        let (m, _) = state.current().unwrap().endpoints[0]
+            .metrics(Instant::now())
+            .unwrap();
+        assert_eq!(
+            m.running_requests_size, 3,
+            "the label matcher picks the decode series"
+        );
+
+        // A config without the custom engine: the built-in vllm mapping finds nothing on
+        // this server, so the next scrapes no longer refresh the endpoint.
+        let plain = standalone::config_from_text("plugins:\n- type: queue-scorer\n").unwrap();
+        state
+            .apply_snapshot(standalone::snapshot(
+                pool.clone(),
+                2,
+                endpoints.clone(),
+                plain,
+            ))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, age_then) = state.current().unwrap().endpoints[0]
+            .metrics(Instant::now())
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, age_now) = state.current().unwrap().endpoints[0]
+            .metrics(Instant::now())
+            .unwrap();
+        assert!(
+            age_now >= age_then + Duration::from_millis(90),
+            "metrics age once the mapping no longer matches: {age_then:?} -> {age_now:?}"
+        );
+
+        // A config naming an unknown default engine is refused; the last one keeps serving.
+        let bad = standalone::config_from_text(
+            "plugins:\n- type: queue-scorer\n- type: core-metrics-extractor\n  parameters: {defaultEngine: tgi}\n",
+        )
+        .unwrap();
+        let err = state
+            .apply_snapshot(standalone::snapshot(pool, 3, endpoints, bad))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("defaultEngine \"tgi\" is not a known engine"),
+            "{err}"
+        );
+        assert_eq!(state.current().unwrap().snapshot.version, 2);
+    }
 }

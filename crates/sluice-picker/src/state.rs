@@ -388,7 +388,19 @@ impl PickerState {
                 message,
             })?,
         };
+        let mappings = match &self.inner.scraper {
+            Some(s) => Some(s.mappings_for(&snapshot.picker_config).map_err(|message| {
+                ApplyError::Config {
+                    version: snapshot.version,
+                    message,
+                }
+            })?),
+            None => None,
+        };
         let flow = self.flow_controller(&snapshot, old.as_deref())?;
+        if let (Some(s), Some(m)) = (&self.inner.scraper, mappings) {
+            s.install_mappings(m);
+        }
         let endpoints: Vec<Arc<EndpointRuntime>> = snapshot
             .endpoints
             .iter()

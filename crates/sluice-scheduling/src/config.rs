@@ -29,7 +29,7 @@ pub const OPENAI_PARSER: &str = "openai-parser";
 /// The data source added when neither `dataLayer` nor `enableLegacyMetrics` is given.
 pub const METRICS_DATA_SOURCE: &str = "metrics-data-source";
 /// The extractor added with [`METRICS_DATA_SOURCE`].
-pub const CORE_METRICS_EXTRACTOR: &str = "core-metrics-extractor";
+pub const CORE_METRICS_EXTRACTOR: &str = sluice_core::engine_metrics::EXTRACTOR_TYPE;
 
 /// What kind of problem a [`ConfigProblem`] is; one variant per upstream validation rule
 /// plus the checks sluice adds (parameters, weights).

@@ -318,6 +318,20 @@ fn every_invalid_case_is_rejected_with_an_actionable_message() {
             ],
         ),
         (
+            "plugins: [{type: queue-scorer}, {type: core-metrics-extractor, parameters: {engineConfigs: [{name: tgi, queuedRequestsSpec: 'tgi_queue_size{a'}]}}]",
+            ProblemKind::InvalidParameters,
+            &[
+                "plugins[1] \"core-metrics-extractor\".parameters",
+                "engine \"tgi\": queuedRequestsSpec",
+                "closing",
+            ],
+        ),
+        (
+            "plugins: [{type: queue-scorer}, {type: core-metrics-extractor, parameters: {defaultEngine: tgi}}]",
+            ProblemKind::InvalidParameters,
+            &["defaultEngine \"tgi\" is not a known engine", "vllm"],
+        ),
+        (
             "plugins: [{type: utilization-detector, parameters: {metricsStalenessThreshold: 200}}]",
             ProblemKind::InvalidParameters,
             &["metricsStalenessThreshold", "expected"],

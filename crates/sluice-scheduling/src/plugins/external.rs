@@ -48,6 +48,11 @@ pub struct ExternalPlugin {
 
 impl ExternalPlugin {
     pub(crate) fn factory(init: &PluginInit<'_>) -> Result<Arc<dyn Plugin>, String> {
+        // The picker's scraper reads these parameters; checking them here lets the
+        // controller reject a bad engine mapping before any picker sees it.
+        if &*init.typed_name.type_name == crate::config::CORE_METRICS_EXTRACTOR {
+            sluice_core::engine_metrics::EngineMappings::from_json(init.parameters, "vllm")?;
+        }
         Ok(Arc::new(ExternalPlugin {
             name: init.typed_name.clone(),
             parameters: init.parameters.clone(),
