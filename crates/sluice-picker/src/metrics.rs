@@ -409,7 +409,7 @@ impl Hasher for IdentityHasher {
 
 #[derive(Debug, Default)]
 struct SeriesCache {
-    hasher: std::hash::RandomState,
+    hasher: foldhash::fast::RandomState,
     map: RwLock<HashMap<u64, Arc<ModelSeries>, BuildHasherDefault<IdentityHasher>>>,
 }
 

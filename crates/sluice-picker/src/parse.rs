@@ -9,6 +9,8 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+mod scan;
+
 /// Which API a request body belongs to, chosen by the suffix of the request path as
 /// upstream does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +105,21 @@ struct Fields<'a> {
     system: Option<&'a RawValue>,
 }
 
+impl<'a> From<Fields<'a>> for scan::Found<'a> {
+    fn from(f: Fields<'a>) -> Self {
+        scan::Found {
+            model: f.model.map(RawValue::get),
+            stream: f.stream,
+            cache_salt: f.cache_salt.map(RawValue::get),
+            prompt: f.prompt.map(RawValue::get),
+            messages: f.messages.map(RawValue::get),
+            input: f.input.map(RawValue::get),
+            items: f.items.map(RawValue::get),
+            system: f.system.map(RawValue::get),
+        }
+    }
+}
+
 /// What routing needs from a request body; byte ranges point into the parsed body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedRequest {
@@ -144,14 +161,14 @@ impl ParsedRequest {
     }
 }
 
-fn span_of(body: &[u8], raw: &RawValue) -> (usize, usize) {
+fn span_of(body: &[u8], raw: &str) -> (usize, usize) {
     // `raw` borrows from `body`, so its address lies inside it; the subtraction is the offset.
-    let start = (raw.get().as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
-    (start, start + raw.get().len())
+    let start = (raw.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+    (start, start + raw.len())
 }
 
-fn is_empty_json(raw: &RawValue) -> bool {
-    matches!(raw.get().trim(), "null" | "\"\"" | "[]" | "{}")
+fn is_empty_json(raw: &str) -> bool {
+    matches!(raw.trim(), "null" | "\"\"" | "[]" | "{}")
 }
 
 /// Parses a request body for the API named by `path`.
@@ -165,10 +182,17 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<ParsedRequest, ParseErro
         };
         return Err(ParseError::NotJson(what));
     }
-    let fields: Fields<'_> =
-        serde_json::from_slice(body).map_err(|e| ParseError::NotJson(e.to_string()))?;
+    // The scanner takes the common case at ~1 instruction per byte; anything it does not
+    // vouch for (escaped keys, duplicates, deep nesting, invalid JSON) goes through serde,
+    // which then decides, with serde's error messages.
+    let fields = match scan::fields(body) {
+        Some(f) => f,
+        None => serde_json::from_slice::<Fields<'_>>(body)
+            .map_err(|e| ParseError::NotJson(e.to_string()))?
+            .into(),
+    };
     let model_raw = fields.model.ok_or(ParseError::NoModel)?;
-    let model: String = serde_json::from_str(model_raw.get()).map_err(|_| ParseError::NoModel)?;
+    let model = json_string(model_raw).ok_or(ParseError::NoModel)?;
     if model.is_empty() {
         return Err(ParseError::NoModel);
     }
@@ -184,9 +208,7 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<ParsedRequest, ParseErro
             api,
             field: api.prompt_field(),
         })?;
-    let cache_salt = fields
-        .cache_salt
-        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    let cache_salt = fields.cache_salt.and_then(json_string);
     Ok(ParsedRequest {
         api,
         model,
@@ -199,6 +221,15 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<ParsedRequest, ParseErro
         },
         cache_salt,
     })
+}
+
+/// A JSON string value's text: without escapes it is the bytes between the quotes, else
+/// serde decodes it. `None` when `raw` is not a string.
+fn json_string(raw: &str) -> Option<String> {
+    match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') && !inner.contains('"') => Some(inner.to_owned()),
+        _ => serde_json::from_str(raw).ok(),
+    }
 }
 
 /// Replaces the `model` value (at `span`, quotes included) with `new_model`, returning the

@@ -103,8 +103,10 @@ pub struct Loaded {
     /// The flow controller, when the config's `flowControl` feature gate is on. Kept across
     /// snapshots while its configuration stays the same, so queued requests stay queued.
     pub flow: Option<FlowController>,
-    by_address: HashMap<SocketAddr, usize>,
-    by_key: HashMap<EndpointKey, usize>,
+    // foldhash: looked up per request (destination, served endpoint), where SipHash's
+    // DoS resistance buys nothing (keys come from the snapshot, not from clients).
+    by_address: HashMap<SocketAddr, usize, foldhash::fast::RandomState>,
+    by_key: HashMap<EndpointKey, usize, foldhash::fast::RandomState>,
 }
 
 impl Loaded {
@@ -356,9 +358,10 @@ impl PickerState {
                 return Ok(Applied::Unchanged);
             }
         }
-        let mut by_address: HashMap<SocketAddr, usize> =
-            HashMap::with_capacity(snapshot.endpoints.len());
-        let mut by_key = HashMap::with_capacity(snapshot.endpoints.len());
+        let mut by_address: HashMap<SocketAddr, usize, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(snapshot.endpoints.len(), Default::default());
+        let mut by_key: HashMap<EndpointKey, usize, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(snapshot.endpoints.len(), Default::default());
         for (i, ep) in snapshot.endpoints.iter().enumerate() {
             if let Some(&j) = by_address.get(&ep.address) {
                 return Err(ApplyError::DuplicateAddress {
