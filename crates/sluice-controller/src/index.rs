@@ -41,6 +41,16 @@ pub enum AlphaGroup {
     LlmD,
 }
 
+impl AlphaGroup {
+    /// The API group's name.
+    pub fn api_group(self) -> &'static str {
+        match self {
+            AlphaGroup::XK8s => "inference.networking.x-k8s.io",
+            AlphaGroup::LlmD => "llm-d.ai",
+        }
+    }
+}
+
 /// What the index keeps of a Pod (not the whole object: 10,000 pods must fit in little
 /// memory).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -149,6 +149,26 @@ fn desired(index: &SharedIndex, hub: &Hub) -> BTreeMap<Target, Desired> {
     out
 }
 
+/// Server-side-applies `body` to the `/status` of the namespaced `K` named `name`.
+async fn patch_status<K>(
+    client: Client,
+    ns: &str,
+    name: &str,
+    pp: &PatchParams,
+    body: &Patch<Value>,
+) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client, ns)
+        .patch_status(name, pp, body)
+        .await
+        .map(drop)
+}
+
 fn condition(d: &Desired) -> Value {
     let status = match d.status {
         "True" => sluice_api::ConditionStatus::True,
@@ -238,40 +258,32 @@ impl StatusWriter {
                     .patch_status(name, &pp, &Patch::Apply(body))
                     .await?;
             }
-            Target::Rewrite(group, ns, name) => {
-                let body = |av: &str| json!({"apiVersion": av, "kind": "InferenceModelRewrite", "status": {"conditions": [condition(d)]}});
-                match group {
-                    AlphaGroup::XK8s => {
-                        Api::<x_k8s::InferenceModelRewrite>::namespaced(self.client.clone(), ns)
-                            .patch_status(
-                                name,
-                                &pp,
-                                &Patch::Apply(body("inference.networking.x-k8s.io/v1alpha2")),
-                            )
+            Target::Rewrite(group, ns, name) | Target::Objective(group, ns, name) => {
+                let kind = match target {
+                    Target::Rewrite(..) => "InferenceModelRewrite",
+                    _ => "InferenceObjective",
+                };
+                let body = Patch::Apply(json!({
+                    "apiVersion": format!("{}/v1alpha2", group.api_group()),
+                    "kind": kind,
+                    "status": {"conditions": [condition(d)]},
+                }));
+                let client = self.client.clone();
+                match (target, group) {
+                    (Target::Rewrite(..), AlphaGroup::XK8s) => {
+                        patch_status::<x_k8s::InferenceModelRewrite>(client, ns, name, &pp, &body)
                             .await?;
                     }
-                    AlphaGroup::LlmD => {
-                        Api::<llm_d::InferenceModelRewrite>::namespaced(self.client.clone(), ns)
-                            .patch_status(name, &pp, &Patch::Apply(body("llm-d.ai/v1alpha2")))
+                    (Target::Rewrite(..), AlphaGroup::LlmD) => {
+                        patch_status::<llm_d::InferenceModelRewrite>(client, ns, name, &pp, &body)
                             .await?;
                     }
-                }
-            }
-            Target::Objective(group, ns, name) => {
-                let body = |av: &str| json!({"apiVersion": av, "kind": "InferenceObjective", "status": {"conditions": [condition(d)]}});
-                match group {
-                    AlphaGroup::XK8s => {
-                        Api::<x_k8s::InferenceObjective>::namespaced(self.client.clone(), ns)
-                            .patch_status(
-                                name,
-                                &pp,
-                                &Patch::Apply(body("inference.networking.x-k8s.io/v1alpha2")),
-                            )
+                    (_, AlphaGroup::XK8s) => {
+                        patch_status::<x_k8s::InferenceObjective>(client, ns, name, &pp, &body)
                             .await?;
                     }
-                    AlphaGroup::LlmD => {
-                        Api::<llm_d::InferenceObjective>::namespaced(self.client.clone(), ns)
-                            .patch_status(name, &pp, &Patch::Apply(body("llm-d.ai/v1alpha2")))
+                    (_, AlphaGroup::LlmD) => {
+                        patch_status::<llm_d::InferenceObjective>(client, ns, name, &pp, &body)
                             .await?;
                     }
                 }
