@@ -248,7 +248,6 @@ struct Routed {
     labels: Option<Arc<ModelSeries>>,
     incoming_model: String,
     target_model: String,
-    first_target: Option<SocketAddr>,
     /// Flow control's permit: held until the response completes.
     admission: Option<AdmissionGuard>,
 }
@@ -379,6 +378,7 @@ impl Session {
                 && let Some(v) = ns.fields.get(SERVED_KEY)
             {
                 self.served = string_list(v).into_iter().next();
+                self.apply_served();
             }
         }
         let result = match msg.request {
@@ -644,7 +644,6 @@ impl Session {
             labels: None,
             incoming_model: String::new(),
             target_model: String::new(),
-            first_target: Some(pick.endpoint.address),
             admission: None,
         });
         Ok(mutation)
@@ -995,7 +994,6 @@ impl Session {
                     .observe(t.metrics_age.as_secs_f64());
             }
         }
-        let first_target = scheduled.result.targets.first().map(|t| t.endpoint.address);
         let (common, md) = self.routing_mutation(&dest, Some(body.len()));
         if self.request_mode == MODE_FULL_DUPLEX {
             out.push_back(
@@ -1027,7 +1025,6 @@ impl Session {
             labels: Some(labels),
             incoming_model: incoming,
             target_model: target,
-            first_target,
             admission,
         });
         self.phase = Phase::Routed;
@@ -1184,15 +1181,6 @@ impl Session {
             self.resp.sse.finish();
             self.resp.usage = self.resp.sse.usage();
         }
-        if let Some(served) = &self.served
-            && served.parse::<SocketAddr>().ok() != r.first_target
-        {
-            tracing::debug!(
-                request_id = r.request.request_id,
-                served,
-                "request served by a fallback endpoint"
-            );
-        }
         if let Some(s) = &mut r.scheduled {
             r.loaded.router.complete(&r.request, s, outcome.clone());
         }
@@ -1228,6 +1216,36 @@ impl Session {
                     .inc();
             }
             Outcome::ClientDisconnected => {}
+        }
+    }
+
+    /// Envoy reported the endpoint that served the request: when that is another endpoint of
+    /// this snapshot than the one the request counts on (a retry on a fallback), the
+    /// request's in-flight accounting moves there. The value is used for nothing else, and
+    /// one that is not `ip:port` of a pool endpoint is ignored.
+    fn apply_served(&mut self) {
+        let Some(served) = self.served.as_deref() else {
+            return;
+        };
+        let Some(r) = &mut self.routed else { return };
+        let Some(s) = &mut r.scheduled else { return };
+        let Ok(addr) = served.trim().parse::<SocketAddr>() else {
+            return;
+        };
+        if s.accounted_on().map(|c| c.endpoint.address) == Some(addr) {
+            return;
+        }
+        let Some(ep) = r.loaded.endpoint_at(addr) else {
+            return;
+        };
+        let candidate = ep.candidate(Instant::now());
+        if r.loaded.router.served_by(&r.request, s, candidate) {
+            self.state.metrics().fallback_served.inc();
+            tracing::debug!(
+                request_id = r.request.request_id,
+                served,
+                "request served by a fallback endpoint; its in-flight counts moved there"
+            );
         }
     }
 

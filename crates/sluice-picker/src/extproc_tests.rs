@@ -802,3 +802,99 @@ fn scheduled_requests_export_plugin_durations_under_each_plugins_labels() {
         "every plugin call found its pre-resolved series: {counted:#?}"
     );
 }
+
+fn with_served(mut m: ProcessingRequest, served: &str) -> ProcessingRequest {
+    let mut ns = Struct::default();
+    ns.fields.insert(
+        SERVED_KEY.into(),
+        Value {
+            kind: Some(Kind::StringValue(served.to_string())),
+        },
+    );
+    let mut fm = HashMap::new();
+    fm.insert(DESTINATION_NAMESPACE.to_string(), ns);
+    m.metadata_context = Some(Metadata {
+        filter_metadata: fm,
+        ..Default::default()
+    });
+    m
+}
+
+#[test]
+fn a_request_served_by_a_fallback_counts_in_flight_on_the_endpoint_that_served_it() {
+    let f = Fixture::new(vec![], vec![]);
+    f.b_is_best();
+    let req = br#"{"model":"m","prompt":"a prompt long enough to count some tokens"}"#;
+    let fallbacks = || f.state.metrics().fallback_served.get();
+
+    // Picked B; Envoy retried on A and reports A as the endpoint that served it.
+    let mut s = f.service.session();
+    run(&mut s, vec![post("/v1/completions"), body(req, true)]);
+    assert_eq!((f.in_flight(A), f.in_flight(B)), (0, 1));
+    let tokens_on = |addr: &str| {
+        f.state
+            .current()
+            .unwrap()
+            .endpoint_at(addr.parse().unwrap())
+            .unwrap()
+            .in_flight
+            .tokens()
+    };
+    let tokens = tokens_on(B);
+    assert!(tokens > 0);
+    run(
+        &mut s,
+        vec![with_served(
+            resp_headers("200", "text/event-stream", false),
+            A,
+        )],
+    );
+    assert_eq!(
+        (f.in_flight(A), f.in_flight(B)),
+        (1, 0),
+        "while in flight the serving endpoint carries the request"
+    );
+    assert_eq!((tokens_on(A), tokens_on(B)), (tokens, 0));
+    assert_eq!(fallbacks(), 1);
+    // Later messages repeat the same served key: nothing moves twice.
+    run(
+        &mut s,
+        vec![with_served(resp_body(b"data: {}\n\n", false), A)],
+    );
+    assert_eq!((f.in_flight(A), f.in_flight(B)), (1, 0));
+    assert_eq!(fallbacks(), 1);
+    run(&mut s, vec![resp_body(b"data: [DONE]\n\n", true)]);
+    assert_eq!(
+        (f.in_flight(A), f.in_flight(B)),
+        (0, 0),
+        "the end of the stream releases the served endpoint"
+    );
+    assert_eq!((tokens_on(A), tokens_on(B)), (0, 0));
+    drop(s);
+    assert_eq!((f.in_flight(A), f.in_flight(B)), (0, 0));
+
+    // Garbage, an address outside the pool, and the pick itself change nothing.
+    for served in ["not an address", "10.9.9.9:8000", B, ""] {
+        let mut s = f.service.session();
+        run(&mut s, vec![post("/v1/completions"), body(req, true)]);
+        run(
+            &mut s,
+            vec![with_served(
+                resp_headers("200", "application/json", false),
+                served,
+            )],
+        );
+        assert_eq!(
+            (f.in_flight(A), f.in_flight(B)),
+            (0, 1),
+            "served {served:?}"
+        );
+        drop(s);
+        assert_eq!(
+            (f.in_flight(A), f.in_flight(B)),
+            (0, 0),
+            "served {served:?}"
+        );
+    }
+    assert_eq!(fallbacks(), 1);
+}

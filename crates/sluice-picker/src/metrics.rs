@@ -259,6 +259,9 @@ pub struct Metrics {
     pub config_version: Gauge,
     /// `sluice_picker_config_rejected_total`: snapshots that failed validation.
     pub config_rejected: Counter,
+    /// `sluice_picker_fallback_served_total`: requests the data plane reported served by
+    /// another endpoint of the pool than the pick (a retry on a fallback).
+    pub fallback_served: Counter,
     /// Pre-resolved per-request series (see [`Metrics::model_series`]).
     series: SeriesCache,
 }
@@ -451,6 +454,7 @@ impl Metrics {
             endpoint_in_flight: Family::default(),
             config_version: Gauge::default(),
             config_rejected: Counter::default(),
+            fallback_served: Counter::default(),
             series: SeriesCache::default(),
             registry: parking_lot::Mutex::new(Registry::default()),
         };
@@ -549,6 +553,11 @@ impl Metrics {
             "sluice_picker_config_rejected",
             "Pool snapshots rejected by validation",
             m.config_rejected.clone(),
+        );
+        r.register(
+            "sluice_picker_fallback_served",
+            "Requests served by another endpoint of the pool than the one picked (the proxy retried on a fallback)",
+            m.fallback_served.clone(),
         );
         m.info
             .get_or_create(&InfoLabels {

@@ -108,14 +108,14 @@ struct Fields<'a> {
 impl<'a> From<Fields<'a>> for scan::Found<'a> {
     fn from(f: Fields<'a>) -> Self {
         scan::Found {
-            model: f.model.map(RawValue::get),
+            model: f.model.map(raw_bytes),
             stream: f.stream,
-            cache_salt: f.cache_salt.map(RawValue::get),
-            prompt: f.prompt.map(RawValue::get),
-            messages: f.messages.map(RawValue::get),
-            input: f.input.map(RawValue::get),
-            items: f.items.map(RawValue::get),
-            system: f.system.map(RawValue::get),
+            cache_salt: f.cache_salt.map(raw_bytes),
+            prompt: f.prompt.map(raw_bytes),
+            messages: f.messages.map(raw_bytes),
+            input: f.input.map(raw_bytes),
+            items: f.items.map(raw_bytes),
+            system: f.system.map(raw_bytes),
         }
     }
 }
@@ -161,14 +161,18 @@ impl ParsedRequest {
     }
 }
 
-fn span_of(body: &[u8], raw: &str) -> (usize, usize) {
+fn raw_bytes(raw: &RawValue) -> &[u8] {
+    raw.get().as_bytes()
+}
+
+fn span_of(body: &[u8], raw: &[u8]) -> (usize, usize) {
     // `raw` borrows from `body`, so its address lies inside it; the subtraction is the offset.
     let start = (raw.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
     (start, start + raw.len())
 }
 
-fn is_empty_json(raw: &str) -> bool {
-    matches!(raw.trim(), "null" | "\"\"" | "[]" | "{}")
+fn is_empty_json(raw: &[u8]) -> bool {
+    matches!(raw.trim_ascii(), b"null" | b"\"\"" | b"[]" | b"{}")
 }
 
 /// Parses a request body for the API named by `path`.
@@ -225,7 +229,8 @@ pub fn parse_request(path: &str, body: &[u8]) -> Result<ParsedRequest, ParseErro
 
 /// A JSON string value's text: without escapes it is the bytes between the quotes, else
 /// serde decodes it. `None` when `raw` is not a string.
-fn json_string(raw: &str) -> Option<String> {
+fn json_string(raw: &[u8]) -> Option<String> {
+    let raw = std::str::from_utf8(raw).ok()?;
     match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
         Some(inner) if !inner.contains('\\') && !inner.contains('"') => Some(inner.to_owned()),
         _ => serde_json::from_str(raw).ok(),

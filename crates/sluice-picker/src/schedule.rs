@@ -128,6 +128,17 @@ impl Router {
     }
 
     /// The request ended (only the first call counts).
+    /// Moves the request's in-flight accounting to `served`, the endpoint the data plane
+    /// reported serving it; see [`Scheduler::served_by`].
+    pub fn served_by(
+        &self,
+        request: &LlmRequest,
+        scheduled: &mut Scheduled,
+        served: Candidate,
+    ) -> bool {
+        self.scheduler.served_by(request, scheduled, served)
+    }
+
     pub fn complete(&self, request: &LlmRequest, scheduled: &mut Scheduled, outcome: Outcome) {
         self.scheduler.complete(request, scheduled, outcome);
     }

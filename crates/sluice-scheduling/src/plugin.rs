@@ -261,6 +261,19 @@ pub trait ResponseHooks: Send + Sync + fmt::Debug {
     ) {
     }
 
+    /// The data plane reports that `served`, not the picked target, is serving the request
+    /// (a retry on a fallback endpoint). Plugins that keep per-endpoint state for the request
+    /// (running-request queues) move it here. Called at most once per endpoint change, before
+    /// [`on_complete`](Self::on_complete).
+    fn on_served(
+        &self,
+        _cycle: &mut Cycle,
+        _request: &LlmRequest,
+        _result: &SchedulingResult,
+        _served: &Candidate,
+    ) {
+    }
+
     /// The request ended; called exactly once per picked request, on every exit path.
     fn on_complete(
         &self,

@@ -137,6 +137,9 @@ pub struct Scheduled {
     /// Whether the request is still counted in its target's prefill phase.
     in_prefill: bool,
     completed: bool,
+    /// The endpoint the data plane reported serving the request when that is not the first
+    /// target (a retry went to a fallback): its in-flight counts live there from then on.
+    served: Option<Candidate>,
 }
 
 impl Scheduled {
@@ -145,11 +148,17 @@ impl Scheduled {
         self.completed
     }
 
+    /// The endpoint that carries the request's in-flight counts: the one the data plane
+    /// reported serving it (see [`Scheduler::served_by`]), else the first target.
+    pub fn accounted_on(&self) -> Option<&Candidate> {
+        self.served.as_ref().or_else(|| self.result.targets.first())
+    }
+
     fn release(&mut self) {
-        if let (Some(tokens), Some(t)) = (self.accounted_tokens.take(), self.result.targets.first())
-        {
-            t.in_flight
-                .remove(tokens, std::mem::take(&mut self.in_prefill));
+        let tokens = self.accounted_tokens.take();
+        let in_prefill = std::mem::take(&mut self.in_prefill);
+        if let (Some(tokens), Some(t)) = (tokens, self.accounted_on()) {
+            t.in_flight.remove(tokens, in_prefill);
         }
     }
 
@@ -158,7 +167,7 @@ impl Scheduled {
         if !std::mem::take(&mut self.in_prefill) {
             return;
         }
-        if let (Some(tokens), Some(t)) = (self.accounted_tokens, self.result.targets.first()) {
+        if let (Some(tokens), Some(t)) = (self.accounted_tokens, self.accounted_on()) {
             t.in_flight.end_prefill(tokens);
         }
     }
@@ -569,6 +578,7 @@ impl Scheduler {
             accounted_tokens: None,
             in_prefill: false,
             completed: false,
+            served: None,
         })
     }
 
@@ -735,7 +745,7 @@ impl Scheduler {
         }
         if !chunk.data.is_empty() {
             scheduled.end_prefill();
-            if let Some(t) = scheduled.result.targets.first() {
+            if let Some(t) = scheduled.accounted_on() {
                 t.in_flight.observe_chunk(self.inner.clock.now());
             }
         }
@@ -744,6 +754,46 @@ impl Scheduler {
                 p.on_response_chunk(&mut scheduled.cycle, request, &scheduled.result, chunk)
             });
         }
+    }
+
+    /// The data plane reports that `served`, not the endpoint the request is counted on,
+    /// served it (Envoy retried on a fallback): moves the request's in-flight counts (and
+    /// its prefill phase) there and tells response plugins ([`ResponseHooks::on_served`]).
+    /// The caller vouches that `served` is an endpoint of the pool. Returns whether anything
+    /// moved: nothing does before [`pre_request`](Self::pre_request), after completion, or
+    /// when `served` is where the request already counts.
+    pub fn served_by(
+        &self,
+        request: &LlmRequest,
+        scheduled: &mut Scheduled,
+        served: Candidate,
+    ) -> bool {
+        if scheduled.completed {
+            return false;
+        }
+        let Some(tokens) = scheduled.accounted_tokens else {
+            return false;
+        };
+        let Some(current) = scheduled.accounted_on() else {
+            return false;
+        };
+        if current.endpoint.key == served.endpoint.key {
+            return false;
+        }
+        current.in_flight.remove(tokens, scheduled.in_prefill);
+        served.in_flight.add(tokens);
+        if !scheduled.in_prefill {
+            served.in_flight.end_prefill(tokens);
+        }
+        scheduled.served = Some(served);
+        // Not timed: there is no extension point for it in upstream's plugin metrics, and it
+        // happens only on retries.
+        if let Some(served) = &scheduled.served {
+            for (_, p) in &self.inner.response_hooks {
+                p.on_served(&mut scheduled.cycle, request, &scheduled.result, served);
+            }
+        }
+        true
     }
 
     /// Reports how the request ended and releases its in-flight counts. Safe to call more than
@@ -883,5 +933,78 @@ mod tests {
             .map(|(n, _)| n.to_string())
             .collect();
         assert_eq!(names, ["a", "b", "c", "x"]);
+    }
+
+    #[test]
+    fn a_served_fallback_takes_over_the_in_flight_counts_in_the_same_phase() {
+        let s = Scheduler::from_config(&EndpointPickerConfig::default()).unwrap();
+        let cands: Vec<Candidate> = ["10.0.0.1:8000", "10.0.0.2:8000"]
+            .iter()
+            .map(|a| {
+                Candidate::new(
+                    Arc::new(sluice_core::Endpoint::from_address(
+                        "default",
+                        a.parse().unwrap(),
+                    )),
+                    Default::default(),
+                )
+            })
+            .collect();
+        let counts = |c: &Candidate| {
+            (
+                c.in_flight.requests(),
+                c.in_flight.tokens(),
+                c.in_flight.prefill_requests(),
+            )
+        };
+        let req = LlmRequest {
+            request_id: "r".into(),
+            target_model: "m".into(),
+            prompt_tokens: 10,
+            ..Default::default()
+        };
+        let mut sched = s.schedule(&req, &cands).unwrap();
+        let fallback = |sched: &Scheduled| {
+            let picked = &sched.result.targets[0].endpoint.key;
+            cands
+                .iter()
+                .find(|c| &c.endpoint.key != picked)
+                .unwrap()
+                .clone()
+        };
+        let other = fallback(&sched);
+        assert!(
+            !s.served_by(&req, &mut sched, other.clone()),
+            "nothing is counted before pre_request"
+        );
+        s.pre_request(&req, &mut sched);
+        let picked = sched.result.targets[0].clone();
+        assert!(s.served_by(&req, &mut sched, other.clone()));
+        assert_eq!(counts(&picked), (0, 0, 0));
+        assert_eq!(
+            counts(&other),
+            (1, 10, 1),
+            "still waiting for its first token"
+        );
+        assert!(
+            !s.served_by(&req, &mut sched, other.clone()),
+            "already there"
+        );
+        s.response_chunk(
+            &req,
+            &mut sched,
+            ResponseChunk {
+                data: b"x",
+                end_of_stream: false,
+            },
+        );
+        assert_eq!(counts(&other), (1, 10, 0));
+        // Served back on the pick after its first token: it arrives there decoding.
+        assert!(s.served_by(&req, &mut sched, picked.clone()));
+        assert_eq!((counts(&picked), counts(&other)), ((1, 10, 0), (0, 0, 0)));
+        s.complete(&req, &mut sched, Outcome::Success);
+        assert_eq!((counts(&picked), counts(&other)), ((0, 0, 0), (0, 0, 0)));
+        assert!(!s.served_by(&req, &mut sched, other.clone()), "completed");
+        assert_eq!((counts(&picked), counts(&other)), ((0, 0, 0), (0, 0, 0)));
     }
 }

@@ -13,17 +13,18 @@
 //! deeper than [`MAX_DEPTH`], anything invalid — gives `None`, and the caller lets serde
 //! decide, so error messages stay serde's.
 
-/// The top-level fields routing reads, as raw JSON text borrowed from the body.
+/// The top-level fields routing reads, as raw JSON borrowed from the body (valid UTF-8,
+/// as serde checks for the raw values it keeps).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Found<'a> {
-    pub model: Option<&'a str>,
+    pub model: Option<&'a [u8]>,
     pub stream: Option<bool>,
-    pub cache_salt: Option<&'a str>,
-    pub prompt: Option<&'a str>,
-    pub messages: Option<&'a str>,
-    pub input: Option<&'a str>,
-    pub items: Option<&'a str>,
-    pub system: Option<&'a str>,
+    pub cache_salt: Option<&'a [u8]>,
+    pub prompt: Option<&'a [u8]>,
+    pub messages: Option<&'a [u8]>,
+    pub input: Option<&'a [u8]>,
+    pub items: Option<&'a [u8]>,
+    pub system: Option<&'a [u8]>,
 }
 
 /// Nesting the scanner follows (it recurses); deeper bodies are left to serde, which skips
@@ -32,7 +33,11 @@ const MAX_DEPTH: usize = 128;
 
 /// The fields of a body that is one JSON object, or `None` to let serde decide.
 pub(crate) fn fields(body: &[u8]) -> Option<Found<'_>> {
-    let mut s = Scanner { b: body, i: 0 };
+    let mut s = Scanner {
+        b: body,
+        i: 0,
+        non_ascii: false,
+    };
     let mut found = Found::default();
     s.ws();
     s.eat(b'{')?;
@@ -45,6 +50,7 @@ pub(crate) fn fields(body: &[u8]) -> Option<Found<'_>> {
             s.eat(b':')?;
             s.ws();
             let start = s.i;
+            s.non_ascii = false;
             s.value(1)?;
             let raw = body.get(start..s.i)?;
             if key == b"stream" {
@@ -62,8 +68,12 @@ pub(crate) fn fields(body: &[u8]) -> Option<Found<'_>> {
                     // Duplicate field: serde's error.
                     return None;
                 }
-                // serde validates UTF-8 of every raw value it keeps.
-                *slot = Some(std::str::from_utf8(raw).ok()?);
+                // serde validates UTF-8 of every raw value it keeps; bytes outside strings
+                // are ASCII by then, so an all-ASCII value needs no second pass.
+                if s.non_ascii {
+                    std::str::from_utf8(raw).ok()?;
+                }
+                *slot = Some(raw);
             }
             s.ws();
             if s.eat_if(b',') {
@@ -78,7 +88,7 @@ pub(crate) fn fields(body: &[u8]) -> Option<Found<'_>> {
 }
 
 impl<'a> Found<'a> {
-    fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a str>> {
+    fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a [u8]>> {
         Some(match key {
             b"model" => &mut self.model,
             b"cache_salt" => &mut self.cache_salt,
@@ -95,6 +105,8 @@ impl<'a> Found<'a> {
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
+    /// A string since the last reset held a byte >= 0x80 (then UTF-8 needs checking).
+    non_ascii: bool,
 }
 
 impl<'a> Scanner<'a> {
@@ -171,14 +183,12 @@ impl<'a> Scanner<'a> {
         loop {
             let rest = self.b.get(self.i..)?;
             let at = memchr::memchr2(b'"', b'\\', rest)?;
-            // Branch-free fold so the compiler vectorises the scan.
-            if rest
-                .get(..at)?
-                .iter()
-                .fold(false, |acc, &c| acc | (c < 0x20))
-            {
+            // Branch-free folds so the compiler vectorises the scan.
+            let text = rest.get(..at)?;
+            if text.iter().fold(false, |acc, &c| acc | (c < 0x20)) {
                 return None;
             }
+            self.non_ascii |= text.iter().fold(false, |acc, &c| acc | (c >= 0x80));
             self.i += at + 1;
             if rest.get(at) == Some(&b'"') {
                 return Some(());
