@@ -153,6 +153,15 @@ pub struct Features {
     /// with `step_ms > 0`).
     #[serde(default)]
     pub since_step_ms: f64,
+    /// The endpoint's recent mean engine-step length in ms (about its last 16 steps, from
+    /// the same chunk rhythm; 0 = unknown): the inter-token latency its decoding requests
+    /// have been getting.
+    #[serde(default)]
+    pub mean_step_ms: f64,
+    /// Uncached prompt tokens per second dispatched to the endpoint over the last few
+    /// seconds: the prefill work that will keep joining the request's decode steps.
+    #[serde(default)]
+    pub prompt_token_rate: f64,
     /// Tokens the request has generated so far (0 at dispatch).
     pub tokens_generated: u32,
     /// The endpoint's role.
@@ -170,6 +179,9 @@ impl Features {
         // A step longer than a minute is not a step; NaN or negative means unknown.
         self.step_ms = finite_in(self.step_ms, 60_000.0);
         self.since_step_ms = finite_in(self.since_step_ms, f64::MAX);
+        self.mean_step_ms = finite_in(self.mean_step_ms, 60_000.0);
+        // Ten million tokens per second is far beyond any single engine's prefill.
+        self.prompt_token_rate = finite_in(self.prompt_token_rate, 1e7);
         self
     }
 

@@ -82,6 +82,14 @@ pub struct InFlightCounters {
     last_chunk_us: AtomicU64,
     /// Gap between the starts of the last two bursts (µs; 0 = unknown).
     step_us: AtomicU64,
+    /// Smoothed step length (µs, exponential average over bursts; 0 = unknown).
+    mean_step_us: AtomicU64,
+    /// Uncached prompt tokens ever dispatched here (only grows; the rate below reads it).
+    dispatched_tokens: AtomicU64,
+    /// `dispatched_tokens` when the latest burst began.
+    dispatched_at_burst: AtomicU64,
+    /// Recent rate of dispatched uncached prompt tokens, tokens/s as `f64` bits.
+    token_rate_bits: AtomicU64,
 }
 
 impl Default for InFlightCounters {
@@ -95,9 +103,24 @@ impl Default for InFlightCounters {
             burst_start_us: AtomicU64::new(0),
             last_chunk_us: AtomicU64::new(0),
             step_us: AtomicU64::new(0),
+            mean_step_us: AtomicU64::new(0),
+            dispatched_tokens: AtomicU64::new(0),
+            dispatched_at_burst: AtomicU64::new(0),
+            token_rate_bits: AtomicU64::new(0),
         }
     }
 }
+
+/// Bursts (engine steps) the mean step length averages over: 1/α of its exponential
+/// average. Long enough to smooth the alternation of prefill and decode-only steps that
+/// makes one step a poor guide to the next request's inter-token latency, short enough to
+/// follow a batch that grows over a few seconds.
+const MEAN_STEP_BURSTS: u64 = 16;
+
+/// Time constant of the dispatched-token rate, in µs: new requests keep joining a
+/// request's decode for its whole lifetime (seconds), so their recent rate says how much
+/// prefill work will share its steps.
+const TOKEN_RATE_TAU_US: f64 = 2_000_000.0;
 
 /// Chunks closer together than this belong to one engine step (the engine writes all of a
 /// step's tokens at once; the network spreads them by well under a step, which is at least
@@ -111,6 +134,13 @@ pub struct StepPhase {
     pub since_step: Duration,
     /// Length of the endpoint's latest step (gap between the last two bursts).
     pub step: Duration,
+    /// The endpoint's recent mean step length (about the last 16 bursts): the inter-token
+    /// latency its decoding requests have been seeing.
+    pub mean_step: Duration,
+    /// Uncached prompt tokens per second dispatched to the endpoint recently (exponential
+    /// average with a 2 s time constant, brought up to date at each burst and decayed to
+    /// `now` when read).
+    pub prompt_token_rate: f64,
 }
 
 fn saturating_sub_u32(a: &AtomicU32, v: u32) {
@@ -173,6 +203,7 @@ impl InFlightCounters {
         self.tokens.fetch_add(tokens, Ordering::Relaxed);
         self.prefill_requests.fetch_add(1, Ordering::Relaxed);
         self.prefill_tokens.fetch_add(tokens, Ordering::Relaxed);
+        self.dispatched_tokens.fetch_add(tokens, Ordering::Relaxed);
     }
 
     /// Ends the prefill phase of one request counted by [`add`](Self::add) with `tokens`
@@ -204,6 +235,24 @@ impl InFlightCounters {
                 gap
             };
             self.step_us.store(step, Ordering::Relaxed);
+            let mean = self.mean_step_us.load(Ordering::Relaxed);
+            let mean = if mean == 0 {
+                step
+            } else {
+                // Integer EWMA: mean += (step − mean) / N, in either direction.
+                (mean * (MEAN_STEP_BURSTS - 1) + step) / MEAN_STEP_BURSTS
+            };
+            self.mean_step_us.store(mean.max(1), Ordering::Relaxed);
+            // Tokens dispatched since the previous burst, folded into the rate: an
+            // exponentially decayed token count over τ, i.e. tokens per second.
+            let total = self.dispatched_tokens.load(Ordering::Relaxed);
+            let new_tokens =
+                total.saturating_sub(self.dispatched_at_burst.swap(total, Ordering::Relaxed));
+            let decay = (-(gap as f64) / TOKEN_RATE_TAU_US).exp();
+            let rate = f64::from_bits(self.token_rate_bits.load(Ordering::Relaxed));
+            let rate = rate * decay + new_tokens as f64 / (TOKEN_RATE_TAU_US / 1e6);
+            self.token_rate_bits
+                .store(rate.to_bits(), Ordering::Relaxed);
         }
     }
 
@@ -215,9 +264,24 @@ impl InFlightCounters {
             return None;
         }
         let at = self.epoch + Duration::from_micros(start);
+        let since_step = now.saturating_duration_since(at);
+        let rate = f64::from_bits(self.token_rate_bits.load(Ordering::Relaxed));
+        // Tokens dispatched since the latest burst are not in the rate yet: without them an
+        // endpoint that has stopped stepping (idle, or one long prefill step) would look
+        // unloaded however much was sent to it.
+        let pending = self
+            .dispatched_tokens
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.dispatched_at_burst.load(Ordering::Relaxed));
+        let decay = (-since_step.as_secs_f64() * 1e6 / TOKEN_RATE_TAU_US).exp();
         Some(StepPhase {
-            since_step: now.saturating_duration_since(at),
+            since_step,
             step: Duration::from_micros(step),
+            mean_step: match self.mean_step_us.load(Ordering::Relaxed) {
+                0 => Duration::from_micros(step),
+                mean => Duration::from_micros(mean),
+            },
+            prompt_token_rate: rate * decay + pending as f64 / (TOKEN_RATE_TAU_US / 1e6),
         })
     }
 

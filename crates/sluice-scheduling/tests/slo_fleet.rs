@@ -463,7 +463,7 @@ fn run(
         if let Some((pt, pp)) = l.predicted {
             if let Some(f) = l.features {
                 done.rows.push(format!(
-                    "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{:.3},{:.3},{},{:.3},{:.1}",
                     f.class.0,
                     f.kv_cache_usage,
                     f.input_tokens,
@@ -481,7 +481,12 @@ fn run(
                     l.tokens,
                     l.step_phase.0,
                     l.step_phase.1,
-                    l.step_phase.2
+                    l.step_phase.2,
+                    f.step_ms,
+                    f.since_step_ms,
+                    a.at,
+                    f.mean_step_ms,
+                    f.prompt_token_rate
                 ));
             }
             done.ttft_pairs.push((pt, ttft));
@@ -809,6 +814,10 @@ fn slo_fleet_report() {
     };
     header();
     let mut reports = Vec::new();
+    // `SLO_BENCH_PREDICTOR_ONLY=1` runs the SLO profile alone (the predictor's MAPE and
+    // coverage), without the baselines, the stress point and the sweep: the quick loop for
+    // predictor work.
+    let predictor_only = std::env::var("SLO_BENCH_PREDICTOR_ONLY").is_ok_and(|v| v == "1");
     for policy in [
         Policy::RoundRobin,
         Policy::Random,
@@ -818,19 +827,25 @@ fn slo_fleet_report() {
         Policy::Slo("least", "median"),
         Policy::Slo("most", "median"),
     ] {
+        if predictor_only && !matches!(policy, Policy::Slo(..)) {
+            continue;
+        }
         let mut r = run(policy, fleet, rate, warmup, seconds, seed);
         row(&mut r);
         if let (Ok(dir), Policy::Slo(strategy, objective)) =
             (std::env::var("SLO_BENCH_DUMP"), policy)
         {
             let path = std::path::Path::new(&dir).join(format!("slo-{strategy}-{objective}.csv"));
-            let header = "class,kv,input,prefix,waiting,running,prefill_tokens,prefill_requests,workload_class,output,pred_ttft,ttft,pred_tpot,tpot,tokens,residual_us,since_last_us,last_len_us\n";
+            let header = "class,kv,input,prefix,waiting,running,prefill_tokens,prefill_requests,workload_class,output,pred_ttft,ttft,pred_tpot,tpot,tokens,residual_us,since_last_us,last_len_us,step_ms,since_step_ms,arrival_us,mean_step_ms,prompt_token_rate\n";
             std::fs::write(&path, header.to_owned() + &r.done.rows.join("\n")).unwrap();
         }
         reports.push(r);
     }
     let get = |p: Policy| reports.iter().find(|r| r.policy == p).unwrap();
     for strategy in ["least", "most"] {
+        if predictor_only {
+            break;
+        }
         let slo = get(Policy::Slo(strategy, "p90")).goodput();
         println!(
             "goodput ratio, SLO {strategy} p90: / default = {:.2} (target ≥ 1.3), / round-robin = {:.2} (target ≥ 1.6)",
@@ -857,6 +872,9 @@ fn slo_fleet_report() {
             fleet.len(),
             r.done.prediction_wall.as_secs_f64() * 1e6 / r.done.decisions.max(1) as f64
         );
+    }
+    if predictor_only {
+        return;
     }
     let stress = rate * 1.5;
     println!(

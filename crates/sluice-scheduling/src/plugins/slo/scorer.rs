@@ -366,6 +366,8 @@ impl PredictedLatencyScorer {
         Features {
             step_ms: phase.map_or(0.0, |p| p.step.as_secs_f64() * 1e3),
             since_step_ms: phase.map_or(0.0, |p| p.since_step.as_secs_f64() * 1e3),
+            mean_step_ms: phase.map_or(0.0, |p| p.mean_step.as_secs_f64() * 1e3),
+            prompt_token_rate: phase.map_or(0.0, |p| p.prompt_token_rate),
             kv_cache_usage: m.kv_cache_usage,
             input_tokens: request.prompt_tokens,
             waiting: m.waiting_queue_size,
