@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// Skip `cargo build --release`.
     #[arg(long)]
     pub no_build: bool,
+    /// Tokio worker threads of both processors (the floor and sluice-picker get the same);
+    /// default: their default, one per CPU.
+    #[arg(long)]
+    pub worker_threads: Option<u16>,
 }
 
 impl Proc {
@@ -222,32 +226,40 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     )?;
 
     let (floor_port, picker_port) = (free_port()?, free_port()?);
+    let threads: Vec<String> = args
+        .worker_threads
+        .map(|n| vec!["--worker-threads".to_string(), n.to_string()])
+        .unwrap_or_default();
     let mut floor = Proc::spawn(
         "floor processor",
-        Command::new(&bench).args([
-            "floor",
-            "--port",
-            &floor_port.to_string(),
-            "--endpoint",
-            &eps[0],
-        ]),
+        Command::new(&bench)
+            .args([
+                "floor",
+                "--port",
+                &floor_port.to_string(),
+                "--endpoint",
+                &eps[0],
+            ])
+            .args(&threads),
         dir.join("floor.log"),
     )?;
     let mut picker = Proc::spawn(
         "sluice-picker",
-        Command::new(bin("sluice-picker")).args([
-            "--endpoints",
-            &eps.join(","),
-            "--bind-address",
-            "127.0.0.1",
-            "--secure-serving=false",
-            "--grpc-port",
-            &picker_port.to_string(),
-            "--grpc-health-port",
-            &free_port()?.to_string(),
-            "--metrics-port",
-            &free_port()?.to_string(),
-        ]),
+        Command::new(bin("sluice-picker"))
+            .args([
+                "--endpoints",
+                &eps.join(","),
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-serving=false",
+                "--grpc-port",
+                &picker_port.to_string(),
+                "--grpc-health-port",
+                &free_port()?.to_string(),
+                "--metrics-port",
+                &free_port()?.to_string(),
+            ])
+            .args(&threads),
         dir.join("picker.log"),
     )?;
     wait_port(
@@ -321,8 +333,12 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     }
 
     println!(
-        "\nThrough Envoy 1.40 (FULL_DUPLEX_STREAMED, --concurrency 1) to {} simulated endpoints, {}s per cell, {} alternating rounds (means):",
-        args.endpoints, args.duration, args.rounds
+        "\nThrough Envoy 1.40 (FULL_DUPLEX_STREAMED, --concurrency 1) to {} simulated endpoints, {}s per cell, {} alternating rounds (means), processors' worker threads: {}:",
+        args.endpoints,
+        args.duration,
+        args.rounds,
+        args.worker_threads
+            .map_or_else(|| "default (one per CPU)".to_string(), |n| n.to_string())
     );
     println!(
         "{:>5} | {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} {:>9} | {:>6} {:>8} {:>6}",

@@ -139,6 +139,10 @@ pub struct Args {
     /// Log as JSON lines.
     #[arg(long, default_value_t = false)]
     pub log_json: bool,
+    /// Tokio worker threads (default: one per CPU). Fewer than the CPUs leaves cores to a
+    /// proxy or model server sharing the machine and saves cross-thread wake-ups.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
 }
 
 /// Parses a duration flag the way upstream's Go flags do (`50ms`, `2s`, `1m30s`; a unit is

@@ -35,13 +35,13 @@ impl Usage {
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 struct RawDetails {
     #[serde(default)]
     cached_tokens: u64,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 struct RawUsage {
     #[serde(default)]
     prompt_tokens: u64,
@@ -200,12 +200,94 @@ fn json_depth_at(body: &[u8], end: usize) -> Option<u32> {
 /// One `usage` object at the start of the value (what follows it is only checked, not
 /// parsed).
 fn parse_usage_value(value: UsageValue<'_>) -> Option<Usage> {
+    if let Some((raw, used)) = flat_usage(value.bytes) {
+        if value.must_end_body && value.bytes.get(used..)?.trim_ascii() != b"}" {
+            return None;
+        }
+        return Some(Usage::from(raw));
+    }
     let mut values = serde_json::Deserializer::from_slice(value.bytes).into_iter::<RawUsage>();
     let raw = values.next()?.ok()?;
     if value.must_end_body && value.bytes.get(values.byte_offset()..)?.trim_ascii() != b"}" {
         return None;
     }
     Some(Usage::from(raw))
+}
+
+/// The usage object vLLM and SGLang send, `{"key": uint, ...}` (ASCII keys without
+/// escapes, non-negative integers), read by hand: serde's derive costs ~1.7k instructions
+/// per response for it. Returns the fields and the bytes used. Anything else (details
+/// objects, other value types, a known key twice, a number beyond u64) is `None`, and
+/// serde reads the value as before.
+fn flat_usage(bytes: &[u8]) -> Option<(RawUsage, usize)> {
+    let ws = |i: &mut usize| {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = bytes.get(*i) {
+            *i += 1;
+        }
+    };
+    let mut raw = RawUsage::default();
+    let mut ignored = 0;
+    let mut seen = 0u8;
+    let mut i = 0;
+    (bytes.first() == Some(&b'{')).then_some(())?;
+    i += 1;
+    ws(&mut i);
+    if bytes.get(i) == Some(&b'}') {
+        return Some((raw, i + 1));
+    }
+    loop {
+        ws(&mut i);
+        (bytes.get(i) == Some(&b'"')).then_some(())?;
+        let rest = bytes.get(i + 1..)?;
+        let end = memchr::memchr(b'"', rest)?;
+        let key = rest.get(..end)?;
+        if key
+            .iter()
+            .any(|&c| c == b'\\' || !(0x20..0x80).contains(&c))
+        {
+            return None;
+        }
+        i += end + 2;
+        ws(&mut i);
+        (bytes.get(i) == Some(&b':')).then_some(())?;
+        i += 1;
+        ws(&mut i);
+        let start = i;
+        let mut n: u64 = 0;
+        while let Some(&d @ b'0'..=b'9') = bytes.get(i) {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            i += 1;
+        }
+        // JSON forbids leading zeros; fractions and exponents are not u64 for serde.
+        if i == start || (bytes.get(start) == Some(&b'0') && i > start + 1) {
+            return None;
+        }
+        if let Some(b'.' | b'e' | b'E') = bytes.get(i) {
+            return None;
+        }
+        let (bit, slot) = match key {
+            b"prompt_tokens" => (1, &mut raw.prompt_tokens),
+            b"completion_tokens" => (2, &mut raw.completion_tokens),
+            b"input_tokens" => (4, &mut raw.input_tokens),
+            b"output_tokens" => (8, &mut raw.output_tokens),
+            b"total_tokens" => (16, &mut raw.total_tokens),
+            b"cache_read_input_tokens" => (32, &mut raw.cache_read_input_tokens),
+            // The details objects are never integers, so they never get here.
+            _ => (0, &mut ignored),
+        };
+        if seen & bit != 0 {
+            // A duplicate field is serde's error.
+            return None;
+        }
+        seen |= bit;
+        *slot = n;
+        ws(&mut i);
+        match bytes.get(i)? {
+            b',' => i += 1,
+            b'}' => return Some((raw, i + 1)),
+            _ => return None,
+        }
+    }
 }
 
 /// Upper bound on one buffered SSE line; longer lines are skipped, not buffered.
@@ -489,5 +571,54 @@ mod tests {
             rewrite_model_back(sse, "t", "in").unwrap(),
             b"data: {\"model\":\"in\"}\n\ndata: {\"model\":\"in\"}\n\n".to_vec()
         );
+    }
+
+    #[test]
+    fn the_hand_read_usage_object_agrees_with_serde() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        let serde_read = |b: &[u8]| {
+            let mut it = serde_json::Deserializer::from_slice(b).into_iter::<RawUsage>();
+            let raw = it.next()?.ok()?;
+            Some((raw, it.byte_offset()))
+        };
+        let seeds: [&[u8]; 4] = [
+            br#"{"completion_tokens":1,"prompt_tokens":246,"total_tokens":247}"#,
+            br#"{ "input_tokens" : 12 , "output_tokens":0,"cache_read_input_tokens":7 }"#,
+            br#"{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":3}}"#,
+            br#"{}"#,
+        ];
+        for seed in &seeds[..2] {
+            assert!(
+                flat_usage(seed).is_some(),
+                "plain usage takes the fast path"
+            );
+        }
+        let mut rng = SmallRng::seed_from_u64(9);
+        let alphabet = b"{}\":,0123456789.eE-_ \\aptokens";
+        let mut fast = 0;
+        for _ in 0..20_000 {
+            let mut b = seeds[rng.random_range(0..seeds.len())].to_vec();
+            for _ in 0..rng.random_range(0..3) {
+                let at = rng.random_range(0..b.len());
+                match rng.random_range(0..3) {
+                    0 => {
+                        b.remove(at);
+                    }
+                    1 => b.insert(at, alphabet[rng.random_range(0..alphabet.len())]),
+                    _ => b[at] = alphabet[rng.random_range(0..alphabet.len())],
+                }
+            }
+            if let Some(got) = flat_usage(&b) {
+                fast += 1;
+                assert_eq!(
+                    Some(got),
+                    serde_read(&b),
+                    "{:?}",
+                    String::from_utf8_lossy(&b)
+                );
+            }
+        }
+        assert!(fast > 1_000, "only {fast} bodies took the fast path");
     }
 }

@@ -53,6 +53,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(about = "ext_proc benchmark helpers")]
 struct Cli {
+    /// Tokio worker threads (default: one per CPU); the bench gives the floor and the
+    /// picker the same runtime shape.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -114,9 +118,11 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let rt = builder.enable_all().build()?;
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Floor { port, endpoint } => floor(port, endpoint).await,

@@ -102,6 +102,13 @@ impl<'a> Found<'a> {
     }
 }
 
+/// The smallest byte (control characters are < 0x20) and the OR of all bytes (non-ASCII
+/// sets 0x80) in one pass: plain min/or reductions, which the compiler vectorises.
+fn byte_min_or(text: &[u8]) -> (u8, u8) {
+    text.iter()
+        .fold((u8::MAX, 0), |(min, or), &c| (min.min(c), or | c))
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
@@ -183,12 +190,11 @@ impl<'a> Scanner<'a> {
         loop {
             let rest = self.b.get(self.i..)?;
             let at = memchr::memchr2(b'"', b'\\', rest)?;
-            // Branch-free folds so the compiler vectorises the scan.
-            let text = rest.get(..at)?;
-            if text.iter().fold(false, |acc, &c| acc | (c < 0x20)) {
+            let (min, or) = byte_min_or(rest.get(..at)?);
+            if min < 0x20 {
                 return None;
             }
-            self.non_ascii |= text.iter().fold(false, |acc, &c| acc | (c >= 0x80));
+            self.non_ascii |= or >= 0x80;
             self.i += at + 1;
             if rest.get(at) == Some(&b'"') {
                 return Some(());
