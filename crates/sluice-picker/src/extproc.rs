@@ -1038,6 +1038,7 @@ impl Session {
         let mut status = None;
         let mut pairs = Vec::new();
         if let Some(map) = h.headers {
+            pairs.reserve_exact(map.headers.len());
             for hv in map.headers {
                 let value = header_value(hv.value, hv.raw_value);
                 match hv.key.as_str() {
@@ -1112,14 +1113,24 @@ impl Session {
                 let mut held = std::mem::take(&mut self.resp.buffer);
                 held.extend_from_slice(&data);
                 push_streamed_body(out, &held, eos, Out::ResponseBody);
-            } else {
-                self.resp.buffer.extend_from_slice(&data);
-                if eos {
-                    let body = std::mem::take(&mut self.resp.buffer);
-                    self.resp.usage = usage_from_json(&body);
-                    let body = rewrite_model_back(&body, target, incoming).unwrap_or(body);
+            } else if eos {
+                // A body in one message (the usual case) is used as it came, not copied.
+                let body = if self.resp.buffer.is_empty() {
+                    data
+                } else {
+                    let mut held = std::mem::take(&mut self.resp.buffer);
+                    held.extend_from_slice(&data);
+                    held
+                };
+                self.resp.usage = usage_from_json(&body);
+                let body = rewrite_model_back(&body, target, incoming).unwrap_or(body);
+                if body.len() <= BODY_CHUNK {
+                    out.push_back(reply(Out::ResponseBody(streamed(body, true))));
+                } else {
                     push_streamed_body(out, &body, true, Out::ResponseBody);
                 }
+            } else {
+                self.resp.buffer.extend_from_slice(&data);
             }
         } else if self.response_mode == MODE_FULL_DUPLEX {
             out.push_back(reply(Out::ResponseBody(streamed(data, eos))));

@@ -71,7 +71,52 @@ pub mod keys {
 /// a request carries a handful of entries, for which a linear scan beats hashing.
 #[derive(Default)]
 pub struct CycleState {
-    entries: Vec<(Arc<str>, Box<dyn Any + Send + Sync>)>,
+    entries: Vec<(CycleKey, Box<dyn Any + Send + Sync>)>,
+}
+
+/// A [`CycleState`] key: a `&'static str` (the built-in keys, stored without allocating on
+/// every request) or an owned/shared string (per-instance keys).
+#[derive(Clone)]
+pub struct CycleKey(KeyRepr);
+
+#[derive(Clone)]
+enum KeyRepr {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl CycleKey {
+    /// The key text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            KeyRepr::Static(s) => s,
+            KeyRepr::Shared(s) => s,
+        }
+    }
+}
+
+impl fmt::Debug for CycleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl From<&'static str> for CycleKey {
+    fn from(s: &'static str) -> Self {
+        CycleKey(KeyRepr::Static(s))
+    }
+}
+
+impl From<Arc<str>> for CycleKey {
+    fn from(s: Arc<str>) -> Self {
+        CycleKey(KeyRepr::Shared(s))
+    }
+}
+
+impl From<String> for CycleKey {
+    fn from(s: String) -> Self {
+        CycleKey(KeyRepr::Shared(s.into()))
+    }
 }
 
 impl fmt::Debug for CycleState {
@@ -89,9 +134,13 @@ impl CycleState {
     }
 
     /// Stores `value` under `key`, replacing any previous value.
-    pub fn insert<T: Any + Send + Sync>(&mut self, key: impl Into<Arc<str>>, value: T) {
+    pub fn insert<T: Any + Send + Sync>(&mut self, key: impl Into<CycleKey>, value: T) {
         let key = key.into();
-        if let Some(slot) = self.entries.iter_mut().find(|(k, _)| *k == key) {
+        if let Some(slot) = self
+            .entries
+            .iter_mut()
+            .find(|(k, _)| k.as_str() == key.as_str())
+        {
             slot.1 = Box::new(value);
         } else {
             self.entries.push((key, Box::new(value)));
@@ -102,7 +151,7 @@ impl CycleState {
     pub fn get<T: Any>(&self, key: &str) -> Option<&T> {
         self.entries
             .iter()
-            .find(|(k, _)| &**k == key)
+            .find(|(k, _)| k.as_str() == key)
             .and_then(|(_, v)| v.downcast_ref())
     }
 
@@ -110,7 +159,7 @@ impl CycleState {
     pub fn get_mut<T: Any>(&mut self, key: &str) -> Option<&mut T> {
         self.entries
             .iter_mut()
-            .find(|(k, _)| &**k == key)
+            .find(|(k, _)| k.as_str() == key)
             .and_then(|(_, v)| v.downcast_mut())
     }
 
@@ -119,14 +168,14 @@ impl CycleState {
         let pos = self
             .entries
             .iter()
-            .position(|(k, v)| &**k == key && v.is::<T>())?;
+            .position(|(k, v)| k.as_str() == key && v.is::<T>())?;
         let (_, v) = self.entries.swap_remove(pos);
         v.downcast().ok().map(|b| *b)
     }
 
     /// Whether there is a value under `key`.
     pub fn contains(&self, key: &str) -> bool {
-        self.entries.iter().any(|(k, _)| &**k == key)
+        self.entries.iter().any(|(k, _)| k.as_str() == key)
     }
 }
 

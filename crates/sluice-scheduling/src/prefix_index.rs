@@ -395,8 +395,9 @@ impl PrefixIndex {
         out: &mut Vec<u32>,
     ) {
         out.clear();
+        out.reserve(endpoints.size_hint().0);
         // Dense server id ⇒ position in `endpoints`.
-        let mut alive: Vec<(u32, usize)> = Vec::new();
+        let mut alive: Vec<(u32, usize)> = Vec::with_capacity(endpoints.size_hint().0);
         let ids;
         {
             let t = self.servers.read();

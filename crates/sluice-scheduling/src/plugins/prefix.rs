@@ -133,13 +133,21 @@ pub fn block_hashes(
     let limit = prompt.len().min(max_blocks.saturating_mul(chars_per_block));
     out.reserve(limit / chars_per_block);
     // One-shot hashing of `block ‖ le64(prev)` from one reused buffer: the same value as
-    // streaming the two parts, at a fraction of the cost for 64-byte blocks.
-    let mut buf = Vec::with_capacity(chars_per_block + 8);
+    // streaming the two parts, at a fraction of the cost for 64-byte blocks. Blocks up to
+    // 128 tokens (vLLM's largest common size) use a stack buffer, so no allocation.
+    let mut stack = [0u8; 4 * 128 + 8];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = match stack.get_mut(..chars_per_block + 8) {
+        Some(b) => b,
+        None => {
+            heap.resize(chars_per_block + 8, 0);
+            &mut heap
+        }
+    };
     for block in prompt[..limit].chunks_exact(chars_per_block) {
-        buf.clear();
-        buf.extend_from_slice(block);
-        buf.extend_from_slice(&prev.to_le_bytes());
-        prev = xxhash_rust::xxh64::xxh64(&buf, 0);
+        buf[..chars_per_block].copy_from_slice(block);
+        buf[chars_per_block..].copy_from_slice(&prev.to_le_bytes());
+        prev = xxhash_rust::xxh64::xxh64(buf, 0);
         out.push(prev);
     }
 }
@@ -401,5 +409,29 @@ mod tests {
         let mut bytes = b"abcd".to_vec();
         bytes.extend_from_slice(&h0.to_le_bytes());
         assert_eq!(a, vec![xxhash_rust::xxh64::xxh64(&bytes, 0)]);
+    }
+
+    #[test]
+    fn every_block_size_hashes_the_documented_chain() {
+        // Small blocks hash from a stack buffer, large ones (> 128 tokens) from the heap:
+        // both must give h_i = xxh64(block_i ‖ le64(h_{i-1})) from h0 = xxh64(model ‖ salt).
+        let prompt: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        for chars in [1, 64, 4 * 128, 4 * 128 + 1, 2048] {
+            let mut got = Vec::new();
+            block_hashes("m", Some("s"), &prompt, chars, 256, &mut got);
+            let mut prev = xxhash_rust::xxh64::xxh64(b"ms", 0);
+            let want: Vec<u64> = prompt
+                .chunks_exact(chars)
+                .take(256)
+                .map(|block| {
+                    let mut h = Xxh64::new(0);
+                    h.update(block);
+                    h.update(&prev.to_le_bytes());
+                    prev = h.digest();
+                    prev
+                })
+                .collect();
+            assert_eq!(got, want, "{chars} bytes per block");
+        }
     }
 }
