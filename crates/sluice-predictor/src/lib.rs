@@ -14,6 +14,7 @@
 //!
 //! The core does no I/O; [`LatencyTracker`] turns a served request into a training sample.
 
+mod boost;
 pub mod features;
 pub mod measure;
 pub mod model;
@@ -178,6 +179,10 @@ pub struct PredictorConfig {
     pub queue_capacity: usize,
     /// Distinct hardware classes tracked; more map to the shared class.
     pub max_classes: u16,
+    /// Boosted trees correcting the linear TTFT model's relative error (0 = linear only).
+    pub ttft_trees: usize,
+    /// Boosted trees correcting the linear TPOT model's relative error (0 = linear only).
+    pub tpot_trees: usize,
 }
 
 impl Default for PredictorConfig {
@@ -192,6 +197,8 @@ impl Default for PredictorConfig {
             retrain_interval: Some(Duration::from_secs(5)),
             queue_capacity: 16_384,
             max_classes: 64,
+            ttft_trees: 32,
+            tpot_trees: 0,
         }
     }
 }

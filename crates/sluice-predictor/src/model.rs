@@ -1,53 +1,80 @@
 //! The latency model: per-(class, role) linear models on engineered features, fit by
-//! relative-error ridge regression with a closed-form solve.
+//! relative-error ridge regression with a closed-form solve, and for TTFT a small ensemble
+//! of boosted oblivious trees (`boost.rs`) that corrects the linear model's relative error.
 //!
 //! # Why this model
 //!
 //! The predictor runs inside the picker, once per request, over every candidate endpoint.
 //! What we need from it, in order:
 //!
-//! 1. **Microseconds per decision.** A prediction is two dot products over about a dozen
-//!    engineered features: ~25 ns per endpoint, so 100 endpoints cost a few µs with no
-//!    allocation beyond the output vector. Upstream's XGBoost sidecar costs 12–27 ms per
-//!    100-endpoint call, mostly feature preparation; tree ensembles evaluated natively would
-//!    be ~100× slower than this model for 200 trees of depth 6 and would need a new,
-//!    heavy dependency to train.
-//! 2. **Cheap, bounded online training.** The fit accumulates a p×p normal matrix
+//! 1. **Microseconds per decision.** The linear part is two dot products over about a
+//!    dozen engineered features (~25 ns per endpoint). The TTFT correction is 32 oblivious
+//!    trees of depth 4: each is 4 comparisons forming a leaf index, branch-free, ~1.5 ns a
+//!    tree. 100 endpoints cost about 7–8 µs in all (criterion, `predict_100_endpoints`),
+//!    against a 20 µs budget. Upstream's XGBoost sidecar costs 12–27 ms per 100-endpoint
+//!    call; a general tree crate (`forust-ml`, `perpetual`, `gbdt`: all pull in rayon or
+//!    sysinfo, and evaluate pointer-linked trees of a few hundred nodes) would spend that
+//!    budget on a few endpoints, hence the few hundred lines of `boost.rs`.
+//! 2. **Cheap, bounded online training.** The linear fit accumulates a p×p normal matrix
 //!    (p ≤ 19) in one pass over the stored samples and solves it by Cholesky: O(n·p²),
-//!    ~10 ms for 100k samples, on a background thread. No iterations, no hyper-parameter
-//!    search, no learning rate to tune, deterministic.
+//!    ~10 ms for 100k samples. The trees are histogram-fit (32 quantile bins per feature)
+//!    on at most 20k rows: O(trees·depth·rows·features), a few hundred ms at the cap, on
+//!    the trainer thread. Both are deterministic for a given sample set.
 //! 3. **Accuracy on serving-engine physics.** TTFT and TPOT of a batching engine are close
 //!    to linear in the right features: prefill time ∝ uncached prompt tokens, waiting
 //!    ahead ∝ tokens and requests in flight, each slowed by the decode batch sharing the
 //!    step (the `running × tokens` interactions), and each waiting request holds the queue
 //!    for steps whose length grows with the batch (`waiting × running`); TPOT ∝ batch size
-//!    and KV footprint. A few curvature terms (`waiting²`, `kv × tokens`, `tokens²`) absorb
-//!    the blow-up near saturation (queues growing faster than linearly, a full KV cache
-//!    slowing prefill); with them a latency function *outside* the model's span (a
-//!    `1/(1 − 0.6·kv)` saturation factor and a quadratic queue) is still fit to ~6 % MAPE
-//!    (test `a_saturating_fleet_outside_the_models_span_stays_within_ten_percent`).
-//!    Engineering those products once gives a linear model the shape trees would have to
-//!    discover from data.
-//! 4. **Relative error.** The fit minimises squared *relative* error (weights `1/y²`,
-//!    refined once with `1/ŷ²`), because routing compares predictions to SLOs: a 20 ms
-//!    error on an idle pod's 40 ms TTFT matters as much as 500 ms on a loaded pod's 1 s.
-//!    This is what MAPE measures too.
-//! 5. **Robust with little data and heterogeneous fleets.** One pooled ("shared") model
-//!    is fit on everything; each (hardware class, pod role) group then gets its own model,
-//!    fit by ridge regression whose prior mean is the shared model (worth
-//!    `prior_strength` pseudo-samples). A class with 10 samples predicts like the shared
-//!    model nudged by its data; one with thousands is fit by its own data. Unknown classes
-//!    use the shared model.
+//!    and KV footprint, and the endpoint's recent mean step length *is* the inter-token
+//!    latency its decodes are getting. A few curvature terms (`waiting²`, `kv × tokens`,
+//!    `tokens²`) absorb the blow-up near saturation; with them a latency function
+//!    *outside* the model's span is still fit to ~6 % MAPE (test
+//!    `a_saturating_fleet_outside_the_models_span_stays_within_ten_percent`). The linear
+//!    part also extrapolates along load, which trees cannot: a router that packs
+//!    endpoints (`least`) keeps pushing them past anything in the training set.
 //!
-//! Quantile mode (the median by default, or p90) continues the fit with iteratively
+//!    What the products cannot express are thresholds: the phase of the endpoint's
+//!    current step (a request dispatched just after a step began waits for all of it),
+//!    a prefill that fits in the current chunk or spills into the next, the class-specific
+//!    shape of all that. On `cargo xtask bench-slo` (features dumped with
+//!    `SLO_BENCH_DUMP`, studied offline) the per-class linear fit left 14–18 % TTFT MAPE
+//!    and gradient-boosted trees on the raw observations 11–16 %; linear + trees on the
+//!    log-ratio 9–15 %. In the closed loop the TTFT correction took the median model's MAPE
+//!    from 17.1 % to ~14 % (`most`) and 24.7 % to ~21 % (`least`). Hence the trees correct
+//!    the linear model (log of actual / linear) rather than replace it: they keep its
+//!    extrapolation and only learn the shape it lacks, so a few shallow trees suffice.
+//!
+//!    TPOT gets no trees by default (`PredictorConfig::tpot_trees`): they did not help in
+//!    the closed loop or offline. Three quarters of the TPOT error is information the picker
+//!    does not have at dispatch: with the prefill tokens that *later* reach the endpoint
+//!    during the request's decode and the mean decode batch over its life (an oracle from
+//!    the bench dump), trees reach 3.5 % (`most`) and 5.4 % (`least`) TPOT MAPE against
+//!    14.7 % and 20.7 % with what is observable at dispatch.
+//! 4. **Relative error.** The linear fit minimises squared *relative* error (weights
+//!    `1/y²`, refined once with `1/ŷ²`), and the trees fit the *log* of actual/linear,
+//!    because routing compares predictions to SLOs: a 20 ms error on an idle pod's 40 ms
+//!    TTFT matters as much as 500 ms on a loaded pod's 1 s. This is what MAPE measures too.
+//! 5. **Robust with little data and heterogeneous fleets.** One pooled ("shared") linear
+//!    model is fit on everything; each (hardware class, pod role) group then gets its own,
+//!    fit by ridge regression whose prior mean is the shared model (worth `prior_strength`
+//!    pseudo-samples). A class with 10 samples predicts like the shared model nudged by its
+//!    data; one with thousands is fit by its own data. Unknown classes use the shared
+//!    model. The trees are shared by all groups (class and role are two of their inputs),
+//!    start only at 400 samples, and shrink every leaf towards no correction.
+//!
+//! Quantile mode (the median by default, or p90) continues the linear fit with iteratively
 //! reweighted least squares on the relative pinball loss `ρ_q(y − ŷ)/y` (for q = 0.5 that
 //! is exactly the MAPE), i.e. a linear quantile regression, still one small solve per
-//! iteration (10 in all). A final multiplier, the q-quantile of the training ratios
-//! `actual / predicted`, calibrates what IRLS leaves.
+//! iteration (10 in all). A final multiplier, the q-quantile of the ratios
+//! `actual / predicted`, calibrates what IRLS and the trees leave. With trees it is taken
+//! on every fifth sample, held out of the trees' fit: in-sample residuals of trees are
+//! optimistic and would calibrate a p90 that covers less than 90 %. In mean mode the
+//! multiplier rescales the trees' geometric mean to the arithmetic one.
 
 // Small dense linear algebra reads best with explicit indices.
 #![allow(clippy::needless_range_loop)]
 
+use crate::boost::{Boost, BoostParams, TREE_FEATURES};
 use crate::features::{ClassId, Features, PodRole};
 
 /// What a prediction estimates.
@@ -101,7 +128,7 @@ impl std::str::FromStr for Objective {
 }
 
 pub(crate) const TTFT_P: usize = 19;
-pub(crate) const TPOT_P: usize = 10;
+pub(crate) const TPOT_P: usize = 13;
 
 /// Engineered TTFT features. Token counts are in thousands so the raw coefficients stay
 /// near unit scale (the fit standardises anyway; this keeps the published ones readable).
@@ -160,6 +187,8 @@ pub(crate) fn tpot_design(f: &Features) -> [f64; TPOT_P] {
     let dec = f64::from(f.decoding());
     let waiting = f64::from(f.waiting);
     let queued = if f.waiting > 0 { 1.0 } else { 0.0 };
+    let mean_step = f.mean_step_ms;
+    let rate = f.prompt_token_rate * 1e-3;
     [
         1.0,
         dec,
@@ -171,6 +200,34 @@ pub(crate) fn tpot_design(f: &Features) -> [f64; TPOT_P] {
         dec * dec,
         queued,
         pending,
+        mean_step,
+        rate,
+        mean_step * rate,
+    ]
+}
+
+/// What the boosted trees see: the raw observations (the trees find their own
+/// interactions), plus the class and role so that a correction can be specific to one
+/// kind of hardware.
+#[inline]
+pub(crate) fn tree_features(f: &Features) -> [f32; TREE_FEATURES] {
+    [
+        f32::from(f.class.0),
+        f.role.index() as f32,
+        f.kv_cache_usage as f32,
+        f.input_tokens as f32,
+        f.prefix_cache_score as f32,
+        f.uncached_input_tokens() as f32,
+        f.waiting as f32,
+        f.running as f32,
+        f.decoding() as f32,
+        f.prefill_tokens_in_flight as f32,
+        f.prefill_requests_in_flight as f32,
+        f.step_ms as f32,
+        f.since_step_ms.min(1e9) as f32,
+        f.step_residual_ms() as f32,
+        f.mean_step_ms as f32,
+        f.prompt_token_rate as f32,
     ]
 }
 
@@ -194,13 +251,16 @@ pub(crate) struct Linear<const P: usize> {
 }
 
 impl<const P: usize> Linear<P> {
+    /// The linear part alone, floored: the base the trees' correction multiplies.
     #[inline]
-    fn eval(&self, x: &[f64; P]) -> f64 {
-        let mut acc = 0.0;
-        for (c, v) in self.coef.iter().zip(x) {
-            acc += c * v;
-        }
-        (acc * self.multiplier).max(self.floor)
+    fn base(&self, x: &[f64; P]) -> f64 {
+        dot(&self.coef, x).max(self.floor)
+    }
+
+    /// The prediction given the trees' correction (a log-ratio; 0 without trees).
+    #[inline]
+    fn eval(&self, x: &[f64; P], correction: f64) -> f64 {
+        (self.base(x) * correction.exp() * self.multiplier).max(self.floor)
     }
 }
 
@@ -209,9 +269,22 @@ impl<const P: usize> Linear<P> {
 pub(crate) struct TargetModel<const P: usize> {
     shared: Linear<P>,
     groups: Vec<Option<Linear<P>>>,
+    /// Correction of the linear models' relative error, shared by all groups (the class
+    /// is one of its inputs); empty when boosting is off or data is short.
+    boost: Boost,
 }
 
 impl<const P: usize> TargetModel<P> {
+    #[inline]
+    fn eval(&self, group: usize, x: &[f64; P], trees: &[f32; TREE_FEATURES]) -> f64 {
+        let correction = if self.boost.len() == 0 {
+            0.0
+        } else {
+            self.boost.eval(trees)
+        };
+        self.pick(group).eval(x, correction)
+    }
+
     #[inline]
     fn pick(&self, group: usize) -> &Linear<P> {
         match self.groups.get(group) {
@@ -255,8 +328,12 @@ impl Model {
     pub fn predict(&self, features: &Features) -> crate::Prediction {
         let f = features.sanitised();
         let g = group_index(f.class, f.role);
-        let ttft_ms = self.ttft.pick(g).eval(&ttft_design(&f));
-        let tpot_ms = self.tpot.as_ref().map(|t| t.pick(g).eval(&tpot_design(&f)));
+        let trees = tree_features(&f);
+        let ttft_ms = self.ttft.eval(g, &ttft_design(&f), &trees);
+        let tpot_ms = self
+            .tpot
+            .as_ref()
+            .map(|t| t.eval(g, &tpot_design(&f), &trees));
         crate::Prediction { ttft_ms, tpot_ms }
     }
 
@@ -291,6 +368,10 @@ pub(crate) struct FitParams {
     pub min_samples: usize,
     pub min_group_samples: usize,
     pub prior_strength: f64,
+    /// Boosted correction of the TTFT model (`None`: linear only).
+    pub ttft_boost: Option<BoostParams>,
+    /// Boosted correction of the TPOT model (`None`: linear only).
+    pub tpot_boost: Option<BoostParams>,
 }
 
 /// Builds a model version from the stored samples of both targets; `None` while TTFT has
@@ -301,8 +382,8 @@ pub(crate) fn fit_model<'a>(
     ttft_rows: impl Iterator<Item = (&'a Features, f64)> + Clone,
     tpot_rows: impl Iterator<Item = (&'a Features, f64)> + Clone,
 ) -> Option<Model> {
-    let ttft = fit_target::<TTFT_P>(params, ttft_rows, ttft_design)?;
-    let tpot = fit_target::<TPOT_P>(params, tpot_rows, tpot_design);
+    let ttft = fit_target::<TTFT_P>(params, params.ttft_boost, ttft_rows, ttft_design)?;
+    let tpot = fit_target::<TPOT_P>(params, params.tpot_boost, tpot_rows, tpot_design);
     Some(Model {
         version,
         objective: params.objective,
@@ -325,19 +406,31 @@ const IRLS_MIN_SAMPLES_PER_COEF: usize = 40;
 /// keep the solve well-posed when a feature is constant (for example no queue yet).
 const SHARED_RIDGE: f64 = 1e-3;
 
+/// Samples per tree leaf below which boosting is skipped (the trees would mostly fit
+/// noise; the linear model alone is the better guess with little data).
+const BOOST_MIN_SAMPLES: usize = 400;
+
+/// Every `CALIBRATION_EVERY`-th sample is held out of the trees' fit and used to
+/// calibrate the quantile multiplier: in-sample residuals of trees are optimistic, and a
+/// p90 calibrated on them would cover less than 90 %.
+const CALIBRATION_EVERY: usize = 5;
+
 struct Rows<const P: usize> {
     x: Vec<[f64; P]>,
+    trees: Vec<[f32; TREE_FEATURES]>,
     y: Vec<f64>,
     group: Vec<usize>,
 }
 
 fn fit_target<'a, const P: usize>(
     params: FitParams,
+    boost: Option<BoostParams>,
     rows: impl Iterator<Item = (&'a Features, f64)>,
     design: fn(&Features) -> [f64; P],
 ) -> Option<TargetModel<P>> {
     let mut data = Rows {
         x: Vec::new(),
+        trees: Vec::new(),
         y: Vec::new(),
         group: Vec::new(),
     };
@@ -347,6 +440,9 @@ fn fit_target<'a, const P: usize>(
         }
         let f = f.sanitised();
         data.x.push(design(&f));
+        if boost.is_some() {
+            data.trees.push(tree_features(&f));
+        }
         data.y.push(y);
         data.group.push(group_index(f.class, f.role));
     }
@@ -402,39 +498,97 @@ fn fit_target<'a, const P: usize>(
     }
     let (shared, groups) = fitted?;
 
-    let finish = |coef: [f64; P], members: &mut dyn Iterator<Item = usize>| -> Linear<P> {
-        let mut ratios = Vec::new();
-        let mut min_y = f64::INFINITY;
-        for i in members {
-            let yhat = dot(&coef, &data.x[i]);
-            min_y = min_y.min(data.y[i]);
-            if yhat > 0.0 {
-                ratios.push(data.y[i] / yhat);
+    // Floors first (half the smallest latency of the group), so that the trees fit the
+    // residual of exactly the base `Linear::base` will compute.
+    let min_y = |members: &mut dyn Iterator<Item = usize>| {
+        members.map(|i| data.y[i]).fold(f64::INFINITY, f64::min)
+    };
+    let linear = |coef: [f64; P], floor: f64| Linear {
+        coef,
+        multiplier: 1.0,
+        floor,
+        samples: 0,
+    };
+    let shared_lin = linear(shared, 0.5 * min_y(&mut (0..n)));
+    let group_lins: Vec<Option<Linear<P>>> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(g, coef)| {
+            coef.map(|c| linear(c, 0.5 * min_y(&mut (0..n).filter(|&i| data.group[i] == g))))
+        })
+        .collect();
+    let pick = |g: usize| match group_lins.get(g) {
+        Some(Some(m)) => m,
+        _ => &shared_lin,
+    };
+
+    // The trees fit log(actual / linear base) of the samples not held out for calibration.
+    let boost_model = match boost {
+        Some(bp) if n >= BOOST_MIN_SAMPLES => {
+            let mut xs = Vec::with_capacity(n);
+            let mut zs = Vec::with_capacity(n);
+            for i in (0..n).filter(|i| i % CALIBRATION_EVERY != 0) {
+                xs.push(data.trees[i]);
+                zs.push((data.y[i] / pick(data.group[i]).base(&data.x[i])).ln());
             }
+            Boost::fit(&xs, &zs, bp)
         }
-        // The IRLS fit already targets the quantile; this calibrates what is left (the
-        // floored weights make IRLS stop slightly short of the exact minimiser).
-        let multiplier = match params.objective {
-            Objective::Mean => 1.0,
-            Objective::Quantile { q } => quantile(&mut ratios, q).unwrap_or(1.0),
-        };
-        Linear {
-            coef,
-            multiplier,
-            floor: 0.5 * min_y,
-            samples: ratios.len(),
+        _ => Boost::default(),
+    };
+    let boosted = boost_model.len() > 0;
+    let correction = |i: usize| {
+        if boosted {
+            boost_model.eval(&data.trees[i])
+        } else {
+            0.0
         }
     };
 
-    let shared_model = finish(shared, &mut (0..n));
-    let group_models = groups
-        .into_iter()
+    let finish = |lin: &Linear<P>, members: &mut dyn Iterator<Item = usize>| -> Linear<P> {
+        let mut ratios = Vec::new();
+        let (mut sum_y, mut sum_hat) = (0.0, 0.0);
+        let mut samples = 0;
+        for i in members {
+            samples += 1;
+            if boosted && i % CALIBRATION_EVERY != 0 {
+                continue;
+            }
+            let yhat = lin.base(&data.x[i]) * correction(i).exp();
+            if yhat > 0.0 {
+                ratios.push(data.y[i] / yhat);
+                sum_y += data.y[i];
+                sum_hat += yhat;
+            }
+        }
+        let multiplier = match params.objective {
+            // The trees fit log-ratios, i.e. a geometric mean: rescale to the mean.
+            Objective::Mean if boosted && sum_hat > 0.0 => sum_y / sum_hat,
+            Objective::Mean => 1.0,
+            // The IRLS fit already targets the quantile; this calibrates what is left (the
+            // floored weights make IRLS stop slightly short of the exact minimiser, and the
+            // trees pull towards the centre).
+            Objective::Quantile { q } => quantile(&mut ratios, q).unwrap_or(1.0),
+        };
+        Linear {
+            multiplier,
+            samples,
+            ..lin.clone()
+        }
+    };
+
+    let shared_model = finish(&shared_lin, &mut (0..n));
+    let group_models = group_lins
+        .iter()
         .enumerate()
-        .map(|(g, coef)| coef.map(|c| finish(c, &mut (0..n).filter(|&i| data.group[i] == g))))
+        .map(|(g, lin)| {
+            lin.as_ref()
+                .map(|l| finish(l, &mut (0..n).filter(|&i| data.group[i] == g)))
+        })
         .collect();
     Some(TargetModel {
         shared: shared_model,
         groups: group_models,
+        boost: boost_model,
     })
 }
 
@@ -664,6 +818,8 @@ mod tests {
             min_samples: 10,
             min_group_samples: 10,
             prior_strength: 20.0,
+            ttft_boost: None,
+            tpot_boost: None,
         };
         let m = fit_model(1, params, rows.iter().copied(), std::iter::empty()).unwrap();
         for f in &fs {
@@ -687,6 +843,8 @@ mod tests {
             min_samples: 10,
             min_group_samples: 10,
             prior_strength: 20.0,
+            ttft_boost: None,
+            tpot_boost: None,
         };
         assert!(fit_model(1, params, rows.iter().copied(), std::iter::empty()).is_none());
     }
@@ -703,11 +861,64 @@ mod tests {
             min_samples: 10,
             min_group_samples: 10,
             prior_strength: 20.0,
+            ttft_boost: None,
+            tpot_boost: None,
         };
         let m = fit_model(1, params, rows.iter().copied(), rows.iter().copied()).unwrap();
         let p = m.predict(&f);
         assert!((p.ttft_ms - 42.0).abs() < 0.5, "{p:?}");
         assert!((p.tpot_ms.unwrap() - 42.0).abs() < 0.5, "{p:?}");
+    }
+
+    /// TTFT that doubles when a queue meets a half-full KV cache (preemption
+    /// territory): an AND of two thresholds that no sum of the engineered products
+    /// expresses. The trees must find it; the linear model alone cannot.
+    #[test]
+    fn boosted_trees_learn_a_threshold_interaction_the_linear_model_misses() {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |m: u32| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % u64::from(m)) as u32
+        };
+        let fs: Vec<Features> = (0..4000)
+            .map(|_| Features {
+                input_tokens: 100 + next(2000),
+                running: next(30),
+                waiting: next(8),
+                kv_cache_usage: f64::from(next(100)) / 100.0,
+                ..Features::default()
+            })
+            .collect();
+        let truth = |f: &Features| {
+            let base = 20.0 + 0.05 * f64::from(f.input_tokens) + 2.0 * f64::from(f.running);
+            if f.kv_cache_usage > 0.5 && f.waiting > 3 {
+                2.0 * base
+            } else {
+                base
+            }
+        };
+        let rows: Vec<(&Features, f64)> = fs.iter().map(|f| (f, truth(f))).collect();
+        let mape_with = |trees| {
+            let params = FitParams {
+                objective: Objective::MEDIAN,
+                min_samples: 10,
+                min_group_samples: 10,
+                prior_strength: 20.0,
+                ttft_boost: trees,
+                tpot_boost: None,
+            };
+            let m = fit_model(1, params, rows.iter().copied(), std::iter::empty()).unwrap();
+            fs.iter()
+                .map(|f| (m.predict(f).ttft_ms - truth(f)).abs() / truth(f))
+                .sum::<f64>()
+                / fs.len() as f64
+        };
+        let linear = mape_with(None);
+        let boosted = mape_with(Some(BoostParams::default()));
+        assert!(linear > 0.08, "linear alone {linear}");
+        assert!(boosted < 0.03, "boosted {boosted} (linear {linear})");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! the bucket count multiplies, so there is also a global cap: past it the oldest sample of
 //! the fullest bucket goes (the fullest is re-found every 64 evictions, not per sample).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::features::Features;
 
@@ -23,7 +23,9 @@ pub(crate) struct Store {
     per_bucket: usize,
     max_total: usize,
     total: usize,
-    buckets: HashMap<u64, VecDeque<Row>>,
+    /// Ordered by key so that `rows` (and so every fit) sees the samples in the same order
+    /// on every run: a fit is then reproducible, and so is the closed-loop benchmark.
+    buckets: BTreeMap<u64, VecDeque<Row>>,
     /// The bucket evictions take from, re-chosen every `RESCAN_EVERY` evictions so a full
     /// store does not scan every bucket per sample.
     victim: Option<u64>,
@@ -55,7 +57,7 @@ impl Store {
             per_bucket: per_bucket.max(1),
             max_total: max_total.max(1),
             total: 0,
-            buckets: HashMap::new(),
+            buckets: BTreeMap::new(),
             victim: None,
             evictions: 0,
         }

@@ -82,12 +82,21 @@ impl Trainer {
             min_samples: self.config.min_samples,
             min_group_samples: self.config.min_group_samples,
             prior_strength: self.config.prior_strength,
+            ttft_boost: boost_params(self.config.ttft_trees),
+            tpot_boost: boost_params(self.config.tpot_trees),
         };
         let model = fit_model(self.version + 1, params, self.ttft.rows(), self.tpot.rows())?;
         self.version += 1;
         self.new_since_fit = 0;
         Some(model)
     }
+}
+
+fn boost_params(trees: usize) -> Option<crate::boost::BoostParams> {
+    (trees > 0).then(|| crate::boost::BoostParams {
+        trees,
+        ..crate::boost::BoostParams::default()
+    })
 }
 
 enum Msg {

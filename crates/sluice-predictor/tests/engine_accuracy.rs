@@ -64,7 +64,10 @@ fn mapes(m: &sluice_predictor::Model, test: &[TrainingSample]) -> (f64, f64) {
 /// explains (the phase of the running step, later arrivals' prefill chunks, other requests'
 /// output lengths): a 50-nearest-neighbour median on 53k samples, run while choosing the
 /// model, scored 18.6 % (TTFT) / 20.0 % (TPOT), the median fit 17.3 % / 19.7 %, the mean
-/// fit 31.8 % / 22.0 %. The thresholds below pin that ordering at a test-sized data set.
+/// fit 31.8 % / 22.0 % (linear model alone). The TTFT trees took most of the mean fit's
+/// TTFT excess away (on this test's data set now: median 17.5 % / 21.3 %, mean 21.0 % /
+/// 22.7 %); the median stays ahead on both targets.
+/// The thresholds below pin that ordering at a test-sized data set.
 #[test]
 fn median_mode_beats_mean_mode_on_emergent_skewed_latencies() {
     let train = fleet_samples(1, 1_200_000.0);
@@ -78,7 +81,7 @@ fn median_mode_beats_mean_mode_on_emergent_skewed_latencies() {
         test.len()
     );
     assert!(
-        med_ttft < 0.75 * mean_ttft,
+        med_ttft < 0.9 * mean_ttft,
         "median {med_ttft:.1}% vs mean {mean_ttft:.1}%"
     );
     assert!(

@@ -545,4 +545,58 @@ mod tests {
         );
         assert_eq!(p.since_step, Duration::from_millis(1));
     }
+
+    #[test]
+    fn mean_step_smooths_over_recent_bursts_and_follows_a_slower_engine() {
+        let c = InFlightCounters::default();
+        let t0 = c.epoch + Duration::from_millis(100);
+        let mut now = t0;
+        let burst = |c: &InFlightCounters, now: &mut Instant, gap_ms: u64| {
+            *now += Duration::from_millis(gap_ms);
+            c.observe_chunk(*now);
+            *now
+        };
+        burst(&c, &mut now, 0);
+        for _ in 0..40 {
+            burst(&c, &mut now, 10);
+        }
+        let mean = |c: &InFlightCounters, at| c.step_phase(at).unwrap().mean_step;
+        assert_eq!(mean(&c, now), Duration::from_millis(10));
+        // One long (prefill) step moves the latest step, and the mean only by 1/16 of it.
+        let at = burst(&c, &mut now, 38);
+        assert_eq!(c.step_phase(at).unwrap().step, Duration::from_millis(38));
+        assert_eq!(mean(&c, at), Duration::from_micros(11_750));
+        // The batch grows: steps of 20 ms. The mean follows within a few dozen steps.
+        for _ in 0..80 {
+            burst(&c, &mut now, 20);
+        }
+        let m = mean(&c, now).as_secs_f64() * 1e3;
+        assert!((19.5..=20.0).contains(&m), "{m}");
+    }
+
+    #[test]
+    fn prompt_token_rate_tracks_recent_dispatches_and_decays() {
+        let c = InFlightCounters::default();
+        let t0 = c.epoch + Duration::from_millis(100);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        c.observe_chunk(at(0));
+        // 500 uncached tokens every 10 ms (50k tokens/s) for 10 s, one burst per 10 ms.
+        for i in 1..=1000 {
+            c.add(500);
+            c.observe_chunk(at(10 * i));
+        }
+        let rate = |ms| c.step_phase(at(ms)).unwrap().prompt_token_rate;
+        let r = rate(10_000);
+        assert!((48_000.0..=50_500.0).contains(&r), "{r}");
+        // Dispatches stop; 2 s (one time constant) later the rate is down by e.
+        for i in 1001..=1200 {
+            c.observe_chunk(at(10 * i));
+        }
+        let r = rate(12_000);
+        assert!((17_000.0..=19_500.0).contains(&r), "{r}");
+        // Tokens sent since the latest burst count at once, even before the next burst
+        // (an endpoint stuck in a long step must not look idle).
+        c.add(4_000);
+        assert!((rate(12_000) - r - 2_000.0).abs() < 1.0);
+    }
 }

@@ -265,6 +265,8 @@ struct Live {
     /// Diagnostics at dispatch for `SLO_BENCH_DUMP`: time left in the target's current step,
     /// time since its last step ended, and that step's length (µs).
     step_phase: (Micros, Micros, Micros),
+    /// The engine it was sent to (for `SLO_BENCH_DUMP`).
+    server: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -339,6 +341,14 @@ fn run(
                         retrain_interval: None,
                         queue_capacity: 1 << 20,
                         objective: objective.parse().unwrap(),
+                        ttft_trees: env(
+                            "SLO_BENCH_TTFT_TREES",
+                            PredictorConfig::default().ttft_trees,
+                        ),
+                        tpot_trees: env(
+                            "SLO_BENCH_TPOT_TREES",
+                            PredictorConfig::default().tpot_trees,
+                        ),
                         ..PredictorConfig::default()
                     })
                     .unwrap(),
@@ -463,7 +473,7 @@ fn run(
         if let Some((pt, pp)) = l.predicted {
             if let Some(f) = l.features {
                 done.rows.push(format!(
-                    "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{:.3},{:.3},{},{:.3},{:.1}",
+                    "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{:.3},{:.3},{},{:.3},{:.1},{}",
                     f.class.0,
                     f.kv_cache_usage,
                     f.input_tokens,
@@ -486,7 +496,8 @@ fn run(
                     f.since_step_ms,
                     a.at,
                     f.mean_step_ms,
-                    f.prompt_token_rate
+                    f.prompt_token_rate,
+                    l.server
                 ));
             }
             done.ttft_pairs.push((pt, ttft));
@@ -566,6 +577,7 @@ fn run(
                                     predicted: None,
                                     features: None,
                                     step_phase: (0, 0, 0),
+                                    server: usize::MAX,
                                 };
                                 finish(&mut done, &l, false, t);
                                 continue;
@@ -613,6 +625,7 @@ fn run(
                         tokens: 0,
                         predicted,
                         features,
+                        server,
                         step_phase: (
                             if stepping[server] {
                                 step_end[server].saturating_sub(t)
@@ -836,7 +849,7 @@ fn slo_fleet_report() {
             (std::env::var("SLO_BENCH_DUMP"), policy)
         {
             let path = std::path::Path::new(&dir).join(format!("slo-{strategy}-{objective}.csv"));
-            let header = "class,kv,input,prefix,waiting,running,prefill_tokens,prefill_requests,workload_class,output,pred_ttft,ttft,pred_tpot,tpot,tokens,residual_us,since_last_us,last_len_us,step_ms,since_step_ms,arrival_us,mean_step_ms,prompt_token_rate\n";
+            let header = "class,kv,input,prefix,waiting,running,prefill_tokens,prefill_requests,workload_class,output,pred_ttft,ttft,pred_tpot,tpot,tokens,residual_us,since_last_us,last_len_us,step_ms,since_step_ms,arrival_us,mean_step_ms,prompt_token_rate,server\n";
             std::fs::write(&path, header.to_owned() + &r.done.rows.join("\n")).unwrap();
         }
         reports.push(r);

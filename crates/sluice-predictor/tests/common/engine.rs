@@ -77,6 +77,8 @@ pub fn run(
                     tokens_generated: 0,
                     step_ms: 0.0,
                     since_step_ms: 0.0,
+                    mean_step_ms: 0.0,
+                    prompt_token_rate: 0.0,
                     role: PodRole::Both,
                     class: e.class,
                 };

@@ -87,6 +87,8 @@ pub fn features(rng: &mut SmallRng) -> Features {
         tokens_generated: 0,
         step_ms: 0.0,
         since_step_ms: 0.0,
+        mean_step_ms: 0.0,
+        prompt_token_rate: 0.0,
         role: PodRole::Both,
         class,
     }
