@@ -10,7 +10,6 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use sluice_core::{EndpointKey, EndpointPickerConfig};
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::config::{self, ConfigError, LoadedProfile};
@@ -77,9 +76,11 @@ struct Inner {
     pre_requests: Vec<(Arc<str>, Arc<dyn PreRequest>)>,
     response_hooks: Vec<(Arc<str>, Arc<dyn ResponseHooks>)>,
     observer: Option<Arc<dyn SchedulingObserver>>,
-    /// Instance name ⇒ plugin type, looked up on every timed plugin call: foldhash, not
-    /// SipHash (8+ lookups per request cost ~1.7k instructions with SipHash).
-    plugin_types: HashMap<Arc<str>, Arc<str>, foldhash::fast::RandomState>,
+    /// (instance name, plugin type), looked up on every timed plugin call. The callers pass
+    /// the very `Arc<str>` names stored here, so a pointer comparison over a handful of
+    /// entries settles it without hashing (a SipHash map cost ~1.7k instructions per
+    /// request, foldhash ~0.5k).
+    plugin_types: Vec<(Arc<str>, Arc<str>)>,
     endpoint_aware: Vec<Arc<dyn EndpointAware>>,
     detector: Option<Arc<dyn SaturationDetector>>,
     clock: Arc<dyn Clock>,
@@ -230,7 +231,7 @@ impl Scheduler {
                 pre_requests: Vec::new(),
                 response_hooks: Vec::new(),
                 observer: None,
-                plugin_types: HashMap::default(),
+                plugin_types: Vec::new(),
                 endpoint_aware: Vec::new(),
                 detector: None,
                 clock: Arc::new(SystemClock),
@@ -396,7 +397,12 @@ impl Scheduler {
             Some(o) => {
                 let start = Instant::now();
                 let r = f();
-                let type_name = self.inner.plugin_types.get(name).map_or("", |t| &**t);
+                let types = &self.inner.plugin_types;
+                let type_name = types
+                    .iter()
+                    .find(|(n, _)| std::ptr::eq(n.as_ptr(), name.as_ptr()))
+                    .or_else(|| types.iter().find(|(n, _)| &**n == name))
+                    .map_or("", |(_, t)| &**t);
                 o.plugin_duration(point, type_name, name, start.elapsed());
                 r
             }
