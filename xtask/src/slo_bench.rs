@@ -12,7 +12,9 @@
 //!
 //! Settings pass through the environment: `SLO_BENCH_SECONDS`, `SLO_BENCH_WARMUP`,
 //! `SLO_BENCH_RATE` (skips the ladder), `SLO_BENCH_SEED`, `SLO_BENCH_BUFFER`
-//! (`sloBufferFactor`).
+//! (`sloBufferFactor`), `SLO_BENCH_DUMP=DIR` (features, predictions and outcomes as CSV),
+//! `SLO_BENCH_PREDICTOR_ONLY=1` (only the SLO rows and the predictor's MAPE and coverage),
+//! `SLO_BENCH_TTFT_TREES` / `SLO_BENCH_TPOT_TREES` (boosted trees per target).
 
 use std::path::Path;
 use std::process::Command;
