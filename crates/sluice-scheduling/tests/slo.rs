@@ -483,6 +483,55 @@ fn training_samples_measure_ttft_from_dispatch_and_inter_token_tpot() {
 }
 
 #[test]
+fn a_request_served_by_a_fallback_leaves_the_running_queue_there_and_trains_nothing() {
+    let p = Scripted::new(&[(0, 100.0, Some(20.0)), (1, 300.0, Some(20.0))]);
+    let s = setup(&p);
+    let running = s.running();
+    let cands = candidates(&[pod(0, 0.2), pod(1, 0.4)]);
+    let r = req(1, SLO, 0);
+    let mut sch = s.scheduler.schedule(&r, &cands).unwrap();
+    s.scheduler.pre_request(&r, &mut sch);
+    let picked = sch.result.targets[0].clone();
+    let other = cands
+        .iter()
+        .find(|c| c.endpoint.key != picked.endpoint.key)
+        .unwrap()
+        .clone();
+    assert_eq!(running.len(&picked.endpoint.key), 1);
+    assert!(s.scheduler.served_by(&r, &mut sch, other.clone()));
+    assert_eq!(
+        (
+            running.len(&picked.endpoint.key),
+            running.len(&other.endpoint.key)
+        ),
+        (0, 1),
+        "the request's TPOT SLO now protects the endpoint that runs it"
+    );
+    s.scheduler.response_headers(&r, &mut sch, &sse_headers());
+    s.clock.advance(Duration::from_millis(50));
+    for end_of_stream in [false, true] {
+        s.scheduler.response_chunk(
+            &r,
+            &mut sch,
+            ResponseChunk {
+                data: if end_of_stream { b"" } else { b"data: x" },
+                end_of_stream,
+            },
+        );
+    }
+    s.scheduler.complete(&r, &mut sch, Outcome::Success);
+    assert_eq!(
+        running.total(),
+        0,
+        "completion finds the request where it moved"
+    );
+    assert!(
+        p.samples.lock().is_empty(),
+        "the pick's features paired with the fallback's latency would be a false sample"
+    );
+}
+
+#[test]
 fn running_queues_return_to_zero_after_a_mixed_run_with_errors_and_disconnects() {
     let p = Scripted::new(&[
         (0, 100.0, Some(20.0)),

@@ -102,6 +102,41 @@ impl RunningRequests {
         true
     }
 
+    /// Moves tracked request `id` to `endpoint` (Envoy served it on a fallback), keeping
+    /// its SLO and age; returns whether it was tracked. A full target queue leaves the
+    /// entry where it was.
+    pub fn move_to(&self, id: u64, endpoint: &EndpointKey) -> bool {
+        let mut g = self.inner.lock();
+        let Some(from) = g.where_is.get(&id).cloned() else {
+            return false;
+        };
+        if &from == endpoint {
+            return true;
+        }
+        if g.by_endpoint
+            .get(endpoint)
+            .is_some_and(|l| l.len() >= MAX_PER_ENDPOINT)
+        {
+            return false;
+        }
+        let Some(list) = g.by_endpoint.get_mut(&from) else {
+            return false;
+        };
+        let Some(i) = list.iter().position(|e| e.id == id) else {
+            return false;
+        };
+        let entry = list.swap_remove(i);
+        if list.is_empty() {
+            g.by_endpoint.remove(&from);
+        }
+        g.by_endpoint
+            .entry(endpoint.clone())
+            .or_default()
+            .push(entry);
+        g.where_is.insert(id, endpoint.clone());
+        true
+    }
+
     /// Requests tracked on `endpoint`.
     pub fn len(&self, endpoint: &EndpointKey) -> usize {
         self.inner
@@ -241,6 +276,30 @@ mod tests {
         q.remove(2);
         assert!(q.is_empty());
         assert_eq!(q.min_tpot_slo(&key("a")), 0.0);
+    }
+
+    #[test]
+    fn a_request_served_elsewhere_moves_with_its_slo() {
+        let q = RunningRequests::new(Duration::from_secs(300));
+        let t = Instant::now();
+        q.add(&key("a"), 1, 30.0, t).unwrap();
+        q.add(&key("a"), 2, 80.0, t).unwrap();
+        assert!(q.move_to(1, &key("b")));
+        assert_eq!((q.len(&key("a")), q.len(&key("b"))), (1, 1));
+        assert_eq!(q.min_tpot_slo(&key("a")), 80.0);
+        assert_eq!(
+            q.min_tpot_slo(&key("b")),
+            30.0,
+            "the SLO travels with the request"
+        );
+        assert!(
+            q.move_to(1, &key("b")),
+            "moving to where it is changes nothing"
+        );
+        assert!(!q.move_to(9, &key("b")), "unknown ids are not invented");
+        assert!(q.remove(1));
+        assert_eq!(q.len(&key("b")), 0, "completion finds it where it moved");
+        assert_eq!(q.total(), 1);
     }
 
     #[test]

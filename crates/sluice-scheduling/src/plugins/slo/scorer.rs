@@ -266,6 +266,8 @@ struct Tracking {
     features: Features,
     slo: Slo,
     labels: SloLabels,
+    /// Envoy reported another endpoint than the pick as the one that served the request.
+    served_elsewhere: bool,
 }
 
 /// The scorer plugin.
@@ -778,6 +780,7 @@ impl PreRequest for PredictedLatencyScorer {
                 features,
                 slo,
                 labels,
+                served_elsewhere: false,
             },
         );
     }
@@ -824,6 +827,22 @@ impl ResponseHooks for PredictedLatencyScorer {
         }
     }
 
+    fn on_served(
+        &self,
+        cycle: &mut Cycle,
+        _request: &LlmRequest,
+        _result: &SchedulingResult,
+        served: &Candidate,
+    ) {
+        let Some(t) = cycle.state.get_mut::<Tracking>(&self.tracking_key) else {
+            return;
+        };
+        self.running.move_to(t.id, &served.endpoint.key);
+        // The features describe the endpoint first picked: a sample pairing them with the
+        // fallback's latency would teach the model something false.
+        t.served_elsewhere = true;
+    }
+
     fn on_complete(
         &self,
         cycle: &mut Cycle,
@@ -849,6 +868,7 @@ impl ResponseHooks for PredictedLatencyScorer {
             metrics.observe_tpot(&t.labels, tpot, t.slo.tpot_ms);
         }
         if let Some(p) = self.services.predictor()
+            && !t.served_elsewhere
             && let Some(sample) = t.tracker.training_sample(now)
         {
             debug_assert_eq!(sample.features_at_dispatch, t.features);
