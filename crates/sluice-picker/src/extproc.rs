@@ -40,7 +40,7 @@ use rand::Rng;
 use sluice_flowcontrol::{Admission, AdmissionGuard, DROPPED_REASON_HEADER};
 use sluice_predictor::PredictResult;
 use sluice_scheduling::plugins::slo::{
-    DEFERRED_PREDICTION_KEY, DeferredPrediction, PrefetchedPredictions,
+    DEFERRED_PREDICTION_KEY, DeferredPrediction, PrefetchedPredictions, SloLabels,
 };
 use sluice_scheduling::{Candidate, LlmRequest, Outcome, ResponseChunk, ScheduleError, Scheduled};
 use tonic::{Request, Response, Status, Streaming};
@@ -282,6 +282,7 @@ struct Predicting {
     fallback: Scheduled,
     endpoints: Vec<sluice_core::EndpointKey>,
     answer: Pin<Box<dyn Future<Output = PredictResult> + Send>>,
+    asked_at: Instant,
 }
 
 impl std::fmt::Debug for Predicting {
@@ -876,6 +877,7 @@ impl Session {
                 fallback,
                 endpoints,
                 answer: Box::pin(async move { predictor.predict_batch(&features).await }),
+                asked_at: Instant::now(),
             });
             return Ok(());
         }
@@ -903,6 +905,7 @@ impl Session {
             admission,
             fallback,
             endpoints,
+            asked_at,
             ..
         }) = self.predicting.take()
         else {
@@ -910,6 +913,12 @@ impl Session {
         };
         let decided = match answer {
             Ok(predictions) if predictions.len() == endpoints.len() => {
+                // The scorer times only in-process predictions; a remote answer's time is
+                // the round trip the request waited for.
+                self.state.slo().metrics().observe_prediction_duration(
+                    &SloLabels::for_request(&prepared.request),
+                    asked_at.elapsed().as_secs_f64(),
+                );
                 prepared.request.prefetched_predictions =
                     Some(Arc::new(PrefetchedPredictions::new(endpoints, predictions)));
                 let loaded = Arc::clone(&prepared.loaded);

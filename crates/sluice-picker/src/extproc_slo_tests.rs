@@ -288,6 +288,19 @@ async fn an_asynchronous_predictor_is_awaited_and_its_predictions_route() {
         counted, 40,
         "each request counted in flight once, not per decision"
     );
+    let text = state.metrics().encode();
+    let count = text
+        .lines()
+        .find(|l| {
+            l.starts_with("inference_objective_request_ttft_prediction_duration_seconds_count")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(
+        count,
+        Some(40.0),
+        "every remote round trip is timed once:\n{text}"
+    );
 }
 
 #[tokio::test]

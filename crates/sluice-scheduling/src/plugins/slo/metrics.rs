@@ -24,6 +24,21 @@ pub struct SloLabels {
     pub target_model_name: String,
 }
 
+impl SloLabels {
+    /// The labels of `request`: the model the client asked for and the one it is sent to.
+    pub fn for_request(request: &crate::types::LlmRequest) -> Self {
+        let requested = if request.requested_model.is_empty() {
+            &request.target_model
+        } else {
+            &request.requested_model
+        };
+        SloLabels {
+            model_name: requested.clone(),
+            target_model_name: request.target_model.clone(),
+        }
+    }
+}
+
 type HistFamily = Family<SloLabels, Histogram, fn() -> Histogram>;
 type GaugeF = Family<SloLabels, Gauge<f64, AtomicU64>>;
 

@@ -432,18 +432,6 @@ impl PredictedLatencyScorer {
             (a / (a + b), b / (a + b))
         }
     }
-
-    fn labels(request: &LlmRequest) -> SloLabels {
-        let requested = if request.requested_model.is_empty() {
-            &request.target_model
-        } else {
-            &request.requested_model
-        };
-        SloLabels {
-            model_name: requested.clone(),
-            target_model_name: request.target_model.clone(),
-        }
-    }
 }
 
 impl Plugin for PredictedLatencyScorer {
@@ -563,7 +551,7 @@ impl Scorer for PredictedLatencyScorer {
                 Some(Ok(p)) if p.len() == features.len() => {
                     if !prefetched {
                         self.services.metrics().observe_prediction_duration(
-                            &Self::labels(request),
+                            &SloLabels::for_request(request),
                             state.prediction_time.as_secs_f64(),
                         );
                     }
@@ -733,7 +721,7 @@ impl PreRequest for PredictedLatencyScorer {
                 .find(|e| Some(e.candidate) == target_index)
                 .copied()
         });
-        let labels = Self::labels(request);
+        let labels = SloLabels::for_request(request);
         let features = match known {
             Some(e) => {
                 if let Some(p) = e.prediction {
