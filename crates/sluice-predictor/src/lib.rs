@@ -182,7 +182,7 @@ pub struct PredictorConfig {
     pub max_classes: u16,
     /// Boosted oblivious trees (depth 4) correcting the linear TTFT model's relative error
     /// (0 = linear only). Each tree costs ~1.5 ns per endpoint; 32 took the median model's
-    /// TTFT MAPE on `cargo xtask bench-slo` from 17.1 % to 13.5 % (`most`).
+    /// TTFT MAPE on `cargo xtask bench-slo` (seed 7) from 17.1 % to 14.4 % with `most`.
     pub ttft_trees: usize,
     /// Boosted trees for TPOT (0 = linear only, the default: they did not lower TPOT MAPE
     /// on the bench, where most TPOT error comes from requests that arrive after dispatch).
