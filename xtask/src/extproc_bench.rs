@@ -5,6 +5,12 @@
 //! (from `/proc/<pid>/stat`). Then sluice-picker alone, pinned to one core, driven over gRPC
 //! without Envoy.
 //!
+//! The floor sends requests to the same endpoints in turn (round-robin per stream), so the
+//! Envoy upstream pools and the simulated engines do the same spread of work in both
+//! set-ups: with one fixed endpoint, the floor's single engine batched every request in one
+//! step loop while the picker's traffic woke eight, and the difference in simulator CPU was
+//! charged to the picker's rate. Envoy's and the simulator's CPU per request are reported too.
+//!
 //! The picker is stopped (SIGSTOP) during the floor's cells: its background scraping, and the
 //! simulators answering it, are the picker's cost and must not slow the floor's runs.
 
@@ -113,6 +119,8 @@ struct Cell {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_req: f64,
+    envoy_cpu_us_per_req: f64,
+    sim_cpu_us_per_req: f64,
     errors: f64,
 }
 
@@ -122,9 +130,10 @@ fn drive(
     conc: usize,
     secs: f64,
     model: &str,
-    proc_: &Proc,
+    [proc_, envoy, sim]: [&Proc; 3],
 ) -> Result<Cell> {
     let cpu0 = proc_.cpu_seconds();
+    let (envoy0, sim0) = (envoy.cpu_seconds(), sim.cpu_seconds());
     let out = Command::new(bench)
         .args([
             "http",
@@ -139,6 +148,7 @@ fn drive(
         .output()
         .context("running the HTTP driver")?;
     let cpu1 = proc_.cpu_seconds();
+    let (envoy1, sim1) = (envoy.cpu_seconds(), sim.cpu_seconds());
     if !out.status.success() {
         bail!(
             "HTTP driver failed: {}",
@@ -147,15 +157,16 @@ fn drive(
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("driver output")?;
     let n = v["requests"].as_f64().unwrap_or(0.0);
+    let per_req = |seconds: f64| {
+        if n > 0.0 { seconds * 1e6 / n } else { f64::NAN }
+    };
     Ok(Cell {
         rps: v["rps"].as_f64().unwrap_or(0.0),
         p50_ms: v["p50_ms"].as_f64().unwrap_or(f64::NAN),
         p99_ms: v["p99_ms"].as_f64().unwrap_or(f64::NAN),
-        cpu_us_per_req: if n > 0.0 {
-            (cpu1 - cpu0) * 1e6 / n
-        } else {
-            f64::NAN
-        },
+        cpu_us_per_req: per_req(cpu1 - cpu0),
+        envoy_cpu_us_per_req: per_req(envoy1 - envoy0),
+        sim_cpu_us_per_req: per_req(sim1 - sim0),
         errors: v["errors"].as_f64().unwrap_or(0.0),
     })
 }
@@ -168,6 +179,8 @@ fn mean(cells: &[Cell]) -> Cell {
         p50_ms: s(|c| c.p50_ms),
         p99_ms: s(|c| c.p99_ms),
         cpu_us_per_req: s(|c| c.cpu_us_per_req),
+        envoy_cpu_us_per_req: s(|c| c.envoy_cpu_us_per_req),
+        sim_cpu_us_per_req: s(|c| c.sim_cpu_us_per_req),
         errors: s(|c| c.errors),
     }
 }
@@ -238,7 +251,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
                 "--port",
                 &floor_port.to_string(),
                 "--endpoint",
-                &eps[0],
+                &eps.join(","),
             ])
             .args(&threads),
         dir.join("floor.log"),
@@ -302,12 +315,26 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         }
         Ok((p, format!("http://127.0.0.1:{listen}")))
     };
-    let (_envoy_floor, url_floor) = start_envoy("floor", floor_port)?;
-    let (_envoy_picker, url_picker) = start_envoy("sluice", picker_port)?;
+    let (envoy_floor, url_floor) = start_envoy("floor", floor_port)?;
+    let (envoy_picker, url_picker) = start_envoy("sluice", picker_port)?;
 
     eprintln!("bench: warming up");
-    drive(&bench, &url_floor, 4, 2.0, model, &floor)?;
-    drive(&bench, &url_picker, 4, 2.0, model, &picker)?;
+    drive(
+        &bench,
+        &url_floor,
+        4,
+        2.0,
+        model,
+        [&floor, &envoy_floor, &sim],
+    )?;
+    drive(
+        &bench,
+        &url_picker,
+        4,
+        2.0,
+        model,
+        [&picker, &envoy_picker, &sim],
+    )?;
 
     let mut rows = Vec::new();
     for &c in &args.concurrency {
@@ -315,7 +342,14 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         for r in 0..args.rounds {
             eprintln!("bench: concurrency {c}, round {}", r + 1);
             picker.signal("STOP")?;
-            let f = drive(&bench, &url_floor, c, args.duration, model, &floor);
+            let f = drive(
+                &bench,
+                &url_floor,
+                c,
+                args.duration,
+                model,
+                [&floor, &envoy_floor, &sim],
+            );
             picker.signal("CONT")?;
             f_cells.push(f?);
             // Let the picker's scrapers refresh metrics that aged while it was stopped.
@@ -326,7 +360,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
                 c,
                 args.duration,
                 model,
-                &picker,
+                [&picker, &envoy_picker, &sim],
             )?);
         }
         rows.push((c, mean(&f_cells), mean(&s_cells)));
@@ -377,6 +411,21 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
                 f.errors, s.errors
             );
         }
+    }
+    println!(
+        "\nCPU per request outside the processors (us; floor -> sluice): the same Envoy config and \
+         simulated fleet serve both, so a difference here is work the processor's answers cause"
+    );
+    println!("{:>5} | {:>17} | {:>17}", "conc", "envoy", "simulator");
+    for (c, f, s) in &rows {
+        println!(
+            "{:>5} | {:>7.1} -> {:>7.1} | {:>7.1} -> {:>7.1}",
+            c,
+            f.envoy_cpu_us_per_req,
+            s.envoy_cpu_us_per_req,
+            f.sim_cpu_us_per_req,
+            s.sim_cpu_us_per_req
+        );
     }
     drop(picker);
 

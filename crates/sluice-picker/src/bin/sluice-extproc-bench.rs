@@ -2,8 +2,10 @@
 //!
 //! - `floor`: a do-nothing ext_proc processor (the floor of `extproc-floor.md`): in
 //!   FULL_DUPLEX_STREAMED mode it holds the request-headers answer until the body ends,
-//!   then sets `x-gateway-destination-endpoint` to a fixed endpoint and echoes every body
-//!   chunk; in BUFFERED mode it answers headers with CONTINUE and the body with the mutation.
+//!   then sets `x-gateway-destination-endpoint` to the next of its endpoints (round-robin
+//!   per stream, so the upstream side carries the same spread of work as with the picker)
+//!   and echoes every body chunk; in BUFFERED mode it answers headers with CONTINUE and the
+//!   body with the mutation.
 //! - `http`: a closed-loop HTTP load driver printing one JSON line (rate, p50, p99).
 //! - `grpc`: drives an ext_proc server directly (no Envoy) with complete request/response
 //!   conversations and prints one JSON line (rate).
@@ -68,7 +70,7 @@ enum Cmd {
         /// Listen port on 127.0.0.1.
         #[arg(long)]
         port: u16,
-        /// The endpoint every request is sent to.
+        /// The endpoints requests are sent to, `HOST:PORT,...`, in turn.
         #[arg(long)]
         endpoint: String,
     },
@@ -151,7 +153,8 @@ fn main() -> Result<()> {
 
 #[derive(Debug, Clone)]
 struct Floor {
-    endpoint: Arc<str>,
+    endpoints: Arc<[Arc<str>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct FloorStream {
@@ -290,9 +293,10 @@ impl ExternalProcessor for Floor {
         &self,
         req: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Response::new(FloorStream {
             inbound: req.into_inner(),
-            endpoint: Arc::clone(&self.endpoint),
+            endpoint: Arc::clone(&self.endpoints[turn % self.endpoints.len()]),
             out: VecDeque::with_capacity(4),
             headers_pending: false,
             held: Vec::new(),
@@ -304,10 +308,20 @@ impl ExternalProcessor for Floor {
 
 async fn floor(port: u16, endpoint: String) -> Result<()> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let endpoints: Arc<[Arc<str>]> = endpoint
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(Arc::from)
+        .collect();
+    if endpoints.is_empty() {
+        anyhow::bail!("--endpoint needs at least one HOST:PORT");
+    }
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(ExternalProcessorServer::new(Floor {
-            endpoint: endpoint.into(),
+            endpoints,
+            next: Arc::default(),
         }))
         .serve(addr)
         .await
