@@ -185,6 +185,29 @@ fn mean(cells: &[Cell]) -> Cell {
     }
 }
 
+/// sluice-picker in standalone mode on loopback, plaintext, over `eps`, serving ext_proc on
+/// `grpc_port` (health and metrics on free ports).
+fn picker_args<'c>(
+    cmd: &'c mut Command,
+    eps: &[String],
+    grpc_port: u16,
+) -> Result<&'c mut Command> {
+    cmd.args([
+        "--endpoints",
+        &eps.join(","),
+        "--bind-address",
+        "127.0.0.1",
+        "--secure-serving=false",
+        "--grpc-port",
+        &grpc_port.to_string(),
+        "--grpc-health-port",
+        &free_port()?.to_string(),
+        "--metrics-port",
+        &free_port()?.to_string(),
+    ]);
+    Ok(cmd)
+}
+
 /// Runs the bench.
 pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -258,21 +281,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     )?;
     let mut picker = Proc::spawn(
         "sluice-picker",
-        Command::new(bin("sluice-picker"))
-            .args([
-                "--endpoints",
-                &eps.join(","),
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-serving=false",
-                "--grpc-port",
-                &picker_port.to_string(),
-                "--grpc-health-port",
-                &free_port()?.to_string(),
-                "--metrics-port",
-                &free_port()?.to_string(),
-            ])
-            .args(&threads),
+        picker_args(&mut Command::new(bin("sluice-picker")), &eps, picker_port)?.args(&threads),
         dir.join("picker.log"),
     )?;
     wait_port(
@@ -433,22 +442,13 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     let port = free_port()?;
     let pinned = Proc::spawn(
         "sluice-picker (pinned)",
-        Command::new("taskset")
-            .args(["-c", "0"])
-            .arg(bin("sluice-picker"))
-            .args([
-                "--endpoints",
-                &eps.join(","),
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-serving=false",
-                "--grpc-port",
-                &port.to_string(),
-                "--grpc-health-port",
-                &free_port()?.to_string(),
-                "--metrics-port",
-                &free_port()?.to_string(),
-            ]),
+        picker_args(
+            Command::new("taskset")
+                .args(["-c", "0"])
+                .arg(bin("sluice-picker")),
+            &eps,
+            port,
+        )?,
         dir.join("picker-pinned.log"),
     )?;
     let mut pinned = pinned;

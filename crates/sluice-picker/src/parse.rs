@@ -11,6 +11,8 @@ use serde_json::value::RawValue;
 
 mod scan;
 
+pub(crate) use scan::plain_key;
+
 /// Which API a request body belongs to, chosen by the suffix of the request path as
 /// upstream does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -238,16 +238,8 @@ fn flat_usage(bytes: &[u8]) -> Option<(RawUsage, usize)> {
     loop {
         ws(&mut i);
         (bytes.get(i) == Some(&b'"')).then_some(())?;
-        let rest = bytes.get(i + 1..)?;
-        let end = memchr::memchr(b'"', rest)?;
-        let key = rest.get(..end)?;
-        if key
-            .iter()
-            .any(|&c| c == b'\\' || !(0x20..0x80).contains(&c))
-        {
-            return None;
-        }
-        i += end + 2;
+        let key = crate::parse::plain_key(bytes.get(i + 1..)?)?;
+        i += key.len() + 2;
         ws(&mut i);
         (bytes.get(i) == Some(&b':')).then_some(())?;
         i += 1;

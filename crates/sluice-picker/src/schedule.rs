@@ -127,7 +127,6 @@ impl Router {
         self.scheduler.response_chunk(request, scheduled, chunk);
     }
 
-    /// The request ended (only the first call counts).
     /// Moves the request's in-flight accounting to `served`, the endpoint the data plane
     /// reported serving it; see [`Scheduler::served_by`].
     pub fn served_by(
@@ -139,6 +138,7 @@ impl Router {
         self.scheduler.served_by(request, scheduled, served)
     }
 
+    /// The request ended (only the first call counts).
     pub fn complete(&self, request: &LlmRequest, scheduled: &mut Scheduled, outcome: Outcome) {
         self.scheduler.complete(request, scheduled, outcome);
     }

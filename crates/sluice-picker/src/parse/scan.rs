@@ -144,16 +144,8 @@ impl<'a> Scanner<'a> {
     /// of keys; such keys are rare enough to leave to it).
     fn key(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
-        let rest = self.b.get(self.i..)?;
-        let end = memchr::memchr(b'"', rest)?;
-        let key = rest.get(..end)?;
-        if key
-            .iter()
-            .any(|&c| c == b'\\' || !(0x20..0x80).contains(&c))
-        {
-            return None;
-        }
-        self.i += end + 1;
+        let key = plain_key(self.b.get(self.i..)?)?;
+        self.i += key.len() + 1;
         Some(key)
     }
 
@@ -290,6 +282,21 @@ impl<'a> Scanner<'a> {
         self.digits();
         (self.i > start).then_some(())
     }
+}
+
+/// The object key at the start of `rest` (just after its opening quote), when it has no
+/// escapes and is all printable ASCII; the closing quote follows it. `None` leaves the
+/// document to serde, which decodes escapes and validates UTF-8 in keys.
+pub(crate) fn plain_key(rest: &[u8]) -> Option<&[u8]> {
+    let end = memchr::memchr(b'"', rest)?;
+    let key = rest.get(..end)?;
+    if key
+        .iter()
+        .any(|&c| c == b'\\' || !(0x20..0x80).contains(&c))
+    {
+        return None;
+    }
+    Some(key)
 }
 
 #[cfg(test)]
