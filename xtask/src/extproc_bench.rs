@@ -48,6 +48,11 @@ pub struct BenchArgs {
     /// default: their default, one per CPU.
     #[arg(long)]
     pub worker_threads: Option<u16>,
+    /// A floor variant that also sends parts of sluice-picker's routing answer
+    /// (`metadata`, `content-length`, comma-separated), to measure what they cost Envoy.
+    /// Default: none, the do-nothing floor of extproc-floor.md.
+    #[arg(long, value_delimiter = ',')]
+    pub floor_like_sluice: Vec<String>,
 }
 
 impl Proc {
@@ -266,6 +271,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         .worker_threads
         .map(|n| vec!["--worker-threads".to_string(), n.to_string()])
         .unwrap_or_default();
+    let floor_extra = &args.floor_like_sluice;
     let mut floor = Proc::spawn(
         "floor processor",
         Command::new(&bench)
@@ -276,7 +282,12 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
                 "--endpoint",
                 &eps.join(","),
             ])
-            .args(&threads),
+            .args(&threads)
+            .args(
+                floor_extra
+                    .iter()
+                    .flat_map(|e| ["--like-sluice", e.as_str()]),
+            ),
         dir.join("floor.log"),
     )?;
     let mut picker = Proc::spawn(
@@ -376,12 +387,17 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     }
 
     println!(
-        "\nThrough Envoy 1.40 (FULL_DUPLEX_STREAMED, --concurrency 1) to {} simulated endpoints, {}s per cell, {} alternating rounds (means), processors' worker threads: {}:",
+        "\nThrough Envoy 1.40 (FULL_DUPLEX_STREAMED, --concurrency 1) to {} simulated endpoints, {}s per cell, {} alternating rounds (means), processors' worker threads: {}, floor: {}:",
         args.endpoints,
         args.duration,
         args.rounds,
         args.worker_threads
-            .map_or_else(|| "default (one per CPU)".to_string(), |n| n.to_string())
+            .map_or_else(|| "default (one per CPU)".to_string(), |n| n.to_string()),
+        if floor_extra.is_empty() {
+            "do-nothing".to_string()
+        } else {
+            format!("also sends {}", floor_extra.join(" + "))
+        }
     );
     println!(
         "{:>5} | {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} {:>9} | {:>6} {:>8} {:>6}",

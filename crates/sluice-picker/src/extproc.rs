@@ -1361,8 +1361,10 @@ fn push_streamed_body(
     }
 }
 
-/// `{"envoy.lb": {"x-gateway-destination-endpoint": dest}}`.
-fn destination_metadata(dest: &str) -> Struct {
+/// `{"envoy.lb": {"x-gateway-destination-endpoint": dest}}`: the dynamic metadata the
+/// routing answer carries (public so that the bench's floor processor can send the very
+/// same bytes when it measures what the metadata costs Envoy).
+pub fn destination_metadata(dest: &str) -> Struct {
     let mut inner = Struct::default();
     inner.fields.insert(
         DESTINATION_KEY.to_string(),

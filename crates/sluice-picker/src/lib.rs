@@ -55,6 +55,7 @@ pub mod cli;
 pub mod config_client;
 pub mod errors;
 pub mod extproc;
+pub mod histogram;
 pub mod metrics;
 pub mod parse;
 pub mod promparse;

@@ -63,6 +63,15 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Parts of sluice-picker's routing answer the floor can add (`floor --like-sluice`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FloorExtra {
+    /// `envoy.lb` / `x-gateway-destination-endpoint` dynamic metadata.
+    Metadata,
+    /// A `content-length` header with the request body's length.
+    ContentLength,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve the do-nothing processor.
@@ -73,6 +82,12 @@ enum Cmd {
         /// The endpoints requests are sent to, `HOST:PORT,...`, in turn.
         #[arg(long)]
         endpoint: String,
+        /// Also send what sluice-picker's routing answer carries beyond the destination
+        /// header, to measure what it costs Envoy: `metadata` (the `envoy.lb` dynamic
+        /// metadata with the same value) and/or `content-length` (the body's length as a
+        /// header). Default: nothing, the do-nothing floor of extproc-floor.md.
+        #[arg(long, value_delimiter = ',')]
+        like_sluice: Vec<FloorExtra>,
     },
     /// Closed-loop HTTP load.
     Http {
@@ -127,7 +142,11 @@ fn main() -> Result<()> {
     let rt = builder.enable_all().build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Floor { port, endpoint } => floor(port, endpoint).await,
+            Cmd::Floor {
+                port,
+                endpoint,
+                like_sluice,
+            } => floor(port, endpoint, &like_sluice).await,
             Cmd::Http {
                 url,
                 concurrency,
@@ -155,6 +174,8 @@ fn main() -> Result<()> {
 struct Floor {
     endpoints: Arc<[Arc<str>]>,
     next: Arc<std::sync::atomic::AtomicUsize>,
+    metadata: bool,
+    content_length: bool,
 }
 
 struct FloorStream {
@@ -165,6 +186,8 @@ struct FloorStream {
     held: Vec<(Vec<u8>, bool)>,
     full_duplex: bool,
     done: bool,
+    metadata: bool,
+    content_length: bool,
 }
 
 fn reply(r: Out) -> ProcessingResponse {
@@ -193,14 +216,27 @@ fn echo(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
 
 impl FloorStream {
     fn mutation(&self) -> CommonResponse {
+        let mut set_headers = vec![set_header("x-gateway-destination-endpoint", &self.endpoint)];
+        let body_len: usize = self.held.iter().map(|(b, _)| b.len()).sum();
+        if self.content_length && body_len > 0 {
+            set_headers.push(set_header("content-length", &body_len.to_string()));
+        }
         CommonResponse {
             header_mutation: Some(HeaderMutation {
-                set_headers: vec![set_header("x-gateway-destination-endpoint", &self.endpoint)],
+                set_headers,
                 remove_headers: Vec::new(),
             }),
             clear_route_cache: true,
             ..Default::default()
         }
+    }
+
+    /// Adds the `envoy.lb` metadata to a routing answer when the floor imitates sluice.
+    fn with_metadata(&self, mut r: ProcessingResponse, routed: bool) -> ProcessingResponse {
+        if self.metadata && routed {
+            r.dynamic_metadata = Some(sluice_picker::extproc::destination_metadata(&self.endpoint));
+        }
+        r
     }
 
     fn handle(&mut self, msg: ProcessingRequest) {
@@ -212,10 +248,9 @@ impl FloorStream {
                 if h.end_of_stream || !self.full_duplex {
                     let m = self.mutation();
                     let common = if h.end_of_stream { Some(m) } else { None };
-                    self.out
-                        .push_back(reply(Out::RequestHeaders(HeadersResponse {
-                            response: common,
-                        })));
+                    let routed = common.is_some();
+                    let r = reply(Out::RequestHeaders(HeadersResponse { response: common }));
+                    self.out.push_back(self.with_metadata(r, routed));
                 } else {
                     self.headers_pending = true;
                 }
@@ -229,19 +264,20 @@ impl FloorStream {
                         if self.headers_pending {
                             self.headers_pending = false;
                             let m = self.mutation();
-                            self.out
-                                .push_back(reply(Out::RequestHeaders(HeadersResponse {
-                                    response: Some(m),
-                                })));
+                            let r =
+                                reply(Out::RequestHeaders(HeadersResponse { response: Some(m) }));
+                            self.out.push_back(self.with_metadata(r, true));
                         }
                         for (body, eos) in std::mem::take(&mut self.held) {
                             self.out.push_back(reply(Out::RequestBody(echo(body, eos))));
                         }
                     }
                 } else {
+                    self.held.push((b.body, b.end_of_stream));
                     let m = self.mutation();
-                    self.out
-                        .push_back(reply(Out::RequestBody(BodyResponse { response: Some(m) })));
+                    self.held.clear();
+                    let r = reply(Out::RequestBody(BodyResponse { response: Some(m) }));
+                    self.out.push_back(self.with_metadata(r, true));
                 }
             }
             Some(In::ResponseHeaders(_)) => self
@@ -302,11 +338,13 @@ impl ExternalProcessor for Floor {
             held: Vec::new(),
             full_duplex: true,
             done: false,
+            metadata: self.metadata,
+            content_length: self.content_length,
         }))
     }
 }
 
-async fn floor(port: u16, endpoint: String) -> Result<()> {
+async fn floor(port: u16, endpoint: String, extra: &[FloorExtra]) -> Result<()> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let endpoints: Arc<[Arc<str>]> = endpoint
         .split(',')
@@ -322,6 +360,8 @@ async fn floor(port: u16, endpoint: String) -> Result<()> {
         .add_service(ExternalProcessorServer::new(Floor {
             endpoints,
             next: Arc::default(),
+            metadata: extra.contains(&FloorExtra::Metadata),
+            content_length: extra.contains(&FloorExtra::ContentLength),
         }))
         .serve(addr)
         .await
