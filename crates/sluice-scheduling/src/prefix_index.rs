@@ -69,6 +69,7 @@ enum EpSet {
 }
 
 impl EpSet {
+    #[inline]
     fn contains(&self, id: u32) -> bool {
         match self {
             EpSet::One(a) => *a == id,
@@ -359,6 +360,12 @@ impl PrefixIndex {
         // Still under the LRU lock, so that a concurrent insert for this endpoint cannot
         // interleave and leave the shards disagreeing with the LRU.
         self.remove_entries(server.id, &mut evicted);
+        // A chain longer than the capacity evicts some of its own new blocks before the
+        // call ends: they must not reach the shard (an entry the LRU no longer holds would
+        // count as a match and never be removed).
+        if hashes.len() > lru.capacity {
+            added.retain(|h| lru.map.contains_key(h));
+        }
         if !added.is_empty() {
             let mut shard = self.shards[root].write();
             for h in added {
@@ -572,6 +579,16 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_longer_than_the_capacity_keeps_only_what_the_lru_holds() {
+        let ix = PrefixIndex::new();
+        // Touched last-to-first: 6, 5, 4, 3 fill the LRU, then 2 and 1 evict 6 and 5.
+        ix.insert(&key("a"), &[1, 2, 3, 4, 5, 6], 4);
+        assert_eq!(ix.len(), 4);
+        assert_eq!(matched(&ix, &[1, 2, 3, 4, 5, 6], &["a"]), vec![4]);
+        assert_eq!(ix.distinct_blocks(), 4, "evicted blocks left in the shards");
+    }
+
+    #[test]
     fn shrinking_capacity_evicts() {
         let ix = PrefixIndex::new();
         ix.insert(&key("a"), &[1, 2, 3, 4, 5], 10);
@@ -595,5 +612,102 @@ mod tests {
         ix.retain(&|_| false);
         assert!(ix.is_empty());
         assert_eq!(ix.distinct_blocks(), 0);
+    }
+
+    /// The index's specification, written plainly: per endpoint, an LRU list of blocks
+    /// (most recent first) holding at most its capacity; a match counts, per candidate,
+    /// the consecutive blocks from the first that its list holds.
+    #[derive(Default)]
+    struct Model {
+        lists: HashMap<EndpointKey, (Vec<u64>, usize)>,
+    }
+
+    impl Model {
+        fn insert(&mut self, k: &EndpointKey, hashes: &[u64], capacity: usize) {
+            let capacity = capacity.clamp(1, MAX_BLOCKS_PER_ENDPOINT);
+            let (list, cap) = self.lists.entry(k.clone()).or_default();
+            *cap = capacity;
+            for &h in hashes.iter().rev() {
+                list.retain(|&x| x != h);
+                list.insert(0, h);
+            }
+            list.truncate(*cap);
+        }
+
+        fn matched(&self, hashes: &[u64], keys: &[EndpointKey]) -> Vec<u32> {
+            keys.iter()
+                .map(|k| match self.lists.get(k) {
+                    Some((list, _)) => {
+                        hashes.iter().take_while(|h| list.contains(h)).count() as u32
+                    }
+                    None => 0,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn random_traffic_matches_the_plain_model() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        // Chained hashes over a 3-token alphabet and 2 models, so prompts share prefixes
+        // the way conversations and system prompts do.
+        let chain = |rng: &mut SmallRng| -> Vec<u64> {
+            let mut h = xxhash_rust::xxh64::xxh64(&[rng.random_range(0..2u8)], 0);
+            (0..rng.random_range(1..10))
+                .map(|_| {
+                    let token = rng.random_range(0..3u8);
+                    h = xxhash_rust::xxh64::xxh64(&[&h.to_le_bytes()[..], &[token]].concat(), 0);
+                    h
+                })
+                .collect()
+        };
+        for seed in 0..20 {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let pods: Vec<EndpointKey> = (0..6).map(|i| key(&format!("p{i}"))).collect();
+            let (ix, mut model) = (PrefixIndex::new(), Model::default());
+            for step in 0..600 {
+                let hashes = chain(&mut rng);
+                match rng.random_range(0..10) {
+                    0..=4 => {
+                        let k = &pods[rng.random_range(0..pods.len())];
+                        let cap = rng.random_range(4..24);
+                        ix.insert(k, &hashes, cap);
+                        model.insert(k, &hashes, cap);
+                    }
+                    5 if step % 50 == 0 => {
+                        let gone = pods[rng.random_range(0..pods.len())].clone();
+                        ix.retain(&|k| *k != gone);
+                        model.lists.remove(&gone);
+                    }
+                    _ => {
+                        // Candidates: a random subset in random order, with duplicates and
+                        // an endpoint the index never saw.
+                        let mut keys: Vec<EndpointKey> = (0..rng.random_range(0..8))
+                            .map(|_| pods[rng.random_range(0..pods.len())].clone())
+                            .collect();
+                        if rng.random_bool(0.3) {
+                            keys.push(key("unknown"));
+                        }
+                        let mut got = Vec::new();
+                        ix.match_prefix(&hashes, keys.iter(), &mut got);
+                        assert_eq!(
+                            got,
+                            model.matched(&hashes, &keys),
+                            "seed {seed} step {step}"
+                        );
+                    }
+                }
+            }
+            let held: usize = model.lists.values().map(|(l, _)| l.len()).sum();
+            assert_eq!(ix.len(), held, "seed {seed}");
+            let distinct: std::collections::HashSet<u64> =
+                model.lists.values().flat_map(|(l, _)| l).copied().collect();
+            assert_eq!(
+                ix.distinct_blocks(),
+                distinct.len(),
+                "seed {seed}: stale entries"
+            );
+        }
     }
 }

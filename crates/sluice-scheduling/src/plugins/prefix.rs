@@ -124,32 +124,131 @@ pub fn block_hashes(
     if chars_per_block == 0 || prompt.len() < chars_per_block {
         return;
     }
-    let mut h = Xxh64::new(0);
-    h.update(model.as_bytes());
-    if let Some(s) = cache_salt {
-        h.update(s.as_bytes());
-    }
-    let mut prev = h.digest();
-    let limit = prompt.len().min(max_blocks.saturating_mul(chars_per_block));
-    out.reserve(limit / chars_per_block);
-    // One-shot hashing of `block ‖ le64(prev)` from one reused buffer: the same value as
-    // streaming the two parts, at a fraction of the cost for 64-byte blocks. Blocks up to
-    // 128 tokens (vLLM's largest common size) use a stack buffer, so no allocation.
-    let mut stack = [0u8; 4 * 128 + 8];
-    let mut heap = Vec::new();
-    let buf: &mut [u8] = match stack.get_mut(..chars_per_block + 8) {
-        Some(b) => b,
-        None => {
-            heap.resize(chars_per_block + 8, 0);
-            &mut heap
+    let mut prev = match cache_salt {
+        None => xxhash_rust::xxh64::xxh64(model.as_bytes(), 0),
+        Some(s) => {
+            let mut h = Xxh64::new(0);
+            h.update(model.as_bytes());
+            h.update(s.as_bytes());
+            h.digest()
         }
     };
+    let limit = prompt.len().min(max_blocks.saturating_mul(chars_per_block));
+    out.reserve(limit / chars_per_block);
     for block in prompt[..limit].chunks_exact(chars_per_block) {
-        buf[..chars_per_block].copy_from_slice(block);
-        buf[chars_per_block..].copy_from_slice(&prev.to_le_bytes());
-        prev = xxhash_rust::xxh64::xxh64(buf, 0);
+        prev = xxh64_then_u64(block, prev);
         out.push(prev);
     }
+}
+
+const P1: u64 = 0x9E37_79B1_85EB_CA87;
+const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+const P3: u64 = 0x1656_67B1_9E37_79F9;
+const P4: u64 = 0x85EB_CA77_C2B2_AE63;
+const P5: u64 = 0x27D4_EB2F_1656_67C5;
+
+#[inline(always)]
+fn xxh_round(acc: u64, input: u64) -> u64 {
+    acc.wrapping_add(input.wrapping_mul(P2))
+        .rotate_left(31)
+        .wrapping_mul(P1)
+}
+
+/// One 32-byte stripe into the four accumulators.
+#[inline(always)]
+fn stripe(v: &mut [u64; 4], s: &[u8; 32]) {
+    let lane = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    };
+    v[0] = xxh_round(v[0], lane(0));
+    v[1] = xxh_round(v[1], lane(1));
+    v[2] = xxh_round(v[2], lane(2));
+    v[3] = xxh_round(v[3], lane(3));
+}
+
+/// The accumulators after the stripes, merged into one value.
+#[inline(always)]
+fn converge(v: [u64; 4]) -> u64 {
+    let mut h = v[0]
+        .rotate_left(1)
+        .wrapping_add(v[1].rotate_left(7))
+        .wrapping_add(v[2].rotate_left(12))
+        .wrapping_add(v[3].rotate_left(18));
+    for x in v {
+        h = (h ^ xxh_round(0, x)).wrapping_mul(P1).wrapping_add(P4);
+    }
+    h
+}
+
+#[inline(always)]
+fn tail_word(h: u64, w: u64) -> u64 {
+    (h ^ xxh_round(0, w))
+        .rotate_left(27)
+        .wrapping_mul(P1)
+        .wrapping_add(P4)
+}
+
+#[inline(always)]
+fn avalanche(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(P2);
+    h ^= h >> 29;
+    h = h.wrapping_mul(P3);
+    h ^ (h >> 32)
+}
+
+const XXH_INIT: [u64; 4] = [P1.wrapping_add(P2), P2, 0, 0u64.wrapping_sub(P1)];
+
+/// XXH64 (seed 0) of `block ‖ le64(suffix)`, read in place: the same value as hashing the
+/// concatenation, without first copying every block next to its predecessor's hash.
+#[inline]
+fn xxh64_then_u64(block: &[u8], suffix: u64) -> u64 {
+    let total = (block.len() + 8) as u64;
+    let (stripes, rest) = block.as_chunks::<32>();
+    if rest.is_empty() && !stripes.is_empty() {
+        // The usual case (blocks of 8, 16, 32 ... tokens): whole stripes, then the suffix
+        // as the one 8-byte tail word.
+        let mut v = XXH_INIT;
+        for s in stripes {
+            stripe(&mut v, s);
+        }
+        return avalanche(tail_word(converge(v).wrapping_add(total), suffix));
+    }
+    // What the stripes of `block` leave, followed by the suffix: 8 to 39 bytes.
+    let mut tail_buf = [0u8; 40];
+    tail_buf[..rest.len()].copy_from_slice(rest);
+    tail_buf[rest.len()..rest.len() + 8].copy_from_slice(&suffix.to_le_bytes());
+    let tail = &tail_buf[..rest.len() + 8];
+    let (mut h, tail) = if total >= 32 {
+        let mut v = XXH_INIT;
+        for s in stripes {
+            stripe(&mut v, s);
+        }
+        let (extra, tail) = tail.as_chunks::<32>();
+        for s in extra {
+            stripe(&mut v, s);
+        }
+        (converge(v), tail)
+    } else {
+        (P5, tail)
+    };
+    h = h.wrapping_add(total);
+    let (words, tail) = tail.as_chunks::<8>();
+    for w in words {
+        h = tail_word(h, u64::from_le_bytes(*w));
+    }
+    let (halves, tail) = tail.as_chunks::<4>();
+    for w in halves {
+        h ^= u64::from(u32::from_le_bytes(*w)).wrapping_mul(P1);
+        h = h.rotate_left(23).wrapping_mul(P2).wrapping_add(P3);
+    }
+    for &b in tail {
+        h ^= u64::from(b).wrapping_mul(P5);
+        h = h.rotate_left(11).wrapping_mul(P1);
+    }
+    avalanche(h)
 }
 
 /// The prefix plugin: a producer (and, as `prefix-cache-scorer`, a scorer) over a shared
@@ -412,26 +511,50 @@ mod tests {
     }
 
     #[test]
+    fn in_place_hashing_is_xxh64_of_the_concatenation() {
+        // Every block length around the 32-byte stripe and 8/4-byte tail boundaries, and
+        // suffixes with high and low bytes set.
+        let data: Vec<u8> = (0..700u32)
+            .map(|i| (i.wrapping_mul(131) % 256) as u8)
+            .collect();
+        for len in 0..=200 {
+            for suffix in [0u64, 1, u64::MAX, 0x0123_4567_89ab_cdef] {
+                let block = &data[len % 7..len % 7 + len];
+                let mut cat = block.to_vec();
+                cat.extend_from_slice(&suffix.to_le_bytes());
+                assert_eq!(
+                    xxh64_then_u64(block, suffix),
+                    xxhash_rust::xxh64::xxh64(&cat, 0),
+                    "{len} bytes, suffix {suffix:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn every_block_size_hashes_the_documented_chain() {
-        // Small blocks hash from a stack buffer, large ones (> 128 tokens) from the heap:
-        // both must give h_i = xxh64(block_i ‖ le64(h_{i-1})) from h0 = xxh64(model ‖ salt).
+        // Every block size, with and without a salt, must give
+        // h_i = xxh64(block_i ‖ le64(h_{i-1})) from h0 = xxh64(model ‖ salt).
         let prompt: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
-        for chars in [1, 64, 4 * 128, 4 * 128 + 1, 2048] {
-            let mut got = Vec::new();
-            block_hashes("m", Some("s"), &prompt, chars, 256, &mut got);
-            let mut prev = xxhash_rust::xxh64::xxh64(b"ms", 0);
-            let want: Vec<u64> = prompt
-                .chunks_exact(chars)
-                .take(256)
-                .map(|block| {
-                    let mut h = Xxh64::new(0);
-                    h.update(block);
-                    h.update(&prev.to_le_bytes());
-                    prev = h.digest();
-                    prev
-                })
-                .collect();
-            assert_eq!(got, want, "{chars} bytes per block");
+        for salt in [None, Some("s")] {
+            for chars in [1, 64, 4 * 128, 4 * 128 + 1, 2048] {
+                let mut got = Vec::new();
+                block_hashes("m", salt, &prompt, chars, 256, &mut got);
+                let seed = format!("m{}", salt.unwrap_or(""));
+                let mut prev = xxhash_rust::xxh64::xxh64(seed.as_bytes(), 0);
+                let want: Vec<u64> = prompt
+                    .chunks_exact(chars)
+                    .take(256)
+                    .map(|block| {
+                        let mut h = Xxh64::new(0);
+                        h.update(block);
+                        h.update(&prev.to_le_bytes());
+                        prev = h.digest();
+                        prev
+                    })
+                    .collect();
+                assert_eq!(got, want, "{chars} bytes per block, salt {salt:?}");
+            }
         }
     }
 }
