@@ -557,11 +557,11 @@ impl Session {
     /// The mutation that sends the request to `dest` and strips client-supplied internals.
     fn routing_mutation(
         &self,
-        dest: &str,
+        (dest, md): (String, Struct),
         content_length: Option<usize>,
     ) -> (CommonResponse, Struct) {
         let mut set = Vec::with_capacity(3);
-        set.push(set_header(DESTINATION_KEY, dest));
+        set.push(set_header(DESTINATION_KEY, &dest));
         if let Some(len) = content_length.filter(|l| *l > 0) {
             set.push(set_header("content-length", &len.to_string()));
         }
@@ -580,7 +580,7 @@ impl Session {
             clear_route_cache: true,
             ..Default::default()
         };
-        (common, destination_metadata(dest))
+        (common, md)
     }
 
     fn candidates(&self, loaded: &Loaded) -> Result<Vec<Candidate>, RequestError> {
@@ -633,8 +633,10 @@ impl Session {
                 "the pool has no ready endpoints",
             )
         })?;
-        let dest = loaded.destination(std::slice::from_ref(&pick));
-        let mutation = self.routing_mutation(&dest, None);
+        let mutation = self.routing_mutation(
+            loaded.destination_and_metadata(std::slice::from_ref(&pick)),
+            None,
+        );
         self.routed = Some(Routed {
             loaded,
             request: LlmRequest {
@@ -987,7 +989,7 @@ impl Session {
         };
         let mut scheduled = scheduled;
         loaded.router.commit(&request, &mut scheduled);
-        let dest = loaded.destination(&scheduled.result.targets);
+        let dest = loaded.destination_and_metadata(&scheduled.result.targets);
         if let Some(t) = scheduled.result.targets.first() {
             labels
                 .attempt_success(
@@ -1003,7 +1005,7 @@ impl Session {
                     .observe(t.metrics_age.as_secs_f64());
             }
         }
-        let (common, md) = self.routing_mutation(&dest, Some(body.len()));
+        let (common, md) = self.routing_mutation(dest, Some(body.len()));
         if self.request_mode == MODE_FULL_DUPLEX {
             out.push_back(
                 reply(Out::RequestHeaders(HeadersResponse {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use envoy_types::pb::google::protobuf::Struct;
 use parking_lot::Mutex;
 use sluice_core::{Endpoint, EndpointKey, EndpointMetrics, PoolSnapshot};
 use sluice_flowcontrol::{FlowControlConfig, FlowController, FlowMetrics, FnSaturation};
@@ -36,6 +37,10 @@ pub struct EndpointRuntime {
     /// `ip:port` as it goes into `x-gateway-destination-endpoint` (IPv6 bracketed),
     /// formatted once rather than per request.
     pub address_text: Arc<str>,
+    /// The `envoy.lb` dynamic metadata routing a request here alone, built once: cloning
+    /// it skips building two protobuf maps (SipHash and a fresh `RandomState` each) per
+    /// request.
+    pub destination_metadata: Struct,
     scraped: Mutex<Option<(Arc<EndpointMetrics>, Instant)>>,
 }
 
@@ -47,8 +52,10 @@ impl EndpointRuntime {
             namespace: endpoint.key.namespace.to_string(),
             port: endpoint.address.port().to_string(),
         };
+        let address_text: Arc<str> = endpoint.address.to_string().into();
         EndpointRuntime {
-            address_text: endpoint.address.to_string().into(),
+            destination_metadata: crate::extproc::destination_metadata(&address_text),
+            address_text,
             endpoint: Arc::new(endpoint),
             in_flight: Arc::new(InFlightCounters::default()),
             labels,
@@ -139,6 +146,19 @@ impl Loaded {
             }
         }
         out
+    }
+
+    /// [`Loaded::destination`] and its `envoy.lb` dynamic metadata (prebuilt for a single
+    /// target of the snapshot).
+    pub fn destination_and_metadata(&self, targets: &[Candidate]) -> (String, Struct) {
+        if let [t] = targets
+            && let Some(rt) = self.endpoint_at(t.endpoint.address)
+        {
+            return (rt.address_text.to_string(), rt.destination_metadata.clone());
+        }
+        let dest = self.destination(targets);
+        let md = crate::extproc::destination_metadata(&dest);
+        (dest, md)
     }
 
     /// The endpoint with this key.
@@ -595,6 +615,19 @@ mod tests {
             )),
             EndpointMetrics::default(),
         );
-        assert_eq!(loaded.destination(&[stray]), "[::1]:9");
+        assert_eq!(loaded.destination(&[stray.clone()]), "[::1]:9");
+        // The metadata always carries the header's value: prebuilt for one target of the
+        // snapshot, built for a list or a stray target.
+        for targets in [
+            &cands[..1],
+            &cands[1..],
+            &cands[..],
+            &reversed[..],
+            &[stray],
+        ] {
+            let (dest, md) = loaded.destination_and_metadata(targets);
+            assert_eq!(dest, loaded.destination(targets));
+            assert_eq!(md, crate::extproc::destination_metadata(&dest));
+        }
     }
 }
