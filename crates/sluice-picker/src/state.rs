@@ -615,7 +615,7 @@ mod tests {
             )),
             EndpointMetrics::default(),
         );
-        assert_eq!(loaded.destination(&[stray.clone()]), "[::1]:9");
+        assert_eq!(loaded.destination(std::slice::from_ref(&stray)), "[::1]:9");
         // The metadata always carries the header's value: prebuilt for one target of the
         // snapshot, built for a list or a stray target.
         for targets in [
