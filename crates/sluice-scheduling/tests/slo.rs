@@ -16,8 +16,8 @@ use sluice_scheduling::plugins::slo::{
     self, Decision, RunningRequests, SloCycleState, SloServices,
 };
 use sluice_scheduling::{
-    Candidate, LlmRequest, ManualClock, Outcome, Registry, ResponseChunk, ScheduleError, Scheduled,
-    Scheduler, SchedulerOptions, SharedState, parse_config_text,
+    Candidate, Clock, InFlightCounters, LlmRequest, ManualClock, Outcome, Registry, ResponseChunk,
+    ScheduleError, Scheduled, Scheduler, SchedulerOptions, SharedState, parse_config_text,
 };
 
 use common::{Pod, candidates, pod, pod_index};
@@ -245,6 +245,42 @@ fn tpot_counts_and_a_running_tighter_tpot_slo_protects_its_pod() {
         st.endpoints.iter().all(|e| !e.valid),
         "pod 1's bound is now 25 ms: {st:?}"
     );
+}
+
+#[test]
+fn a_pod_decoding_slower_than_the_tpot_slo_is_invalid_whatever_the_model_says() {
+    // The model says both pods decode at 20 ms per token. Pod 0 is in fact streaming one
+    // token every 60 ms (a sudden overload the model has not learnt yet).
+    let p = Scripted::new(&[(0, 100.0, Some(20.0)), (1, 300.0, Some(20.0))]);
+    let s = setup(&p);
+    let mut cands = candidates(&pods(2));
+    let busy = Arc::new(InFlightCounters::with_epoch(s.clock.now()));
+    busy.add(100);
+    busy.end_prefill(100);
+    cands[0].in_flight = busy.clone();
+    for _ in 0..40 {
+        s.clock.advance(Duration::from_millis(60));
+        busy.observe_chunk(s.clock.now());
+    }
+    let r = s.scheduler.schedule(&req(1, SLO, 0), &cands).unwrap();
+    let st = state(&r);
+    let tpot = |st: &SloCycleState, i: usize| st.endpoints[i].prediction.unwrap().tpot_ms.unwrap();
+    assert!((tpot(st, 0) - 60.0).abs() < 3.0, "{st:?}");
+    assert!(!st.endpoints[0].valid && st.endpoints[1].valid, "{st:?}");
+    assert_eq!(
+        tpot(st, 1),
+        20.0,
+        "a pod with no rhythm keeps the model's answer"
+    );
+    let c = histogram(&s, &cands, 2000, SLO);
+    assert!(c[1] > c[0] * 20, "{c:?}");
+
+    // Once the pod stops streaming, its old rhythm no longer overrides the model.
+    s.clock.advance(Duration::from_secs(1));
+    let r = s.scheduler.schedule(&req(2, SLO, 0), &cands).unwrap();
+    let st = state(&r);
+    assert_eq!(tpot(st, 0), 20.0);
+    assert!(st.endpoints.iter().all(|e| e.valid), "{st:?}");
 }
 
 #[test]

@@ -16,7 +16,8 @@
 //!   that rate and the report prints attainment, goodput, TTFT/TPOT p50/p99 and the
 //!   predictor's MAPE after warm-up. Settings: `SLO_BENCH_SECONDS` (measured seconds,
 //!   default 60), `SLO_BENCH_WARMUP` (30), `SLO_BENCH_RATE` (skip the ladder),
-//!   `SLO_BENCH_SEED` (7).
+//!   `SLO_BENCH_SEED` (7), `SLO_BENCH_SCENARIO` (`balanced`, the default, or `tiered`: see
+//!   [`TIERED`]).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -64,7 +65,7 @@ struct Class {
     priority: i32,
 }
 
-const CLASSES: [Class; 3] = [
+const BALANCED: [Class; 3] = [
     // Interactive chat: shared system prompts, tight TTFT and inter-token latency.
     Class {
         name: "chat",
@@ -102,6 +103,56 @@ const CLASSES: [Class; 3] = [
         priority: -1,
     },
 ];
+
+/// The `tiered` scenario (`SLO_BENCH_SCENARIO=tiered`): the same request shapes under
+/// tiered SLOs, as a service selling an interactive premium tier next to a standard one
+/// would set them. A 20 ms inter-token SLO needs an H100's short decode step; an A100 meets
+/// it only nearly empty and an L4 never (its step alone reads 67 ms of weights), so where a
+/// request runs matters, not only how loaded the endpoint is.
+const TIERED: [Class; 3] = [
+    Class {
+        name: "premium",
+        share: 0.3,
+        prefix_tokens: 400,
+        prefix_groups: 16,
+        unique_tokens: 200,
+        output_tokens: 100,
+        ttft_slo_ms: 300.0,
+        tpot_slo_ms: 20.0,
+        priority: 0,
+    },
+    Class {
+        name: "standard",
+        share: 0.4,
+        prefix_tokens: 400,
+        prefix_groups: 16,
+        unique_tokens: 200,
+        output_tokens: 100,
+        ttft_slo_ms: 1000.0,
+        tpot_slo_ms: 80.0,
+        priority: 0,
+    },
+    Class {
+        name: "batch",
+        share: 0.3,
+        prefix_tokens: 0,
+        prefix_groups: 1,
+        unique_tokens: 1000,
+        output_tokens: 200,
+        ttft_slo_ms: 4000.0,
+        tpot_slo_ms: 150.0,
+        priority: -1,
+    },
+];
+
+/// The workload mix of this process: `BALANCED` unless `SLO_BENCH_SCENARIO=tiered`.
+fn classes() -> &'static [Class] {
+    static CHOSEN: std::sync::OnceLock<&'static [Class]> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(|| match std::env::var("SLO_BENCH_SCENARIO").as_deref() {
+        Ok("tiered") => &TIERED,
+        _ => &BALANCED,
+    })
+}
 
 const FLEET_TWO: [Preset; 8] = [
     Preset::H100Llama8b,
@@ -183,14 +234,14 @@ fn arrivals(rate: f64, until: Micros, seed: u64) -> Vec<Arrival> {
         }
         let u: f64 = rng.random();
         let mut acc = 0.0;
-        let class = CLASSES
+        let class = classes()
             .iter()
             .position(|c| {
                 acc += c.share;
                 u < acc
             })
-            .unwrap_or(CLASSES.len() - 1);
-        let c = CLASSES[class];
+            .unwrap_or(classes().len() - 1);
+        let c = classes()[class];
         // Lengths are log-normal around the class mean (σ = SLO_BENCH_SIGMA, mean-preserving),
         // as chat traffic is: most requests short, a few long (ShareGPT-shaped). σ = 0 gives
         // the uniform ±50 % jitter.
@@ -219,7 +270,7 @@ fn arrivals(rate: f64, until: Micros, seed: u64) -> Vec<Arrival> {
 /// Prompt bytes (4 per token, as the prefix producer assumes): the class/group's shared
 /// prefix, then text unique to the request.
 fn prompt(a: &Arrival, index: usize) -> Vec<u8> {
-    let c = CLASSES[a.class];
+    let c = classes()[a.class];
     let mut p = Vec::with_capacity(((c.prefix_tokens + a.unique) * 4) as usize);
     let stem = format!("[{}:{}]", c.name, a.group);
     while p.len() < (c.prefix_tokens * 4) as usize {
@@ -243,6 +294,8 @@ struct Done {
     good: usize,
     total: usize,
     shed: usize,
+    /// Per class of the scenario: (requests, requests that met both SLOs).
+    per_class: [(usize, usize); 3],
     /// (predicted, actual) for the SLO profile.
     ttft_pairs: Vec<(f64, f64)>,
     tpot_pairs: Vec<(f64, f64)>,
@@ -453,8 +506,9 @@ fn run(
         if a.at < warmup {
             return;
         }
-        let c = CLASSES[a.class];
+        let c = classes()[a.class];
         done.total += 1;
+        done.per_class[a.class].0 += 1;
         let Some(first) = l.first.filter(|_| ok) else {
             done.shed += usize::from(!ok);
             return;
@@ -469,6 +523,7 @@ fn run(
         done.tpot_ms.push(tpot);
         if ttft <= c.ttft_slo_ms && tpot <= c.tpot_slo_ms {
             done.good += 1;
+            done.per_class[a.class].1 += 1;
         }
         if let Some((pt, pp)) = l.predicted {
             if let Some(f) = l.features {
@@ -531,7 +586,7 @@ fn run(
             }
             Ev::Arrival(i) => {
                 let a = &arrivals[i];
-                let c = CLASSES[a.class];
+                let c = classes()[a.class];
                 let bytes = prompt(a, i);
                 let request = LlmRequest {
                     request_id: format!("r{i}"),
@@ -781,13 +836,44 @@ fn slo_fleet_report() {
             best.1
         }
     };
+    let mut fleet_desc: Vec<(Preset, usize)> = Vec::new();
+    for p in fleet {
+        match fleet_desc.iter_mut().find(|(q, _)| q == p) {
+            Some((_, n)) => *n += 1,
+            None => fleet_desc.push((*p, 1)),
+        }
+    }
+    let fleet_desc: Vec<String> = fleet_desc
+        .iter()
+        .map(|(p, n)| format!("{n} × {}", p.name()))
+        .collect();
+    let class_desc: Vec<String> = classes()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {:.0} % (TTFT {} ms, TPOT {} ms{})",
+                c.name,
+                100.0 * c.share,
+                c.ttft_slo_ms,
+                c.tpot_slo_ms,
+                if c.priority < 0 { ", sheddable" } else { "" }
+            )
+        })
+        .collect();
     println!(
-        "\nfleet: 3 × h100-llama8b, 3 × a100-llama8b, 2 × l4-llama8b; classes: chat (TTFT 500 ms, TPOT 50 ms), rag (1500/80), batch (4000/150, sheddable)"
+        "\nfleet: {}; classes: {}",
+        fleet_desc.join(", "),
+        class_desc.join(", ")
     );
     println!("rate {rate} req/s, warm-up {warmup} s, measured {seconds} s, seed {seed}\n");
+    let class_names = classes()
+        .iter()
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(" / ");
     let header = || {
         println!(
-            "{:<16} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8} {:>12}",
+            "{:<16} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>8} {:>12}  attain % per class ({})",
             "policy",
             "attain %",
             "goodput/s",
@@ -796,7 +882,8 @@ fn slo_fleet_report() {
             "TPOT p50",
             "TPOT p99",
             "unserved",
-            "decision µs"
+            "decision µs",
+            class_names
         );
     };
     let row = |r: &mut Report| {
@@ -811,7 +898,7 @@ fn slo_fleet_report() {
             "-".into()
         };
         println!(
-            "{:<16} {:>10.1} {:>12.2} {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>8} {:>12}",
+            "{:<16} {:>10.1} {:>12.2} {:>9.0} {:>9.0} {:>9.1} {:>9.1} {:>8} {:>12}  {}",
             r.policy.name(),
             100.0 * (d.good as f64 / d.total.max(1) as f64),
             d.good as f64 / seconds,
@@ -821,6 +908,12 @@ fn slo_fleet_report() {
             pct(&mut d.tpot_ms, 0.99),
             d.shed,
             decision,
+            d.per_class
+                .iter()
+                .take(classes().len())
+                .map(|(n, good)| format!("{:.1}", 100.0 * *good as f64 / (*n).max(1) as f64))
+                .collect::<Vec<_>>()
+                .join(" / "),
         );
         assert_eq!(r.leaked_in_flight, 0, "{}", r.policy.name());
         assert_eq!(r.leaked_running, 0, "{}", r.policy.name());
