@@ -61,6 +61,8 @@ pub struct Scraper {
     /// Which series each engine reports; replaced when a config changes them, read on
     /// every scrape.
     mappings: Arc<ArcSwap<EngineMappings>>,
+    /// The origin of the tick grid every scraper of this picker follows.
+    epoch: tokio::time::Instant,
 }
 
 impl Scraper {
@@ -80,7 +82,19 @@ impl Scraper {
             metrics,
             capacity: None,
             mappings: Arc::new(ArcSwap::from_pointee(mappings)),
+            epoch: tokio::time::Instant::now(),
         }
+    }
+
+    /// The first tick at or after `now` on the grid `epoch + k × interval`.
+    fn next_tick(&self, now: tokio::time::Instant) -> tokio::time::Instant {
+        let interval = self.settings.interval.max(Duration::from_millis(1));
+        let since = now.saturating_duration_since(self.epoch);
+        let k = since.as_nanos().div_ceil(interval.as_nanos());
+        let offset = interval
+            .checked_mul(u32::try_from(k).unwrap_or(u32::MAX))
+            .unwrap_or(since);
+        self.epoch + offset
     }
 
     /// The engine mappings `config` asks for (its `core-metrics-extractor` parameters, with
@@ -135,8 +149,15 @@ struct ScrapeTask {
 impl ScrapeTask {
     async fn run(self) {
         let settings = Arc::clone(&self.this.settings);
-        let mut tick = tokio::time::interval(settings.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every endpoint's scraper ticks on the same grid, so that one timer wake-up sends
+        // all the scrapes and their answers arrive together: scraping eight endpoints on
+        // eight drifting phases cost the picker eight thread wake-ups (and ~100 us of CPU,
+        // half of it in the kernel) per interval. A late tick skips to the next grid point
+        // rather than shifting this scraper off the grid.
+        let period = settings.interval.max(Duration::from_millis(1));
+        let mut tick =
+            tokio::time::interval_at(self.this.next_tick(tokio::time::Instant::now()), period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let Ok(uri) = self.uri.parse::<http::Uri>() else {
             tracing::error!(
                 uri = self.uri,
@@ -147,8 +168,13 @@ impl ScrapeTask {
         let mut failing = false;
         let mut missing_logged: Vec<&'static str> = Vec::new();
         let mut unknown_engine_logged = false;
+        // The first scrape goes out at once; the following ones on the grid.
+        let mut first = true;
         loop {
-            tick.tick().await;
+            if !first {
+                tick.tick().await;
+            }
+            first = false;
             let Some(endpoint) = self.endpoint.upgrade() else {
                 return;
             };
@@ -233,6 +259,19 @@ mod tests {
     use crate::standalone;
     use crate::state::PickerState;
     use sluice_core::{Endpoint, PoolRef};
+
+    #[test]
+    fn scrapers_tick_on_one_grid() {
+        let scraper = Scraper::new(ScrapeSettings::default(), Arc::new(Metrics::new()));
+        let (e, ms) = (scraper.epoch, |n: u64| Duration::from_millis(n));
+        // Whenever a scraper starts, its ticks fall on epoch + k × 50 ms, so scrapers of
+        // different endpoints wake together.
+        assert_eq!(scraper.next_tick(e), e);
+        assert_eq!(scraper.next_tick(e + ms(1)), e + ms(50));
+        assert_eq!(scraper.next_tick(e + ms(50)), e + ms(50));
+        assert_eq!(scraper.next_tick(e + ms(120)), e + ms(150));
+        assert_eq!(scraper.next_tick(e + ms(60_000) + ms(3)), e + ms(60_050));
+    }
 
     /// A model server that speaks only its own metric names (keep-alive HTTP/1.1).
     async fn custom_engine_server() -> SocketAddr {
