@@ -186,7 +186,7 @@ pub(crate) fn ttft_design(f: &Features) -> [f64; TTFT_P] {
 /// closed-loop bench lost most of `least`'s goodput past saturation (about 20 good req/s
 /// instead of 29–111, mean 67, at 187.5 req/s over seeds 7–9), because extrapolated on an
 /// overloaded endpoint they under-predicted. The SLO scorer now floors TPOT at the live
-/// mean step instead (`with_observed_step_floor`); retried on top of that, these features
+/// mean step instead (`apply_observed_step_floor`); retried on top of that, these features
 /// were neutral (docs/slo-routing.md).
 #[inline]
 pub(crate) fn tpot_design(f: &Features) -> [f64; TPOT_P] {

@@ -272,6 +272,13 @@ fn a_pod_decoding_slower_than_the_tpot_slo_is_invalid_whatever_the_model_says() 
         20.0,
         "a pod with no rhythm keeps the model's answer"
     );
+    let floored = || {
+        SloServices::from_shared(&s.shared)
+            .metrics()
+            .tpot_floored
+            .get()
+    };
+    assert_eq!(floored(), 1, "one endpoint prediction was raised");
     let c = histogram(&s, &cands, 2000, SLO);
     assert!(c[1] > c[0] * 20, "{c:?}");
 
@@ -280,6 +287,9 @@ fn a_pod_decoding_slower_than_the_tpot_slo_is_invalid_whatever_the_model_says() 
     let r = s.scheduler.schedule(&req(2, SLO, 0), &cands).unwrap();
     let st = state(&r);
     assert_eq!(tpot(st, 0), 20.0);
+    let before = floored();
+    s.scheduler.schedule(&req(3, SLO, 0), &cands).unwrap();
+    assert_eq!(floored(), before, "nothing raised once the pod is quiet");
     assert!(st.endpoints.iter().all(|e| e.valid), "{st:?}");
 }
 

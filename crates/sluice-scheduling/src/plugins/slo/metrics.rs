@@ -10,6 +10,7 @@
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -109,6 +110,9 @@ pub struct SloMetrics {
     pub ttft_slo_threshold: GaugeF,
     /// Last TPOT SLO seen.
     pub tpot_slo_threshold: GaugeF,
+    /// Endpoint TPOT predictions raised to the step length the endpoint is streaming at
+    /// (the scorer's observed-step floor): a rising rate means the model lags the load.
+    pub tpot_floored: Counter,
 }
 
 impl Default for SloMetrics {
@@ -132,6 +136,7 @@ impl Default for SloMetrics {
             tpot_slo_violation_total: GaugeF::default(),
             ttft_slo_threshold: GaugeF::default(),
             tpot_slo_threshold: GaugeF::default(),
+            tpot_floored: Counter::default(),
         }
     }
 }
@@ -236,6 +241,11 @@ impl SloMetrics {
             "tpot_slo_threshold_seconds",
             "Current TPOT SLO threshold in seconds for each model and target model."
         );
+        r.register(
+            "sluice_latency_prediction_tpot_floored",
+            "Endpoint TPOT predictions that the predicted-latency scorer raised to the step length the endpoint is streaming at now, because the model predicted less.",
+            self.tpot_floored.clone(),
+        );
     }
 
     /// Records the duration of one bulk prediction (it covers TTFT and TPOT).
@@ -316,6 +326,7 @@ mod tests {
         m.observe_tpot(&l, 30.0, 20.0);
         m.observe_predicted(&l, 150.0, Some(25.0));
         m.observe_prediction_duration(&l, 0.000_02);
+        m.tpot_floored.inc();
         let mut r = Registry::default();
         m.register(&mut r);
         let mut text = String::new();
@@ -327,6 +338,7 @@ mod tests {
             "inference_objective_request_ttft_slo_violation_total{",
             "inference_objective_request_tpot_slo_threshold_seconds{",
             "inference_objective_request_tpot_prediction_duration_seconds_count",
+            "sluice_latency_prediction_tpot_floored_total 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -461,16 +461,17 @@ impl Plugin for PredictedLatencyScorer {
 /// that is already missing its SLOs (bench-slo past saturation: p90 coverage fell to
 /// 40–70 %). The chunk rhythm shows the overload within a few steps. Only while the
 /// endpoint is streaming: an idle endpoint's last rhythm says nothing about its next.
-fn with_observed_step_floor(mut p: Prediction, f: &Features) -> Prediction {
+/// Returns whether the floor raised the prediction.
+fn apply_observed_step_floor(p: &mut Prediction, f: &Features) -> bool {
     let decoding = f.running > f.prefill_requests_in_flight;
     let streaming_now = f.mean_step_ms > 0.0 && f.since_step_ms < 4.0 * f.mean_step_ms;
-    if decoding
-        && streaming_now
-        && let Some(t) = &mut p.tpot_ms
-    {
-        *t = t.max(f.mean_step_ms);
+    match &mut p.tpot_ms {
+        Some(t) if decoding && streaming_now && *t < f.mean_step_ms => {
+            *t = f.mean_step_ms;
+            true
+        }
+        _ => false,
     }
-    p
 }
 
 fn norm(v: f64, min: f64, max: f64) -> f64 {
@@ -616,8 +617,11 @@ impl Scorer for PredictedLatencyScorer {
         let buf = self.params.slo_buffer_factor;
         for ((e, p), &(_, pod_min_tpot)) in state.endpoints.iter_mut().zip(&predictions).zip(&queue)
         {
-            let p = &with_observed_step_floor(*p, &e.features);
-            e.prediction = Some(*p);
+            let mut p = *p;
+            if apply_observed_step_floor(&mut p, &e.features) {
+                self.services.metrics().tpot_floored.inc();
+            }
+            e.prediction = Some(p);
             e.ttft_headroom_ms = slo.ttft_ms - p.ttft_ms;
             let ttft_valid = p.ttft_ms < slo.ttft_ms;
             let bound = match (slo.tpot_ms > 0.0, pod_min_tpot > 0.0) {
