@@ -357,6 +357,9 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     )?;
 
     let mut rows = Vec::new();
+    // Per round, sluice against the floor run just before it: the spread of these pairs is
+    // the bench's noise, which the means above hide.
+    let mut rounds: Vec<(usize, Vec<(f64, f64)>)> = Vec::new();
     for &c in &args.concurrency {
         let (mut f_cells, mut s_cells) = (Vec::new(), Vec::new());
         for r in 0..args.rounds {
@@ -383,6 +386,12 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
                 [&picker, &envoy_picker, &sim],
             )?);
         }
+        let paired: Vec<(f64, f64)> = f_cells
+            .iter()
+            .zip(&s_cells)
+            .map(|(f, s)| (100.0 * s.rps / f.rps, s.p50_ms - f.p50_ms))
+            .collect();
+        rounds.push((c, paired));
         rows.push((c, mean(&f_cells), mean(&s_cells)));
     }
 
@@ -435,6 +444,25 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
                 "      (errors per cell: floor {:.0}, sluice {:.0})",
                 f.errors, s.errors
             );
+        }
+    }
+    if args.rounds > 1 {
+        println!(
+            "\nPer round (sluice vs the floor run just before it): rate % / dp50 ms, then the median dp50"
+        );
+        for (c, paired) in &rounds {
+            let cells: Vec<String> = paired
+                .iter()
+                .map(|(rate, dp50)| format!("{rate:.1} / {dp50:+.3}"))
+                .collect();
+            let mut d: Vec<f64> = paired.iter().map(|p| p.1).collect();
+            d.sort_by(f64::total_cmp);
+            let median = match d.len() {
+                0 => f64::NAN,
+                n if n % 2 == 1 => d[n / 2],
+                n => (d[n / 2 - 1] + d[n / 2]) / 2.0,
+            };
+            println!("{c:>5} | {} | median {median:+.3}", cells.join("  "));
         }
     }
     println!(
