@@ -6,7 +6,8 @@
 //!    three-class workload with SLO headers, a round-robin rate ladder to find where
 //!    round-robin meets about half of the SLOs, then round-robin, random, the default
 //!    profile and the SLO profile (`least` and `most`) side by side: attainment, goodput,
-//!    TTFT/TPOT p50/p99, predictor MAPE after warm-up; and a 1.5× stress point.
+//!    TTFT/TPOT p50/p99, predictor MAPE after warm-up; a 1.5× stress point; a load sweep;
+//!    and the default and SLO rows repeated over `SLO_BENCH_SEEDS` (mean and range).
 //! 2. The predictor micro-benchmark (criterion, `sluice-predictor --bench predictor`,
 //!    group `predict_100_endpoints`): one batch prediction for 100 endpoints.
 //!

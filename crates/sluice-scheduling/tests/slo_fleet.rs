@@ -16,7 +16,8 @@
 //!   that rate and the report prints attainment, goodput, TTFT/TPOT p50/p99 and the
 //!   predictor's MAPE after warm-up. Settings: `SLO_BENCH_SECONDS` (measured seconds,
 //!   default 60), `SLO_BENCH_WARMUP` (30), `SLO_BENCH_RATE` (skip the ladder),
-//!   `SLO_BENCH_SEED` (7), `SLO_BENCH_SCENARIO` (`balanced`, the default, or `tiered`: see
+//!   `SLO_BENCH_SEED` (7), `SLO_BENCH_SEEDS` (the seed-spread table, `7,8,9,10`),
+//!   `SLO_BENCH_SCENARIO` (`balanced`, the default, or `tiered`: see
 //!   [`TIERED`]).
 #![allow(
     clippy::unwrap_used,
@@ -1018,6 +1019,72 @@ stress: {stress} req/s (1.5 × the rate above)"
         println!(
             "{:>10.1} {:>16} {:>16} {:>16} {:>16}",
             r, cells[0], cells[1], cells[2], cells[3]
+        );
+    }
+    seed_spread(fleet, rate, warmup.min(20), seconds.min(40));
+}
+
+/// One seed is one sample of a chaotic system (`least` especially: it packs each endpoint
+/// until its own prediction reaches the SLO, so the prediction shapes the load it predicts).
+/// This repeats the comparison over the seeds in `SLO_BENCH_SEEDS` (default `7,8,9,10`;
+/// empty skips it) at the rate and 1.5× it, and prints each cell's mean and range: the
+/// figures to compare before and after a change.
+fn seed_spread(fleet: &[Preset], rate: f64, warmup: u64, seconds: u64) {
+    let seeds: Vec<u64> = std::env::var("SLO_BENCH_SEEDS")
+        .unwrap_or_else(|_| "7,8,9,10".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    if seeds.is_empty() {
+        return;
+    }
+    println!(
+        "\nover seeds {seeds:?} ({warmup} s warm-up, {seconds} s measured): goodput req/s, mean (min–max); MAPE of the median model with `most`"
+    );
+    println!(
+        "{:>10} {:>22} {:>22} {:>22} {:>16}",
+        "rate", "default", "SLO least p90", "SLO most p90", "MAPE TTFT / TPOT"
+    );
+    for factor in [1.0, 1.5] {
+        let r = rate * factor;
+        let mut cells = Vec::new();
+        for policy in [
+            Policy::Default,
+            Policy::Slo("least", "p90"),
+            Policy::Slo("most", "p90"),
+        ] {
+            let g: Vec<f64> = seeds
+                .iter()
+                .map(|&seed| run(policy, fleet, r, warmup, seconds, seed).goodput())
+                .collect();
+            let (lo, hi) = g
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                    (lo.min(*v), hi.max(*v))
+                });
+            let mean = g.iter().sum::<f64>() / g.len() as f64;
+            cells.push(format!("{mean:.1} ({lo:.1}–{hi:.1})"));
+        }
+        let (mut ttft, mut tpot) = (0.0, 0.0);
+        for &seed in &seeds {
+            let m = run(
+                Policy::Slo("most", "median"),
+                fleet,
+                r,
+                warmup,
+                seconds,
+                seed,
+            );
+            ttft += mape(&m.done.ttft_pairs) / seeds.len() as f64;
+            tpot += mape(&m.done.tpot_pairs) / seeds.len() as f64;
+        }
+        println!(
+            "{:>10.1} {:>22} {:>22} {:>22} {:>16}",
+            r,
+            cells[0],
+            cells[1],
+            cells[2],
+            format!("{ttft:.1} / {tpot:.1} %")
         );
     }
 }
