@@ -114,36 +114,18 @@ const TIERED: [Class; 3] = [
     Class {
         name: "premium",
         share: 0.3,
-        prefix_tokens: 400,
-        prefix_groups: 16,
-        unique_tokens: 200,
-        output_tokens: 100,
         ttft_slo_ms: 300.0,
         tpot_slo_ms: 20.0,
-        priority: 0,
+        ..BALANCED[0]
     },
     Class {
         name: "standard",
         share: 0.4,
-        prefix_tokens: 400,
-        prefix_groups: 16,
-        unique_tokens: 200,
-        output_tokens: 100,
         ttft_slo_ms: 1000.0,
         tpot_slo_ms: 80.0,
-        priority: 0,
+        ..BALANCED[0]
     },
-    Class {
-        name: "batch",
-        share: 0.3,
-        prefix_tokens: 0,
-        prefix_groups: 1,
-        unique_tokens: 1000,
-        output_tokens: 200,
-        ttft_slo_ms: 4000.0,
-        tpot_slo_ms: 150.0,
-        priority: -1,
-    },
+    BALANCED[2],
 ];
 
 /// The workload mix of this process: `BALANCED` unless `SLO_BENCH_SCENARIO=tiered`.
@@ -151,7 +133,8 @@ fn classes() -> &'static [Class] {
     static CHOSEN: std::sync::OnceLock<&'static [Class]> = std::sync::OnceLock::new();
     CHOSEN.get_or_init(|| match std::env::var("SLO_BENCH_SCENARIO").as_deref() {
         Ok("tiered") => &TIERED,
-        _ => &BALANCED,
+        Ok("balanced") | Err(_) => &BALANCED,
+        Ok(other) => panic!("SLO_BENCH_SCENARIO={other:?}: expected balanced or tiered"),
     })
 }
 
