@@ -452,7 +452,6 @@ impl Plugin for PredictedLatencyScorer {
     }
 }
 
-/// Min–max normalised `|v|`, 0.5 for all when the range is empty.
 /// A TPOT prediction never below the step length the endpoint is producing tokens at right
 /// now. Every sequence in a batch gets one token per engine step, so a request joining an
 /// endpoint that is decoding at 60 ms per step gets about 60 ms per token, whatever the
@@ -461,6 +460,7 @@ impl Plugin for PredictedLatencyScorer {
 /// that is already missing its SLOs (bench-slo past saturation: p90 coverage fell to
 /// 40–70 %). The chunk rhythm shows the overload within a few steps. Only while the
 /// endpoint is streaming: an idle endpoint's last rhythm says nothing about its next.
+///
 /// Returns whether the floor raised the prediction.
 fn apply_observed_step_floor(p: &mut Prediction, f: &Features) -> bool {
     let decoding = f.running > f.prefill_requests_in_flight;
@@ -474,6 +474,7 @@ fn apply_observed_step_floor(p: &mut Prediction, f: &Features) -> bool {
     }
 }
 
+/// Min–max normalised `|v|`, 0.5 for all when the range is empty.
 fn norm(v: f64, min: f64, max: f64) -> f64 {
     if max - min > EPS {
         (v - min) / (max - min)
