@@ -7,7 +7,9 @@
 //!
 //! 1. Features per candidate (KV usage, prompt tokens, waiting, this picker's in-flight
 //!    requests and uncached prompt tokens, the prefix-cache score the prefix producer wrote
-//!    before any profile ran, role and hardware class) and **one** batch prediction.
+//!    before any profile ran, role and hardware class) and **one** batch prediction. A TPOT
+//!    prediction is raised to the step length the endpoint is streaming at right now when
+//!    the model says less (`apply_observed_step_floor`, a sluice addition).
 //! 2. `headroom = SLO − prediction`. TTFT is valid when `pred < SLO` (no TTFT header ⇒ never
 //!    valid, so the lowest predicted latency wins). TPOT is checked against
 //!    `min(SLO, tightest TPOT SLO already running there) × sloBufferFactor`, so a new
