@@ -140,7 +140,9 @@ pub struct Args {
     #[arg(long, default_value_t = false)]
     pub log_json: bool,
     /// Tokio worker threads (default: one per CPU). Fewer than the CPUs leaves cores to a
-    /// proxy or model server sharing the machine and saves cross-thread wake-ups.
+    /// proxy or model server sharing the machine and saves cross-thread wake-ups: on a
+    /// 2-core machine shared with Envoy, 1 gave the lowest latency at 64 concurrent requests
+    /// (docs/picker-performance.md).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
 }
