@@ -8,7 +8,11 @@
 //!    profile and the SLO profile (`least` and `most`) side by side: attainment, goodput,
 //!    TTFT/TPOT p50/p99, predictor MAPE after warm-up; a 1.5× stress point; a load sweep;
 //!    and the default and SLO rows repeated over `SLO_BENCH_SEEDS` (mean and range).
-//! 2. The predictor micro-benchmark (criterion, `sluice-predictor --bench predictor`,
+//! 2. The predictor's accuracy against a known truth (`sluice-predictor` tests `accuracy`
+//!    and `engine_accuracy`): MAPE against the noiseless latency function the samples were
+//!    drawn from, and against the noisy observations, beside the fleet's MAPE against
+//!    outcomes (which includes what arrives after dispatch and no predictor can see).
+//! 3. The predictor micro-benchmark (criterion, `sluice-predictor --bench predictor`,
 //!    group `predict_100_endpoints`): one batch prediction for 100 endpoints.
 //!
 //! It runs twice, once per workload scenario (`SLO_BENCH_SCENARIO=balanced|tiered` runs one):
@@ -20,7 +24,9 @@
 //! `SLO_BENCH_RATE` (skips the ladder), `SLO_BENCH_SEED`, `SLO_BENCH_BUFFER`
 //! (`sloBufferFactor`), `SLO_BENCH_DUMP=DIR` (features, predictions and outcomes as CSV),
 //! `SLO_BENCH_PREDICTOR_ONLY=1` (only the SLO rows and the predictor's MAPE and coverage),
-//! `SLO_BENCH_TTFT_TREES` / `SLO_BENCH_TPOT_TREES` (boosted trees per target).
+//! `SLO_BENCH_TTFT_TREES` / `SLO_BENCH_TPOT_TREES` (boosted trees per target),
+//! `SLO_BENCH_FLEET=two|mixed` (4 × H100 + 4 × A100, or 2 × H100 + 2 × A100 + 4 × L4),
+//! `SLO_BENCH_PREMIUM` (the premium share of the `tiered` scenario, default 0.3).
 
 use std::path::Path;
 use std::process::Command;
@@ -56,6 +62,25 @@ pub fn run(root: &Path, quick: bool) -> Result<()> {
         ]);
         run_cmd(&mut sim)?;
     }
+    eprintln!("\nxtask: bench-slo predictor accuracy against a known truth");
+    let mut accuracy = Command::new(&cargo);
+    accuracy
+        .current_dir(root)
+        .args(["test", "-p", "sluice-predictor"]);
+    if !quick {
+        accuracy.arg("--release");
+    }
+    accuracy.args([
+        "--test",
+        "accuracy",
+        "--test",
+        "engine_accuracy",
+        "--",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    run_cmd(&mut accuracy)?;
     if !quick {
         let mut micro = Command::new(&cargo);
         micro.current_dir(root).args([

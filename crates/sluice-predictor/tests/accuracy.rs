@@ -48,9 +48,13 @@ fn report(model: &sluice_predictor::Model, sigma: f64, label: &str) -> (f64, f64
             .zip(&preds)
             .map(|(t, p)| (p.tpot_ms.unwrap(), t.4)),
     );
+    // What even the truth itself scores against the observations.
+    let ttft_floor = mape(test.iter().map(|t| (t.1, t.3)));
+    let tpot_floor = mape(test.iter().map(|t| (t.2, t.4)));
     eprintln!(
         "{label}: MAPE vs truth TTFT {ttft_truth:.2}% TPOT {tpot_truth:.2}%; \
-         vs noisy observations TTFT {ttft_obs:.2}% TPOT {tpot_obs:.2}%"
+         vs noisy observations TTFT {ttft_obs:.2}% TPOT {tpot_obs:.2}% \
+         (noise floor: the truth itself scores {ttft_floor:.2}% / {tpot_floor:.2}%)"
     );
     (ttft_truth, tpot_truth, ttft_obs, tpot_obs)
 }

@@ -130,10 +130,22 @@ const TIERED: [Class; 3] = [
 
 /// The workload mix of this process: `BALANCED` unless `SLO_BENCH_SCENARIO=tiered`.
 fn classes() -> &'static [Class] {
-    static CHOSEN: std::sync::OnceLock<&'static [Class]> = std::sync::OnceLock::new();
+    static CHOSEN: std::sync::OnceLock<[Class; 3]> = std::sync::OnceLock::new();
     CHOSEN.get_or_init(|| match std::env::var("SLO_BENCH_SCENARIO").as_deref() {
-        Ok("tiered") => &TIERED,
-        Ok("balanced") | Err(_) => &BALANCED,
+        Ok("tiered") => {
+            // `SLO_BENCH_PREMIUM`: the premium share, taken from the standard tier.
+            let mut c = TIERED;
+            let premium: f64 = env("SLO_BENCH_PREMIUM", c[0].share);
+            assert!(
+                (0.0..=c[0].share + c[1].share).contains(&premium),
+                "SLO_BENCH_PREMIUM={premium}: expected 0 to {}",
+                c[0].share + c[1].share
+            );
+            c[1].share += c[0].share - premium;
+            c[0].share = premium;
+            c
+        }
+        Ok("balanced") | Err(_) => BALANCED,
         Ok(other) => panic!("SLO_BENCH_SCENARIO={other:?}: expected balanced or tiered"),
     })
 }
@@ -147,6 +159,18 @@ const FLEET_TWO: [Preset; 8] = [
     Preset::A100Llama8b,
     Preset::A100Llama8b,
     Preset::A100Llama8b,
+];
+
+/// `SLO_BENCH_FLEET=mixed`: a mixed-generation pool, half of it inference-class GPUs.
+const FLEET_MIXED: [Preset; 8] = [
+    Preset::H100Llama8b,
+    Preset::H100Llama8b,
+    Preset::A100Llama8b,
+    Preset::A100Llama8b,
+    Preset::L4Llama8b,
+    Preset::L4Llama8b,
+    Preset::L4Llama8b,
+    Preset::L4Llama8b,
 ];
 
 const FLEET: [Preset; 8] = [
@@ -283,6 +307,9 @@ struct Done {
     /// (predicted, actual) for the SLO profile.
     ttft_pairs: Vec<(f64, f64)>,
     tpot_pairs: Vec<(f64, f64)>,
+    /// (the chosen endpoint's mean step at dispatch, actual TPOT): a forecast with no
+    /// model, the baseline the predictor's TPOT MAPE is read against.
+    tpot_persistence: Vec<(f64, f64)>,
     /// Per request with a prediction: server, features at dispatch, predicted and actual
     /// TTFT/TPOT (for `SLO_BENCH_DUMP`).
     rows: Vec<String>,
@@ -544,6 +571,9 @@ fn run(
                 && l.tokens > 1
             {
                 done.tpot_pairs.push((pp, tpot));
+                if let Some(f) = l.features.filter(|f| f.mean_step_ms > 0.0) {
+                    done.tpot_persistence.push((f.mean_step_ms, tpot));
+                }
             }
         }
     };
@@ -784,10 +814,10 @@ fn slo_profile_beats_round_robin_on_a_small_fleet_and_leaks_nothing() {
 #[test]
 #[ignore = "benchmark: run with `cargo xtask bench-slo`"]
 fn slo_fleet_report() {
-    let fleet: &[Preset] = if std::env::var("SLO_BENCH_FLEET").as_deref() == Ok("two") {
-        &FLEET_TWO
-    } else {
-        &FLEET
+    let fleet: &[Preset] = match std::env::var("SLO_BENCH_FLEET").as_deref() {
+        Ok("two") => &FLEET_TWO,
+        Ok("mixed") => &FLEET_MIXED,
+        _ => &FLEET,
     };
     let seed: u64 = env("SLO_BENCH_SEED", 7);
     let warmup: u64 = env("SLO_BENCH_WARMUP", 30);
@@ -951,6 +981,11 @@ fn slo_fleet_report() {
             median.done.ttft_pairs.len(),
             mape(&median.done.tpot_pairs),
             median.done.tpot_pairs.len(),
+        );
+        println!(
+            "  baseline without a model: TPOT = the endpoint's mean step at dispatch, {:.1} % over {} requests",
+            mape(&median.done.tpot_persistence),
+            median.done.tpot_persistence.len(),
         );
     }
     for strategy in ["least", "most"] {
