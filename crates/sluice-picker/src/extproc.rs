@@ -248,7 +248,8 @@ struct Routed {
     labels: Option<Arc<ModelSeries>>,
     incoming_model: String,
     target_model: String,
-    /// Flow control's permit: held until the response completes.
+    /// Flow control's permit: held until the response completes (none without flow
+    /// control, or when the profile handler skips saturation detection for the request).
     admission: Option<AdmissionGuard>,
 }
 
@@ -751,15 +752,23 @@ impl Session {
                 return Err(e);
             }
         };
-        let flow_request = loaded.flow.as_ref().map(|fc| {
-            fc.request_from_headers(priority, body.len() as u64, |name| {
-                request
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.as_str())
-            })
-        });
+        // A profile handler that does its own admission (the SLO profile: its scorer sheds
+        // what no endpoint can serve in time) bypasses the pool-wide saturation gate, as it
+        // bypasses the legacy saturation check: the request is scheduled at once, without
+        // a flow-control permit, instead of queueing behind saturation it does not obey.
+        let flow_request = loaded
+            .flow
+            .as_ref()
+            .filter(|_| !loaded.router.skip_saturation_detection(&request))
+            .map(|fc| {
+                fc.request_from_headers(priority, body.len() as u64, |name| {
+                    request
+                        .headers
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.as_str())
+                })
+            });
         let prepared = Prepared {
             loaded,
             request,
@@ -1206,11 +1215,12 @@ impl Session {
         if let Some(s) = &mut r.scheduled {
             r.loaded.router.complete(&r.request, s, outcome.clone());
         }
-        if r.admission.take().is_some()
+        let held_permit = r.admission.take().is_some();
+        if (held_permit || r.scheduled.is_some())
             && let Some(fc) = &r.loaded.flow
         {
-            // The permit is back and the endpoint's in-flight count dropped: the next
-            // queued request may go.
+            // The endpoint's in-flight count dropped (and the permit is back, unless the
+            // request bypassed flow control): the next queued request may go.
             fc.capacity_changed();
         }
         let Some(labels) = &r.labels else { return };

@@ -9,7 +9,7 @@ use futures::channel::mpsc;
 use super::*;
 
 /// Flow control on, with every policy type an upstream config names, and a short TTL.
-const FLOW_CONFIG: &str = r#"
+pub(super) const FLOW_CONFIG: &str = r#"
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 featureGates: [flowControl]
@@ -30,12 +30,17 @@ flowControl:
   usageLimitPolicyPluginRef: static-usage-limit-policy
 "#;
 
-type Inbound = mpsc::UnboundedSender<Result<ProcessingRequest, Status>>;
-type Stream = SessionStream<mpsc::UnboundedReceiver<Result<ProcessingRequest, Status>>>;
+pub(super) type Inbound = mpsc::UnboundedSender<Result<ProcessingRequest, Status>>;
+pub(super) type Stream = SessionStream<mpsc::UnboundedReceiver<Result<ProcessingRequest, Status>>>;
 
-fn open(f: &Fixture) -> (Inbound, Stream) {
+pub(super) fn open(f: &Fixture) -> (Inbound, Stream) {
+    open_on(&f.service)
+}
+
+/// A session on `service` driven through a [`SessionStream`], as tonic drives it.
+pub(super) fn open_on(service: &ExtProcService) -> (Inbound, Stream) {
     let (tx, rx) = mpsc::unbounded();
-    (tx, SessionStream::new(rx, f.service.session()))
+    (tx, SessionStream::new(rx, service.session()))
 }
 
 fn send_request(tx: &Inbound) {
@@ -49,8 +54,13 @@ fn saturate(f: &Fixture) {
     f.set_metrics(B, metrics(50, 0.99));
 }
 
-fn flow(f: &Fixture) -> sluice_flowcontrol::FlowController {
-    f.state
+pub(super) fn flow(f: &Fixture) -> sluice_flowcontrol::FlowController {
+    flow_of(&f.state)
+}
+
+/// The flow controller of `state`'s current configuration.
+pub(super) fn flow_of(state: &PickerState) -> sluice_flowcontrol::FlowController {
+    state
         .current()
         .unwrap()
         .flow
@@ -58,7 +68,7 @@ fn flow(f: &Fixture) -> sluice_flowcontrol::FlowController {
         .expect("flow control is on")
 }
 
-async fn next(stream: &mut Stream) -> ProcessingResponse {
+pub(super) async fn next(stream: &mut Stream) -> ProcessingResponse {
     tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
         .expect("an answer")

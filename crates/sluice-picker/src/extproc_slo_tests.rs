@@ -5,6 +5,7 @@
 use sluice_predictor::{Features, InProcessPredictor, PredictorConfig, TrainingSample};
 use sluice_scheduling::plugins::slo::{RunningRequests, SloServices, slo_config};
 
+use super::flow::{FLOW_CONFIG, Inbound, Stream, flow_of, next, open_on};
 use super::*;
 use crate::state::PickerOptions;
 
@@ -20,6 +21,15 @@ struct SloFixture {
 fn slo_state(
     predictor: Arc<dyn sluice_predictor::LatencyPredictor>,
     waiting: impl Fn(&str) -> u32,
+) -> PickerState {
+    slo_state_with(predictor, waiting, slo_config().unwrap())
+}
+
+/// [`slo_state`] with another EndpointPickerConfig (the SLO one with flow control on).
+fn slo_state_with(
+    predictor: Arc<dyn sluice_predictor::LatencyPredictor>,
+    waiting: impl Fn(&str) -> u32,
+    config: sluice_core::EndpointPickerConfig,
 ) -> PickerState {
     let state = PickerState::with_options(
         Arc::new(Metrics::new()),
@@ -46,7 +56,7 @@ fn slo_state(
             priority: -1,
         }],
         vec![],
-        slo_config().unwrap(),
+        config,
     );
     state.apply_snapshot(snap).unwrap();
     let loaded = state.current().unwrap();
@@ -59,8 +69,19 @@ fn slo_state(
 
 impl SloFixture {
     fn new() -> Self {
+        Self::with_config(slo_config().unwrap())
+    }
+
+    /// The SLO profile with the `flowControl` feature gate on (flow control's defaults).
+    fn with_flow_control() -> Self {
+        let mut config = slo_config().unwrap();
+        config.feature_gates.push("flowControl".into());
+        Self::with_config(config)
+    }
+
+    fn with_config(config: sluice_core::EndpointPickerConfig) -> Self {
         let predictor = Arc::new(InProcessPredictor::spawn(PredictorConfig::default()).unwrap());
-        let state = slo_state(predictor.clone(), |_| 2);
+        let state = slo_state_with(predictor.clone(), |_| 2, config);
         let service = ExtProcService::new(state.clone(), ServerOptions::default());
         SloFixture {
             state,
@@ -314,4 +335,131 @@ async fn a_failing_asynchronous_predictor_falls_back_to_the_composite_score() {
         predictor.calls.load(std::sync::atomic::Ordering::Relaxed),
         10
     );
+}
+
+// Flow control and the SLO profile: the profile does its own admission (the scorer sheds),
+// so the requests it handles skip the pool-wide saturation gate; opted-out requests and other
+// profiles wait in flow control as before.
+
+/// Both endpoints past the utilization detector's thresholds: flow control's gate is shut.
+fn saturate_state(state: &PickerState) {
+    let loaded = state.current().unwrap();
+    for ep in &loaded.endpoints {
+        ep.record_scrape(metrics(50, 0.99), Instant::now());
+    }
+}
+
+/// Sends an SLO request (`x-slo-ttft-ms: 5000`) with `extra` headers on `tx`.
+fn send_slo_request(tx: &Inbound, extra: &[(&str, &str)]) {
+    let mut pairs = vec![
+        (":method", "POST"),
+        (":path", "/v1/completions"),
+        ("x-slo-ttft-ms", "5000"),
+        ("x-slo-tpot-ms", "100"),
+    ];
+    pairs.extend_from_slice(extra);
+    tx.unbounded_send(Ok(headers(&pairs, false))).unwrap();
+    tx.unbounded_send(Ok(body(BODY, true))).unwrap();
+}
+
+/// The stream's next answer if it comes within half a second (of paused time); `None`
+/// means the request is queued.
+async fn answer_soon(stream: &mut Stream) -> Option<ProcessingResponse> {
+    use futures::StreamExt;
+    tokio::time::timeout(std::time::Duration::from_millis(500), stream.next())
+        .await
+        .ok()
+        .map(|r| r.expect("stream open").expect("not an error"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_flow_control_slo_requests_skip_the_saturation_gate_and_opted_out_ones_queue() {
+    let f = SloFixture::with_flow_control();
+    let fc = flow_of(&f.state);
+    saturate_state(&f.state);
+    let in_flight = || {
+        f.state
+            .current()
+            .unwrap()
+            .endpoints
+            .iter()
+            .map(|e| e.in_flight.requests())
+            .sum::<u32>()
+    };
+
+    // Handled by the SLO profile: scheduled at once although the pool is saturated.
+    let (tx, mut stream) = open_on(&f.service);
+    send_slo_request(&tx, &[]);
+    let r = answer_soon(&mut stream)
+        .await
+        .expect("an SLO request must not wait behind the saturation gate");
+    let dest = set_headers(&r).remove(DESTINATION_KEY);
+    assert!(matches!(dest.as_deref(), Some(A | B)), "{r:?}");
+    assert_eq!(fc.queued(), 0);
+    assert_eq!(fc.in_flight(), 0, "it holds no flow-control permit");
+    assert_eq!(in_flight(), 1);
+    assert_eq!(f.running().total(), 1, "the SLO scorer tracks it");
+    let _body_echo = next(&mut stream).await;
+    tx.unbounded_send(Ok(resp_headers("200", "text/event-stream", false)))
+        .unwrap();
+    tx.unbounded_send(Ok(resp_body(b"data: [DONE]\n\n", true)))
+        .unwrap();
+    let _ = next(&mut stream).await;
+    let _ = next(&mut stream).await;
+    assert_eq!(in_flight(), 0, "completion releases it");
+    assert_eq!(f.running().total(), 0);
+
+    // Opted out of predicted-latency routing: flow control applies as to any request.
+    let (tx, mut opted_out) = open_on(&f.service);
+    send_slo_request(&tx, &[("x-prediction-based-scheduling-off", "true")]);
+    assert!(
+        answer_soon(&mut opted_out).await.is_none(),
+        "an opted-out request must wait while the pool is saturated"
+    );
+    assert_eq!(fc.queued(), 1);
+    assert_eq!(in_flight(), 0);
+
+    // The pool drains: the queued request goes, holding a permit until it completes.
+    let loaded = f.state.current().unwrap();
+    for ep in &loaded.endpoints {
+        ep.record_scrape(metrics(0, 0.1), Instant::now());
+    }
+    fc.capacity_changed();
+    let r = next(&mut opted_out).await;
+    assert!(set_headers(&r).contains_key(DESTINATION_KEY), "{r:?}");
+    assert_eq!(fc.queued(), 0);
+    assert_eq!(fc.in_flight(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_flow_control_a_sheddable_slo_request_no_endpoint_can_serve_is_shed_at_once() {
+    let f = SloFixture::with_flow_control();
+    f.train_slow_pool();
+    let fc = flow_of(&f.state);
+    saturate_state(&f.state);
+    let (tx, mut stream) = open_on(&f.service);
+    tx.unbounded_send(Ok(slo_request("1", Some("batch"))))
+        .unwrap();
+    tx.unbounded_send(Ok(body(BODY, true))).unwrap();
+    let r = answer_soon(&mut stream)
+        .await
+        .expect("the SLO scorer's admission answers without queueing");
+    let (status, text) = immediate(std::slice::from_ref(&r)).expect("shed");
+    assert_eq!(status, 429, "{text}");
+    assert_eq!(fc.queued(), 0);
+    assert_eq!(f.running().total(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_the_default_profile_a_request_with_slo_headers_still_waits_for_flow_control() {
+    let f = Fixture::with_config(vec![], FLOW_CONFIG);
+    let fc = flow_of(&f.state);
+    saturate_state(&f.state);
+    let (tx, mut stream) = open_on(&f.service);
+    send_slo_request(&tx, &[]);
+    assert!(
+        answer_soon(&mut stream).await.is_none(),
+        "the default profile has no own admission"
+    );
+    assert_eq!(fc.queued(), 1);
 }

@@ -66,6 +66,13 @@ impl Router {
         self.scheduler.saturation(candidates)
     }
 
+    /// Whether `request` bypasses saturation-based admission, legacy or flow control's gate
+    /// (the SLO profile handler says so for every request that does not opt out: its
+    /// scorer sheds by predicted latency instead).
+    pub fn skip_saturation_detection(&self, request: &LlmRequest) -> bool {
+        self.scheduler.skip_saturation_detection(request)
+    }
+
     /// Tells plugins with per-endpoint state which endpoints remain.
     pub fn set_endpoints(&self, endpoints: &[Arc<EndpointRuntime>]) {
         let keys: std::collections::HashSet<_> =
