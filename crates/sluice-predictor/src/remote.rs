@@ -18,6 +18,35 @@
 //!   evenly within the TTFT and TPOT groups so their ratio is kept. Each sample becomes
 //!   upstream's two entries (§3.7): a TTFT entry and, when measured, a TPOT entry.
 //! - Response bodies are read up to a size limit.
+//!
+//! ## Coalescing
+//!
+//! The sidecars top out near 200 calls/s each, so at high request rates concurrent
+//! callers are merged into shared calls, like upstream's client (§10.7): with
+//! `coalesceWindowMs` > 0 (default 1) a caller's rows are queued on a bounded channel
+//! ([`COALESCE_QUEUE_CAPACITY`] entries) the moment it calls, and a dispatcher task collects
+//! callers from the first arrival until the window expires or the next caller would push the
+//! call over `maxCoalescedRows` (that caller starts the next call). Each merged call is one
+//! `POST /predict/bulk/strict`, at most `maxConcurrentDispatches` in flight (default 36), and
+//! its answer is split back by offset, each caller getting its own rows in its own order.
+//! Departures from upstream:
+//!
+//! - A merged call never exceeds `maxBulkSize` rows (upstream's `LATENCY_MAX_COALESCED_ROWS`
+//!   defaults to 0, no cap, so a busy window can exceed the server's limit): the default cap
+//!   is the bulk size, and a caller with more rows than the cap is still split into chunks,
+//!   one queue entry per chunk.
+//! - A full queue fails the caller at once (counted in [`RemoteStats::coalesce_queue_full`])
+//!   instead of blocking it: the scorer falls back to the composite score, which is cheaper
+//!   than waiting behind 1024 others.
+//! - Every caller keeps its own deadline (`timeout`, counted from its call): when its rows
+//!   have not come back by then it gets [`PredictError::Timeout`] even if the merged call
+//!   later succeeds. A merged call itself is abandoned at the latest deadline of the callers
+//!   in it, which also bounds how long it holds a dispatch slot. Callers that stopped waiting
+//!   before their call was sent are left out of it.
+//! - A failed, timed-out or short merged call fails exactly the callers whose rows are in it;
+//!   callers in other merged calls are unaffected.
+//! - `coalesceWindowMs: 0` turns coalescing off: each caller sends its own calls, with no
+//!   dispatch limit, as before coalescing existed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,8 +59,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
+use serde::{Deserialize, Serialize, Serializer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
 use crate::features::{Features, Prediction, TrainingSample};
 use crate::{LatencyPredictor, PredictError, PredictFuture, PredictResult};
@@ -41,6 +72,14 @@ pub const UPSTREAM_MAX_BULK_SIZE: usize = 100;
 
 /// Largest response body read from a predictor (100 rows are ~20 KiB).
 const MAX_RESPONSE_BYTES: usize = 4 << 20;
+
+/// Queue entries (callers, or chunks of a caller's batch above `maxCoalescedRows`) waiting
+/// for the coalescing dispatcher at most, like upstream's channel buffer.
+pub const COALESCE_QUEUE_CAPACITY: usize = 1024;
+
+/// The largest `maxConcurrentDispatches` accepted: more calls in flight than queue entries
+/// could never be used.
+pub const MAX_CONCURRENT_DISPATCHES: usize = COALESCE_QUEUE_CAPACITY;
 
 /// Where the sidecars are and how to talk to them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,6 +104,15 @@ pub struct RemoteConfig {
     pub max_flush_size: usize,
     /// Entries buffered between flushes at most; more are dropped and counted.
     pub max_buffered: usize,
+    /// How long the dispatcher waits after a caller's arrival for others to share its call
+    /// (upstream `LATENCY_COALESCE_WINDOW_MS`); 0 turns coalescing off.
+    #[serde(with = "millis", rename = "coalesceWindowMs")]
+    pub coalesce_window: Duration,
+    /// Rows per merged call at most, 1..=`max_bulk_size` (upstream
+    /// `LATENCY_MAX_COALESCED_ROWS`, which has no cap by default).
+    pub max_coalesced_rows: usize,
+    /// Merged calls in flight at most (upstream `LATENCY_MAX_CONCURRENT_DISPATCHES`).
+    pub max_concurrent_dispatches: usize,
 }
 
 impl Default for RemoteConfig {
@@ -78,6 +126,9 @@ impl Default for RemoteConfig {
             flush_interval: Duration::from_secs(1),
             max_flush_size: 1000,
             max_buffered: 10_000,
+            coalesce_window: Duration::from_millis(1),
+            max_coalesced_rows: UPSTREAM_MAX_BULK_SIZE,
+            max_concurrent_dispatches: 36,
         }
     }
 }
@@ -101,18 +152,55 @@ pub enum RemoteConfigError {
     /// `maxBulkSize` is out of range.
     #[error("remote predictor: maxBulkSize {0} is out of range; expected 1..=100")]
     BadBulkSize(usize),
+    /// `maxCoalescedRows` is zero or above `maxBulkSize`.
+    #[error(
+        "remote predictor: maxCoalescedRows {rows} is out of range; expected 1..={max_bulk_size} \
+         (at most maxBulkSize, the rows one call may carry)"
+    )]
+    BadCoalescedRows {
+        /// The value given.
+        rows: usize,
+        /// The configured `maxBulkSize`, the upper bound.
+        max_bulk_size: usize,
+    },
+    /// `maxConcurrentDispatches` is out of range.
+    #[error(
+        "remote predictor: maxConcurrentDispatches {0} is out of range; expected 1..=1024 \
+         (upstream default 36)"
+    )]
+    BadConcurrentDispatches(usize),
+    /// `coalesceWindowMs` is not shorter than `timeoutMs`, so every caller would time out.
+    #[error(
+        "remote predictor: coalesceWindowMs {window_ms} is not shorter than timeoutMs \
+         {timeout_ms}; expected 0 (off) or a window well below the deadline (upstream default 1)"
+    )]
+    BadCoalesceWindow {
+        /// The window given, in milliseconds.
+        window_ms: u128,
+        /// The configured deadline, in milliseconds.
+        timeout_ms: u128,
+    },
     /// Created outside a Tokio runtime.
-    #[error("remote predictor: must be created inside a Tokio runtime (it runs a flush task)")]
+    #[error(
+        "remote predictor: must be created inside a Tokio runtime (it runs flush and dispatch tasks)"
+    )]
     NoRuntime,
 }
 
 /// Counters of a [`RemotePredictor`], for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RemoteStats {
-    /// Prediction HTTP calls made (one per chunk).
+    /// Prediction HTTP calls made (one per chunk, or one per merged call).
     pub predict_calls: u64,
     /// Batches that failed (the caller fell back).
     pub predict_failures: u64,
+    /// Merged calls sent by the coalescing dispatcher (also counted in `predict_calls`).
+    pub merged_calls: u64,
+    /// Queue entries (callers, or chunks of large batches) carried by merged calls;
+    /// `callers_merged / merged_calls` is the coalescing ratio.
+    pub callers_merged: u64,
+    /// Callers failed at once because the coalescing queue was full.
+    pub coalesce_queue_full: u64,
     /// Training entries accepted by the training server.
     pub entries_sent: u64,
     /// Training entries dropped: buffer full, downsampled at flush, or upload failed.
@@ -209,6 +297,29 @@ struct WirePrediction {
     tpot_ms: f64,
 }
 
+/// One caller's rows (or one chunk of them) waiting for a merged call.
+#[derive(Debug)]
+struct Job {
+    rows: Vec<WireRow>,
+    /// When the caller stops waiting (its call time plus `timeout`).
+    deadline: Instant,
+    reply: oneshot::Sender<PredictResult>,
+}
+
+/// The `requests` of a merged call: every job's rows, in job order, without copying them.
+struct MergedRows<'a>(&'a [Job]);
+
+impl Serialize for MergedRows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().flat_map(|j| &j.rows))
+    }
+}
+
+#[derive(Serialize)]
+struct MergedRequest<'a> {
+    requests: MergedRows<'a>,
+}
+
 #[derive(Serialize)]
 struct TrainingBulk<'a> {
     entries: &'a [WireRow],
@@ -220,6 +331,8 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 struct Inner {
     config: RemoteConfig,
     prediction_uris: Vec<Uri>,
+    /// Names the prediction servers in errors raised before a server is chosen.
+    prediction_label: String,
     training_uri: Uri,
     client: HttpClient,
     buffer: Mutex<Vec<WireRow>>,
@@ -227,6 +340,9 @@ struct Inner {
     next_server: AtomicUsize,
     predict_calls: AtomicU64,
     predict_failures: AtomicU64,
+    merged_calls: AtomicU64,
+    callers_merged: AtomicU64,
+    coalesce_queue_full: AtomicU64,
     entries_sent: AtomicU64,
     entries_dropped: AtomicU64,
 }
@@ -235,7 +351,10 @@ struct Inner {
 #[derive(Debug)]
 pub struct RemotePredictor {
     inner: Arc<Inner>,
+    /// The coalescing dispatcher's queue; `None` when coalescing is off.
+    queue: Option<mpsc::Sender<Job>>,
     flusher: JoinHandle<()>,
+    dispatcher: Option<JoinHandle<()>>,
 }
 
 fn endpoint_uri(field: &'static str, base: &str, path: &str) -> Result<Uri, RemoteConfigError> {
@@ -262,14 +381,31 @@ fn endpoint_uri(field: &'static str, base: &str, path: &str) -> Result<Uri, Remo
 }
 
 impl RemotePredictor {
-    /// Validates the configuration and starts the training-flush task on the current Tokio
-    /// runtime.
+    /// Validates the configuration and starts the training-flush task and, when coalescing
+    /// is on, the dispatcher task on the current Tokio runtime.
     pub fn new(config: RemoteConfig) -> Result<Self, RemoteConfigError> {
         if config.prediction_urls.is_empty() {
             return Err(RemoteConfigError::NoPredictionServer);
         }
         if !(1..=UPSTREAM_MAX_BULK_SIZE).contains(&config.max_bulk_size) {
             return Err(RemoteConfigError::BadBulkSize(config.max_bulk_size));
+        }
+        if !(1..=config.max_bulk_size).contains(&config.max_coalesced_rows) {
+            return Err(RemoteConfigError::BadCoalescedRows {
+                rows: config.max_coalesced_rows,
+                max_bulk_size: config.max_bulk_size,
+            });
+        }
+        if !(1..=MAX_CONCURRENT_DISPATCHES).contains(&config.max_concurrent_dispatches) {
+            return Err(RemoteConfigError::BadConcurrentDispatches(
+                config.max_concurrent_dispatches,
+            ));
+        }
+        if !config.coalesce_window.is_zero() && config.coalesce_window >= config.timeout {
+            return Err(RemoteConfigError::BadCoalesceWindow {
+                window_ms: config.coalesce_window.as_millis(),
+                timeout_ms: config.timeout.as_millis(),
+            });
         }
         let prediction_uris = config
             .prediction_urls
@@ -287,9 +423,15 @@ impl RemotePredictor {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.timeout));
         let client = Client::builder(TokioExecutor::new()).build(connector);
+        let prediction_label = prediction_uris
+            .iter()
+            .map(Uri::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let inner = Arc::new(Inner {
             config,
             prediction_uris,
+            prediction_label,
             training_uri,
             client,
             buffer: Mutex::new(Vec::new()),
@@ -297,6 +439,9 @@ impl RemotePredictor {
             next_server: AtomicUsize::new(0),
             predict_calls: AtomicU64::new(0),
             predict_failures: AtomicU64::new(0),
+            merged_calls: AtomicU64::new(0),
+            callers_merged: AtomicU64::new(0),
+            coalesce_queue_full: AtomicU64::new(0),
             entries_sent: AtomicU64::new(0),
             entries_dropped: AtomicU64::new(0),
         });
@@ -312,17 +457,46 @@ impl RemotePredictor {
                 inner.flush().await;
             }
         });
-        Ok(RemotePredictor { inner, flusher })
+        let (queue, dispatcher) = if inner.config.coalesce_window.is_zero() {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::channel(COALESCE_QUEUE_CAPACITY);
+            let task = runtime.spawn(dispatch_loop(Arc::clone(&inner), rx));
+            (Some(tx), Some(task))
+        };
+        Ok(RemotePredictor {
+            inner,
+            queue,
+            flusher,
+            dispatcher,
+        })
     }
 
-    /// Predicts every row of `batch`, split into chunks of at most `max_bulk_size`.
-    pub async fn predict(&self, batch: &[Features]) -> PredictResult {
-        let result = self.inner.predict(batch).await;
-        self.inner.ready.store(result.is_ok(), Ordering::Relaxed);
-        if result.is_err() {
-            self.inner.predict_failures.fetch_add(1, Ordering::Relaxed);
+    /// Predicts every row of `batch`, one prediction per row in order.
+    ///
+    /// With coalescing on, the rows are queued when this is called (not when the future is
+    /// first polled), so the call order is the queue order and the deadline starts now; a
+    /// full queue gives an already-failed future.
+    pub fn predict<'a>(&'a self, batch: &'a [Features]) -> PredictFuture<'a> {
+        if batch.is_empty() {
+            return PredictFuture::ready(Ok(Vec::new()));
         }
-        result
+        let Some(queue) = &self.queue else {
+            return PredictFuture::pending(self.settle(self.inner.predict(batch)));
+        };
+        match self.inner.enqueue(queue, batch) {
+            Ok((waiting, deadline)) => PredictFuture::pending(self.settle(self.inner.collect(
+                waiting,
+                deadline,
+                batch.len(),
+            ))),
+            Err(e) => PredictFuture::ready(self.inner.note(Err(e))),
+        }
+    }
+
+    async fn settle(&self, answer: impl Future<Output = PredictResult>) -> PredictResult {
+        let result = answer.await;
+        self.inner.note(result)
     }
 
     /// Sends buffered training samples now (also done every `flush_interval`).
@@ -341,6 +515,9 @@ impl RemotePredictor {
         RemoteStats {
             predict_calls: i.predict_calls.load(Ordering::Relaxed),
             predict_failures: i.predict_failures.load(Ordering::Relaxed),
+            merged_calls: i.merged_calls.load(Ordering::Relaxed),
+            callers_merged: i.callers_merged.load(Ordering::Relaxed),
+            coalesce_queue_full: i.coalesce_queue_full.load(Ordering::Relaxed),
             entries_sent: i.entries_sent.load(Ordering::Relaxed),
             entries_dropped: i.entries_dropped.load(Ordering::Relaxed),
         }
@@ -350,15 +527,17 @@ impl RemotePredictor {
 impl Drop for RemotePredictor {
     fn drop(&mut self) {
         self.flusher.abort();
+        // Aborting the dispatcher drops its in-flight merged calls with it; no caller can
+        // still be waiting, since callers borrow the predictor.
+        if let Some(dispatcher) = &self.dispatcher {
+            dispatcher.abort();
+        }
     }
 }
 
 impl LatencyPredictor for RemotePredictor {
     fn predict_batch<'a>(&'a self, batch: &'a [Features]) -> PredictFuture<'a> {
-        if batch.is_empty() {
-            return PredictFuture::ready(Ok(Vec::new()));
-        }
-        PredictFuture::pending(self.predict(batch))
+        self.predict(batch)
     }
 
     fn record(&self, sample: TrainingSample) {
@@ -382,6 +561,142 @@ impl LatencyPredictor for RemotePredictor {
 }
 
 impl Inner {
+    /// Records the outcome of one caller's prediction for `ready()` and the stats.
+    fn note(&self, result: PredictResult) -> PredictResult {
+        self.ready.store(result.is_ok(), Ordering::Relaxed);
+        if result.is_err() {
+            self.predict_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn next_prediction_uri(&self) -> Uri {
+        let i = self.next_server.fetch_add(1, Ordering::Relaxed);
+        self.prediction_uris[i % self.prediction_uris.len()].clone()
+    }
+
+    /// Queues `batch` for the dispatcher, one entry per `max_coalesced_rows` rows.
+    fn enqueue(
+        &self,
+        queue: &mpsc::Sender<Job>,
+        batch: &[Features],
+    ) -> Result<(Vec<oneshot::Receiver<PredictResult>>, Instant), PredictError> {
+        let deadline = Instant::now() + self.config.timeout;
+        let chunk = self.config.max_coalesced_rows.max(1);
+        let mut waiting = Vec::with_capacity(batch.len().div_ceil(chunk));
+        for rows in batch.chunks(chunk) {
+            let (reply, answer) = oneshot::channel();
+            let job = Job {
+                rows: rows.iter().map(WireRow::predict).collect(),
+                deadline,
+                reply,
+            };
+            // Chunks already queued for this caller are skipped by the dispatcher once
+            // `waiting` is dropped here.
+            match queue.try_send(job) {
+                Ok(()) => waiting.push(answer),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.coalesce_queue_full.fetch_add(1, Ordering::Relaxed);
+                    return Err(PredictError::Unavailable {
+                        url: self.prediction_label.clone(),
+                        reason: format!(
+                            "the coalescing queue is full ({COALESCE_QUEUE_CAPACITY} entries \
+                             waiting); the prediction servers are not keeping up: add \
+                             prediction servers or raise maxConcurrentDispatches"
+                        ),
+                    });
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(PredictError::Unavailable {
+                        url: self.prediction_label.clone(),
+                        reason: "the coalescing dispatcher has stopped".to_owned(),
+                    });
+                }
+            }
+        }
+        Ok((waiting, deadline))
+    }
+
+    /// Waits for every queued chunk of one caller, until the caller's own deadline.
+    async fn collect(
+        &self,
+        waiting: Vec<oneshot::Receiver<PredictResult>>,
+        deadline: Instant,
+        rows: usize,
+    ) -> PredictResult {
+        let all = async {
+            let mut out = Vec::with_capacity(rows);
+            for answer in waiting {
+                match answer.await {
+                    Ok(Ok(predictions)) => out.extend(predictions),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(PredictError::Unavailable {
+                            url: self.prediction_label.clone(),
+                            reason: "the coalescing dispatcher dropped the request (shutting \
+                                     down)"
+                                .to_owned(),
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        };
+        match tokio::time::timeout_at(deadline, all).await {
+            Ok(result) => result,
+            Err(_) => Err(PredictError::Timeout {
+                url: self.prediction_label.clone(),
+                after: self.config.timeout,
+            }),
+        }
+    }
+
+    /// One merged call: sends every job's rows, then hands each job its slice by offset.
+    async fn dispatch(self: Arc<Self>, jobs: Vec<Job>, _slot: OwnedSemaphorePermit) {
+        let rows: usize = jobs.iter().map(|j| j.rows.len()).sum();
+        let deadline = latest_deadline(&jobs);
+        let uri = self.next_prediction_uri();
+        let url = uri.to_string();
+        self.predict_calls.fetch_add(1, Ordering::Relaxed);
+        self.merged_calls.fetch_add(1, Ordering::Relaxed);
+        self.callers_merged
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        let result = match serde_json::to_vec(&MergedRequest {
+            requests: MergedRows(&jobs),
+        }) {
+            Err(e) => Err(PredictError::Unavailable {
+                url,
+                reason: format!("encoding request: {e}"),
+            }),
+            Ok(body) => {
+                let call = call_predict(self.client.clone(), uri, body, rows);
+                // Past the latest caller's deadline nobody is waiting for the answer.
+                match tokio::time::timeout_at(deadline, call).await {
+                    Ok(result) => result,
+                    Err(_) => Err(PredictError::Timeout {
+                        url,
+                        after: self.config.timeout,
+                    }),
+                }
+            }
+        };
+        match result {
+            Ok(predictions) => {
+                let mut predictions = predictions.into_iter();
+                for job in jobs {
+                    let mine: Vec<Prediction> = predictions.by_ref().take(job.rows.len()).collect();
+                    // A caller that gave up has dropped its receiver; nothing to tell it.
+                    let _ = job.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
     async fn predict(&self, batch: &[Features]) -> PredictResult {
         let rows: Vec<WireRow> = batch.iter().map(WireRow::predict).collect();
         let mut calls = tokio::task::JoinSet::new();
@@ -468,6 +783,76 @@ impl Inner {
                     .fetch_add(rows.len() as u64, Ordering::Relaxed);
             }
         }
+    }
+}
+
+fn latest_deadline(jobs: &[Job]) -> Instant {
+    jobs.iter()
+        .map(|j| j.deadline)
+        .max()
+        .unwrap_or_else(Instant::now)
+}
+
+/// The coalescing dispatcher: groups queued callers into merged calls (module doc).
+async fn dispatch_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>) {
+    let window = inner.config.coalesce_window;
+    let limit = inner.config.max_coalesced_rows;
+    let slots = Arc::new(Semaphore::new(inner.config.max_concurrent_dispatches));
+    // Owning the calls here means stopping the dispatcher stops them too.
+    let mut in_flight = JoinSet::new();
+    // A caller that did not fit the previous call starts the next one.
+    let mut carried: Option<Job> = None;
+    loop {
+        while in_flight.try_join_next().is_some() {}
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match queue.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        if first.reply.is_closed() {
+            continue;
+        }
+        let window_ends = Instant::now() + window;
+        let mut rows = first.rows.len();
+        let mut jobs = vec![first];
+        while rows < limit {
+            match tokio::time::timeout_at(window_ends, queue.recv()).await {
+                Ok(Some(job)) if job.reply.is_closed() => {}
+                Ok(Some(job)) if rows + job.rows.len() > limit => {
+                    carried = Some(job);
+                    break;
+                }
+                Ok(Some(job)) => {
+                    rows += job.rows.len();
+                    jobs.push(job);
+                }
+                // Queue closed (predictor dropped) or window over: send what we have.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let deadline = latest_deadline(&jobs);
+        let slot = match tokio::time::timeout_at(deadline, Arc::clone(&slots).acquire_owned()).await
+        {
+            Ok(Ok(slot)) => slot,
+            // Every caller in this call has reached its deadline waiting for a slot (or the
+            // semaphore is gone): answer them with the timeout they are already seeing.
+            Ok(Err(_)) | Err(_) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(PredictError::Timeout {
+                        url: inner.prediction_label.clone(),
+                        after: inner.config.timeout,
+                    }));
+                }
+                continue;
+            }
+        };
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        in_flight.spawn(Arc::clone(&inner).dispatch(jobs, slot));
     }
 }
 
