@@ -326,14 +326,41 @@ async fn an_asynchronous_predictor_is_awaited_and_its_predictions_route() {
 
 #[tokio::test]
 async fn a_failing_asynchronous_predictor_falls_back_to_the_composite_score() {
-    let (_state, service, predictor) = async_fixture(true);
-    for _ in 0..10 {
-        let (dest, _) = route_through_stream(&service).await;
-        assert!(dest == A || dest == B, "{dest}");
+    let (state, service, predictor) = async_fixture(true);
+    // B's KV cache is full and its queue the longest: its composite score
+    // (free KV, relative queue, prefix) is 0, so the weighted random draw never picks it,
+    // while a uniform draw would about half the time.
+    let loaded = state.current().unwrap();
+    for ep in &loaded.endpoints {
+        let m = if ep.endpoint.address.to_string() == A {
+            metrics(0, 0.1)
+        } else {
+            metrics(3, 1.0)
+        };
+        ep.record_scrape(m, Instant::now());
+    }
+    let mut open = Vec::new();
+    for i in 0..10 {
+        // route_through_stream also asserts the request was routed, not failed.
+        let (dest, stream) = route_through_stream(&service).await;
+        assert_eq!(dest, A, "request {i}: the composite score decides");
+        open.push(stream);
     }
     assert_eq!(
         predictor.calls.load(std::sync::atomic::Ordering::Relaxed),
         10
+    );
+    let in_flight = |addr: &str| {
+        loaded
+            .endpoint_at(addr.parse().unwrap())
+            .unwrap()
+            .in_flight
+            .requests()
+    };
+    assert_eq!(
+        (in_flight(A), in_flight(B)),
+        (10, 0),
+        "the fallback decision is the one committed"
     );
 }
 
