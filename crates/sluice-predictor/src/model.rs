@@ -64,7 +64,7 @@
 //!    model. The trees are shared by all groups (class and role are two of their inputs),
 //!    start only at 400 samples, and shrink every leaf towards no correction.
 //!
-//! Quantile mode (the median by default, or p90) continues the linear fit with iteratively
+//! Quantile mode (p90 by default, or the median) continues the linear fit with iteratively
 //! reweighted least squares on the relative pinball loss `ρ_q(y − ŷ)/y` (for q = 0.5 that
 //! is exactly the MAPE), i.e. a linear quantile regression, still one small solve per
 //! iteration (10 in all). A final multiplier, the q-quantile of the ratios

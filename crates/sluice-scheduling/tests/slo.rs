@@ -212,7 +212,29 @@ fn valid_pods_are_preferred_and_the_strategy_decides_among_them() {
         SloServices::with_predictor(p.clone()),
     );
     let c = histogram(&cm, &cands, 3000, SLO);
-    assert!(c[0] > c[2] && c[3] < 60, "{c:?}");
+    assert!(c[0] > c[1] && c[1] > c[2] && c[3] < 60, "{c:?}");
+
+    // composite-least among valid pods: the fullest valid queue (pod 2) weighs most.
+    let cl = setup_with(
+        &with_strategy("composite-least"),
+        SloServices::with_predictor(p.clone()),
+    );
+    let c = histogram(&cl, &cands, 3000, SLO);
+    assert!(c[2] > c[1] && c[1] > c[0] && c[3] < 60, "{c:?}");
+
+    // composite-only ignores predictions: pod 3 is not invalid, just the fullest queue,
+    // and every pod is drawn in proportion to its composite score.
+    let co = setup_with(
+        &with_strategy("composite-only"),
+        SloServices::with_predictor(p.clone()),
+    );
+    let c = histogram(&co, &cands, 3000, SLO);
+    assert!(
+        c[0] > c[1] && c[1] > c[2] && c[2] > c[3] && c[3] > 300,
+        "{c:?}"
+    );
+    let s = co.scheduler.schedule(&req(2, SLO, 0), &cands).unwrap();
+    assert_eq!(state(&s).decision, Decision::CompositeOnly);
 }
 
 #[test]
@@ -314,10 +336,14 @@ fn no_valid_pod_non_sheddable_goes_to_least_negative_headroom() {
 }
 
 #[test]
-fn no_valid_pod_sheddable_request_is_shed_with_429_and_a_reason() {
+fn no_valid_pod_sheddable_request_is_shed_with_429_and_a_reason_unless_an_endpoint_is_idle() {
     let p = Scripted::new(&[(0, 900.0, Some(20.0)), (1, 450.0, Some(20.0))]);
     let s = setup(&p);
-    let cands = candidates(&pods(2));
+    let busy = |queue: u32, running: u32| Pod {
+        running,
+        ..pod(queue, 0.1)
+    };
+    let cands = candidates(&[busy(0, 3), busy(1, 2)]);
     let err = s
         .scheduler
         .schedule(&req(1, SLO, -1), &cands)
@@ -330,6 +356,32 @@ fn no_valid_pod_sheddable_request_is_shed_with_429_and_a_reason() {
     assert!(reason.contains("SLO") && reason.contains("450"), "{reason}");
     // The same request with priority 0 is served.
     assert!(s.scheduler.schedule(&req(1, SLO, 0), &cands).is_ok());
+
+    // An idle endpoint (nothing running or waiting, nothing in flight from this picker)
+    // serves a sheddable request rather than shedding it, even though it is predicted
+    // further from the SLO (900 ms against 450 ms).
+    let with_idle = candidates(&[busy(0, 0), busy(1, 2)]);
+    for i in 0..20 {
+        let r = s
+            .scheduler
+            .schedule(&req(i, SLO, -1), &with_idle)
+            .expect("an idle endpoint takes it");
+        assert_eq!(pod_index(&r.result.targets[0]), 0);
+        assert_eq!(state(&r).decision, Decision::IdleInsteadOfShed);
+    }
+    // Requests this picker has in flight there make it busy, whatever the last scrape said.
+    let in_flight = candidates(&[
+        Pod {
+            in_flight_requests: 1,
+            ..busy(0, 0)
+        },
+        busy(1, 2),
+    ]);
+    let err = s
+        .scheduler
+        .schedule(&req(1, SLO, -1), &in_flight)
+        .expect_err("no idle endpoint left");
+    assert_eq!(err.http_status(), 429);
 }
 
 #[test]
@@ -587,8 +639,13 @@ fn running_queues_return_to_zero_after_a_mixed_run_with_errors_and_disconnects()
     let s = setup(&p);
     let running = s.running();
     let cands = candidates(&pods(3));
-    let mut open: Vec<(LlmRequest, Scheduled)> = Vec::new();
+    // (request, its scheduling, whether it entered a running queue)
+    let mut open: Vec<(LlmRequest, Scheduled, bool)> = Vec::new();
     let mut successes = 0;
+    // What the queues must hold: every queued request not completed yet, dropped ones
+    // included (only the TTL removes those). Checked after every step, so a completion
+    // path that forgets its removal fails here, before the TTL could hide it.
+    let mut expected = 0usize;
     for i in 0..400 {
         let headers: &[(&str, &str)] = match i % 4 {
             0 => SLO,
@@ -598,11 +655,17 @@ fn running_queues_return_to_zero_after_a_mixed_run_with_errors_and_disconnects()
         };
         let r = req(i, headers, 0);
         let mut sch = s.scheduler.schedule(&r, &cands).unwrap();
+        let before = running.total();
         s.scheduler.pre_request(&r, &mut sch);
-        open.push((r, sch));
+        let queued = running.total() == before + 1;
+        assert!(queued || running.total() == before);
+        expected += usize::from(queued);
+        open.push((r, sch, queued));
         // Finish the oldest requests in a mixed order of outcomes.
         if open.len() > 20 {
-            let (r, mut sch) = open.remove(i % 7);
+            let (r, mut sch, queued) = open.remove(i % 7);
+            let completes = i % 5 != 2;
+            expected -= usize::from(queued && completes);
             s.clock.advance(Duration::from_millis(3));
             match i % 5 {
                 0 => s.scheduler.complete(
@@ -641,13 +704,19 @@ fn running_queues_return_to_zero_after_a_mixed_run_with_errors_and_disconnects()
                 }
             }
         }
-        assert!(running.total() <= 400);
+        assert_eq!(running.total(), expected, "after request {i}");
     }
     assert!(running.total() > 0);
-    for (r, mut sch) in open.drain(..) {
+    for (r, mut sch, queued) in open.drain(..) {
         s.scheduler
             .complete(&r, &mut sch, Outcome::ClientDisconnected);
+        expected -= usize::from(queued);
     }
+    assert_eq!(
+        running.total(),
+        expected,
+        "only the dropped requests are left"
+    );
     let lost = running.total();
     assert!(lost > 0, "dropped requests stay until the TTL");
     s.clock.advance(Duration::from_secs(301));

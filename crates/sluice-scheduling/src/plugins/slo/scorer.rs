@@ -19,8 +19,10 @@
 //!    `invalidWeightFraction` (1 %) of the mean valid weight, so the weighted random picker
 //!    still explores them about 1 % as often as a valid one.
 //! 4. No valid endpoint: a sheddable request (priority < 0) with a TTFT SLO is shed (429)
-//!    with the reason; any other request goes to the endpoint with the least negative
-//!    headroom (upstream's order: only TPOT short, then only TTFT short, then both).
+//!    with the reason, unless an endpoint is idle (nothing running, waiting or in flight),
+//!    where it then goes, as upstream's admitter allows; any other request goes to the
+//!    endpoint with the least negative headroom (upstream's order: only TPOT short, then
+//!    only TTFT short, then both).
 //! 5. No prediction (no model yet, predictor error, or a remote predictor that cannot answer
 //!    synchronously) ⇒ composite score `(wkv·(1−kv) + wq·relQueue + wp·prefix)` — never a
 //!    failure. Training continues from that traffic, which is how the first model appears.
@@ -180,6 +182,9 @@ pub enum Decision {
     },
     /// None is; the request goes to the least negative headroom.
     LeastNegative,
+    /// None is and the request is sheddable, but an endpoint is idle: it goes there (the
+    /// least negative of the idle ones) instead of being shed.
+    IdleInsteadOfShed,
     /// No prediction; composite score. The reason is for logs.
     Fallback(String),
     /// `composite-only` strategy.
@@ -686,7 +691,21 @@ impl Scorer for PredictedLatencyScorer {
             }
             state.decision = Decision::Valid { valid: n_valid };
         } else {
-            if request.priority < 0 && slo.has_ttft() {
+            // An endpoint with nothing running, waiting or in flight from this picker.
+            let idle = |e: &EndpointPrediction| {
+                let c = &candidates[e.candidate];
+                let m = c.metrics_or_zero();
+                m.running_requests_size == 0
+                    && m.waiting_queue_size == 0
+                    && c.in_flight.requests() == 0
+            };
+            let sheddable = request.priority < 0 && slo.has_ttft();
+            // Upstream's admitter keeps a sheddable request when an endpoint is idle: serving
+            // it there costs nobody anything, and it keeps samples coming in from idle
+            // endpoints, so a model that has turned pessimistic can still learn its way back
+            // (with everything shed it never would).
+            let idle_only = sheddable && state.endpoints.iter().any(idle);
+            if sheddable && !idle_only {
                 let best = state
                     .endpoints
                     .iter()
@@ -711,8 +730,20 @@ impl Scorer for PredictedLatencyScorer {
                     (true, false) => 1,
                     (true, true) => 2,
                 };
-            let best_class = state.endpoints.iter().map(class).min().unwrap_or(0);
-            let in_class = || state.endpoints.iter().filter(|e| class(e) == best_class);
+            let eligible = |e: &EndpointPrediction| !idle_only || idle(e);
+            let best_class = state
+                .endpoints
+                .iter()
+                .filter(|e| eligible(e))
+                .map(class)
+                .min()
+                .unwrap_or(0);
+            let in_class = || {
+                state
+                    .endpoints
+                    .iter()
+                    .filter(|e| eligible(e) && class(e) == best_class)
+            };
             // Only shortfalls count: a pod that meets TTFT but misses TPOT is judged by
             // how far it misses TPOT, not by how much TTFT room it has.
             let short = |h: f64| (-h).max(0.0);
@@ -724,11 +755,16 @@ impl Scorer for PredictedLatencyScorer {
             };
             let best = in_class().map(deficit).fold(f64::INFINITY, f64::min);
             for (e, o) in state.endpoints.iter_mut().zip(out.iter_mut()) {
-                let chosen = class(e) == best_class && (deficit(e) - best).abs() <= EPS;
+                let chosen =
+                    eligible(e) && class(e) == best_class && (deficit(e) - best).abs() <= EPS;
                 e.weight = if chosen { 1.0 } else { 0.0 };
                 *o = e.weight;
             }
-            state.decision = Decision::LeastNegative;
+            state.decision = if idle_only {
+                Decision::IdleInsteadOfShed
+            } else {
+                Decision::LeastNegative
+            };
         }
         cycle.state.insert(self.state_key.clone(), state);
         Ok(())
