@@ -764,3 +764,46 @@ fn aliases_and_parameters_load_and_bad_parameters_say_what_is_expected() {
     .to_string();
     assert!(err.contains("fastest") && err.contains("least"), "{err}");
 }
+
+#[test]
+fn the_predictor_sees_each_endpoints_prefix_match_and_hardware_class() {
+    let p = Scripted::new(&[(0, 100.0, Some(20.0)), (1, 100.0, Some(20.0))]);
+    let s = setup(&p);
+    let mut cands = candidates(&[pod(0, 0.1), pod(1, 0.1), pod(0, 0.1)]);
+    for (c, class) in cands.iter_mut().zip(["h100", "l4", "h100"]) {
+        let mut e = (*c.endpoint).clone();
+        e.labels.insert(
+            sluice_core::endpoint::HARDWARE_CLASS_LABEL.into(),
+            class.into(),
+        );
+        c.endpoint = Arc::new(e);
+    }
+    let prompt: String = (0..2000)
+        .map(|i| char::from(b'a' + (i % 23) as u8))
+        .collect();
+    let with_prompt = |id: usize| LlmRequest {
+        prompt: prompt.clone().into(),
+        prompt_tokens: 500,
+        ..req(id, SLO, 0)
+    };
+    let first = with_prompt(1);
+    let mut sch = s.scheduler.schedule(&first, &cands).unwrap();
+    s.scheduler.pre_request(&first, &mut sch);
+    let cached = pod_index(&sch.result.targets[0]);
+
+    let again = s.scheduler.schedule(&with_prompt(2), &cands).unwrap();
+    let features: Vec<Features> = state(&again).endpoints.iter().map(|e| e.features).collect();
+    for (i, f) in features.iter().enumerate() {
+        if i == cached {
+            assert!(f.prefix_cache_score > 0.9, "{i}: {f:?}");
+        } else {
+            assert_eq!(f.prefix_cache_score, 0.0, "{i}: {f:?}");
+        }
+        assert_eq!(f.input_tokens, 500);
+    }
+    assert_eq!(
+        features[0].class, features[2].class,
+        "same label, same class"
+    );
+    assert_ne!(features[0].class, features[1].class, "h100 is not l4");
+}
