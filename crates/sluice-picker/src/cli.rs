@@ -169,8 +169,23 @@ impl Args {
     }
 }
 
-/// Runs the picker until SIGINT/SIGTERM.
-pub async fn run(args: Args) -> Result<()> {
+/// What start-up prepares before it serves: the picker's state, with the standalone
+/// configuration already applied, and the controller's config-stream settings in
+/// controller mode (the stream starts when serving does).
+#[derive(Debug)]
+pub struct Startup {
+    /// The state the servers share.
+    pub state: PickerState,
+    /// Controller mode: where to subscribe for snapshots.
+    pub controller: Option<ConfigClientOptions>,
+}
+
+/// Start-up up to serving: the SLO services the flags ask for, the picker state, and in
+/// standalone mode the snapshot of the flags' endpoints under the configuration the flags
+/// choose (`--config-file`, `--config-text`, else the built-in SLO routing config with
+/// `--enable-latency-predictor`, else upstream's default). Needs a Tokio runtime (metrics
+/// scrapers start when the snapshot is applied); binds no port.
+pub fn prepare(args: &Args) -> Result<Startup> {
     let metrics = Arc::new(Metrics::new());
     let scrape = ScrapeSettings {
         interval: args.refresh_metrics_interval.max(Duration::from_millis(1)),
@@ -245,13 +260,19 @@ pub async fn run(args: Args) -> Result<()> {
                     "--config-file/--config-text apply to standalone mode; with --controller-address the controller sends the EndpointPickerConfig"
                 );
             }
-            controller = Some(controller_options(&args, addr, pool)?);
+            controller = Some(controller_options(args, addr, pool)?);
         }
         (None, None) => bail!(
             "no endpoints: give --endpoints HOST:PORT,..., --endpoints-file, or --controller-address"
         ),
     }
 
+    Ok(Startup { state, controller })
+}
+
+/// Runs the picker until SIGINT/SIGTERM.
+pub async fn run(args: Args) -> Result<()> {
+    let Startup { state, controller } = prepare(&args)?;
     let tls = if args.secure_serving {
         Some(match &args.cert_path {
             Some(dir) => PemIdentity::load(dir)?,
@@ -410,6 +431,57 @@ mod tests {
             Args::try_parse_from(["sluice-picker", "--config-file", "a", "--config-text", "b"])
                 .is_err()
         );
+    }
+
+    /// The profile handler the standalone picker prepared by `flags` routes with, and
+    /// whether that scheduler skips saturation detection for an ordinary request.
+    fn prepared_handler(flags: &[&str]) -> (Vec<String>, bool) {
+        let mut argv = vec![
+            "sluice-picker",
+            "--endpoints",
+            "127.0.0.1:1",
+            "--secure-serving=false",
+        ];
+        argv.extend_from_slice(flags);
+        let startup = prepare(&Args::try_parse_from(argv).unwrap()).unwrap();
+        assert!(startup.controller.is_none(), "standalone mode");
+        let loaded = startup
+            .state
+            .current()
+            .expect("the standalone snapshot is applied");
+        let handlers = loaded
+            .snapshot
+            .picker_config
+            .plugins
+            .iter()
+            .filter(|p| p.type_.ends_with("-profile-handler"))
+            .map(|p| p.type_.clone())
+            .collect();
+        let skip = loaded
+            .router
+            .skip_saturation_detection(&sluice_scheduling::LlmRequest::default());
+        (handlers, skip)
+    }
+
+    #[tokio::test]
+    async fn enable_latency_predictor_without_a_config_routes_with_the_built_in_slo_config() {
+        let (handlers, skip) = prepared_handler(&["--enable-latency-predictor"]);
+        assert_eq!(handlers, ["predicted-latency-profile-handler"]);
+        assert!(skip, "the SLO profile does its own admission");
+
+        // Without the flag: upstream's default config (no handler named, single profile).
+        let (handlers, skip) = prepared_handler(&[]);
+        assert!(handlers.is_empty(), "{handlers:?}");
+        assert!(!skip, "the default profile keeps saturation detection");
+
+        // A config given on the command line wins over the built-in one.
+        let (handlers, skip) = prepared_handler(&[
+            "--enable-latency-predictor",
+            "--config-text",
+            "plugins: [{type: single-profile-handler}, {type: queue-scorer}, {type: max-score-picker}]\nschedulingProfiles: [{name: default, plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]}]",
+        ]);
+        assert_eq!(handlers, ["single-profile-handler"]);
+        assert!(!skip);
     }
 
     #[test]
