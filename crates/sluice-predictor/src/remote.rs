@@ -29,15 +29,17 @@
 //! call over `maxCoalescedRows` (that caller starts the next call). Each merged call is one
 //! `POST /predict/bulk/strict`, at most `maxConcurrentDispatches` in flight (default 36), and
 //! its answer is split back by offset, each caller getting its own rows in its own order.
-//! Departures from upstream:
+//! Merged calls go round-robin over the prediction servers (upstream picks one at random).
+//! Details, and departures from upstream:
 //!
-//! - A merged call never exceeds `maxBulkSize` rows (upstream's `LATENCY_MAX_COALESCED_ROWS`
-//!   defaults to 0, no cap, so a busy window can exceed the server's limit): the default cap
-//!   is the bulk size, and a caller with more rows than the cap is still split into chunks,
-//!   one queue entry per chunk.
+//! - A merged call never exceeds `maxBulkSize` rows, nor `maxCoalescedRows` (default 100,
+//!   1..=100): upstream's `LATENCY_MAX_COALESCED_ROWS` defaults to 0, no cap, so a busy
+//!   window can merge past the server's limit. A caller with more rows than the cap is still
+//!   split into chunks, one queue entry per chunk, which may share calls with others.
 //! - A full queue fails the caller at once (counted in [`RemoteStats::coalesce_queue_full`])
-//!   instead of blocking it: the scorer falls back to the composite score, which is cheaper
-//!   than waiting behind 1024 others.
+//!   rather than making it wait: the scorer falls back to the composite score, which is
+//!   cheaper than waiting behind 1024 others. A merged call waiting for a dispatch slot
+//!   stops the dispatcher taking more callers, so the queue is what absorbs a slow server.
 //! - Every caller keeps its own deadline (`timeout`, counted from its call): when its rows
 //!   have not come back by then it gets [`PredictError::Timeout`] even if the merged call
 //!   later succeeds. A merged call itself is abandoned at the latest deadline of the callers
@@ -108,8 +110,9 @@ pub struct RemoteConfig {
     /// (upstream `LATENCY_COALESCE_WINDOW_MS`); 0 turns coalescing off.
     #[serde(with = "millis", rename = "coalesceWindowMs")]
     pub coalesce_window: Duration,
-    /// Rows per merged call at most, 1..=`max_bulk_size` (upstream
-    /// `LATENCY_MAX_COALESCED_ROWS`, which has no cap by default).
+    /// Rows per merged call at most, 1..=100 (upstream `LATENCY_MAX_COALESCED_ROWS`, which
+    /// has no cap by default). A merged call is also capped at `max_bulk_size`, so lowering
+    /// that alone lowers this too.
     pub max_coalesced_rows: usize,
     /// Merged calls in flight at most (upstream `LATENCY_MAX_CONCURRENT_DISPATCHES`).
     pub max_concurrent_dispatches: usize,
@@ -152,17 +155,12 @@ pub enum RemoteConfigError {
     /// `maxBulkSize` is out of range.
     #[error("remote predictor: maxBulkSize {0} is out of range; expected 1..=100")]
     BadBulkSize(usize),
-    /// `maxCoalescedRows` is zero or above `maxBulkSize`.
+    /// `maxCoalescedRows` is out of range.
     #[error(
-        "remote predictor: maxCoalescedRows {rows} is out of range; expected 1..={max_bulk_size} \
-         (at most maxBulkSize, the rows one call may carry)"
+        "remote predictor: maxCoalescedRows {0} is out of range; expected 1..=100 (merged calls \
+         are also capped at maxBulkSize)"
     )]
-    BadCoalescedRows {
-        /// The value given.
-        rows: usize,
-        /// The configured `maxBulkSize`, the upper bound.
-        max_bulk_size: usize,
-    },
+    BadCoalescedRows(usize),
     /// `maxConcurrentDispatches` is out of range.
     #[error(
         "remote predictor: maxConcurrentDispatches {0} is out of range; expected 1..=1024 \
@@ -390,11 +388,10 @@ impl RemotePredictor {
         if !(1..=UPSTREAM_MAX_BULK_SIZE).contains(&config.max_bulk_size) {
             return Err(RemoteConfigError::BadBulkSize(config.max_bulk_size));
         }
-        if !(1..=config.max_bulk_size).contains(&config.max_coalesced_rows) {
-            return Err(RemoteConfigError::BadCoalescedRows {
-                rows: config.max_coalesced_rows,
-                max_bulk_size: config.max_bulk_size,
-            });
+        if !(1..=UPSTREAM_MAX_BULK_SIZE).contains(&config.max_coalesced_rows) {
+            return Err(RemoteConfigError::BadCoalescedRows(
+                config.max_coalesced_rows,
+            ));
         }
         if !(1..=MAX_CONCURRENT_DISPATCHES).contains(&config.max_concurrent_dispatches) {
             return Err(RemoteConfigError::BadConcurrentDispatches(
@@ -570,6 +567,14 @@ impl Inner {
         result
     }
 
+    /// Rows per merged call, and per queue entry, at most.
+    fn row_cap(&self) -> usize {
+        self.config
+            .max_coalesced_rows
+            .min(self.config.max_bulk_size)
+            .max(1)
+    }
+
     fn next_prediction_uri(&self) -> Uri {
         let i = self.next_server.fetch_add(1, Ordering::Relaxed);
         self.prediction_uris[i % self.prediction_uris.len()].clone()
@@ -582,7 +587,7 @@ impl Inner {
         batch: &[Features],
     ) -> Result<(Vec<oneshot::Receiver<PredictResult>>, Instant), PredictError> {
         let deadline = Instant::now() + self.config.timeout;
-        let chunk = self.config.max_coalesced_rows.max(1);
+        let chunk = self.row_cap();
         let mut waiting = Vec::with_capacity(batch.len().div_ceil(chunk));
         for rows in batch.chunks(chunk) {
             let (reply, answer) = oneshot::channel();
@@ -796,7 +801,7 @@ fn latest_deadline(jobs: &[Job]) -> Instant {
 /// The coalescing dispatcher: groups queued callers into merged calls (module doc).
 async fn dispatch_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>) {
     let window = inner.config.coalesce_window;
-    let limit = inner.config.max_coalesced_rows;
+    let limit = inner.row_cap();
     let slots = Arc::new(Semaphore::new(inner.config.max_concurrent_dispatches));
     // Owning the calls here means stopping the dispatcher stops them too.
     let mut in_flight = JoinSet::new();

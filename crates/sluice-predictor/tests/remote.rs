@@ -399,6 +399,22 @@ async fn concurrent_callers_in_one_window_share_one_call_and_get_their_own_rows_
 }
 
 #[tokio::test]
+async fn a_caller_arriving_later_in_the_window_joins_the_open_call() {
+    let (server, addr) = start(Mode::Ok).await;
+    let p = RemotePredictor::new(coalescing(addr, 200, 100)).unwrap();
+    let (a, b) = (rows_from(1000, 2), rows_from(2000, 3));
+    let a_fut = p.predict_batch(&a);
+    // Not synchronisation but the scenario: `b` arrives 20 ms into `a`'s 200 ms window
+    // (the dispatcher, on this single-threaded runtime, has taken `a` by then).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let b_fut = p.predict_batch(&b);
+    let (a_got, b_got) = tokio::join!(a_fut, b_fut);
+    assert_own_rows(&a, &a_got.unwrap());
+    assert_own_rows(&b, &b_got.unwrap());
+    assert_eq!(call_sizes(&server), vec![5]);
+}
+
+#[tokio::test]
 async fn callers_beyond_max_coalesced_rows_start_the_next_call_and_none_exceeds_it() {
     let (server, addr) = start(Mode::Ok).await;
     let p = RemotePredictor::new(coalescing(addr, 50, 10)).unwrap();
@@ -420,6 +436,23 @@ async fn callers_beyond_max_coalesced_rows_start_the_next_call_and_none_exceeds_
     assert_eq!(call_sizes(&server), vec![3, 5, 9, 10, 10]);
     let stats = p.stats();
     assert_eq!((stats.merged_calls, stats.callers_merged), (5, 7));
+}
+
+#[tokio::test]
+async fn lowering_max_bulk_size_alone_also_caps_merged_calls() {
+    let (server, addr) = start(Mode::Ok).await;
+    let p = RemotePredictor::new(RemoteConfig {
+        max_bulk_size: 4,
+        ..coalescing(addr, 50, 100)
+    })
+    .unwrap();
+    let batches = [rows_from(1000, 3), rows_from(2000, 3), rows_from(3000, 2)];
+    let futs = batches.each_ref().map(|b| p.predict_batch(b));
+    for (batch, fut) in batches.iter().zip(futs) {
+        assert_own_rows(batch, &fut.await.unwrap());
+    }
+    // 3 + 3 and 3 + 2 would both exceed the bulk size of 4.
+    assert_eq!(call_sizes(&server), vec![2, 3, 3]);
 }
 
 #[tokio::test]
@@ -576,26 +609,14 @@ async fn coalescing_settings_round_trip_through_serde_and_bad_values_are_rejecte
     RemotePredictor::new(set).unwrap();
 
     let rejected = |c: RemoteConfig| RemotePredictor::new(c).unwrap_err();
-    let err = rejected(RemoteConfig {
-        max_coalesced_rows: 0,
-        ..RemoteConfig::default()
-    });
-    assert_eq!(
-        err,
-        RemoteConfigError::BadCoalescedRows {
-            rows: 0,
-            max_bulk_size: 100
-        }
-    );
-    let err = rejected(RemoteConfig {
-        max_bulk_size: 50,
-        max_coalesced_rows: 60,
-        ..RemoteConfig::default()
-    });
-    assert!(
-        err.to_string().contains("maxCoalescedRows 60") && err.to_string().contains("1..=50"),
-        "{err}"
-    );
+    for rows in [0, 101] {
+        let err = rejected(RemoteConfig {
+            max_coalesced_rows: rows,
+            ..RemoteConfig::default()
+        });
+        assert_eq!(err, RemoteConfigError::BadCoalescedRows(rows));
+        assert!(err.to_string().contains("expected 1..=100"), "{err}");
+    }
     let err = rejected(RemoteConfig {
         max_concurrent_dispatches: 0,
         ..RemoteConfig::default()
