@@ -4,9 +4,10 @@
 //!
 //! Behaviour, and where it departs from upstream's Go client:
 //!
-//! - A batch larger than the server's 100-row limit is **split** into chunks sent
-//!   concurrently (upstream rejects the whole batch, so the scorer silently falls back for
-//!   pools over 100 endpoints). Chunks go round-robin over the prediction servers.
+//! - A batch larger than upstream's 100-row client limit (`LATENCY_MAX_BULK_SIZE`; the
+//!   server itself takes up to 10000 rows) is **split** into chunks sent concurrently
+//!   (upstream rejects the whole batch, so the scorer silently falls back for pools over
+//!   100 endpoints). Chunks go round-robin over the prediction servers.
 //! - One deadline (`timeout`, default 400 ms like upstream's producer budget) covers the
 //!   whole batch; any chunk failing, timing out, or answering with the wrong number of rows
 //!   fails the batch, and the caller falls back to the composite score. No retries: a retry
@@ -21,8 +22,9 @@
 //!
 //! ## Coalescing
 //!
-//! The sidecars top out near 200 calls/s each, so at high request rates concurrent
-//! callers are merged into shared calls, like upstream's client (§10.7): with
+//! A sidecar call's cost is mostly fixed (on one core about 13 ms for one row, 27 ms for
+//! 100: SLO reference §14), so at high request rates concurrent callers are merged into
+//! shared calls, like upstream's client (§10.7): with
 //! `coalesceWindowMs` > 0 (default 1) a caller's rows are queued on a bounded channel
 //! ([`COALESCE_QUEUE_CAPACITY`] entries) the moment it calls, and a dispatcher task collects
 //! callers from the first arrival until the window expires or the next caller would push the
@@ -34,12 +36,17 @@
 //!
 //! - A merged call never exceeds `maxBulkSize` rows, nor `maxCoalescedRows` (default 100,
 //!   1..=100): upstream's `LATENCY_MAX_COALESCED_ROWS` defaults to 0, no cap, so a busy
-//!   window can merge past the server's limit. A caller with more rows than the cap is still
+//!   window can merge past the 100-row client limit. A caller with more rows than the cap is still
 //!   split into chunks, one queue entry per chunk, which may share calls with others.
-//! - A full queue fails the caller at once (counted in [`RemoteStats::coalesce_queue_full`])
-//!   rather than making it wait: the scorer falls back to the composite score, which is
-//!   cheaper than waiting behind 1024 others. A merged call waiting for a dispatch slot
-//!   stops the dispatcher taking more callers, so the queue is what absorbs a slow server.
+//! - The dispatcher takes a dispatch slot *before* it collects a call (upstream collects,
+//!   then waits for a slot): while every slot is busy callers wait in the queue, and the next
+//!   call takes as many of them as fit rather than one window's worth. A full queue fails the
+//!   caller at once (counted in [`RemoteStats::coalesce_queue_full`]) rather than making it
+//!   wait: the scorer falls back to the composite score, cheaper than waiting behind 1024
+//!   others.
+//! - `maxConcurrentDispatches` should not exceed what the sidecars serve in parallel (their
+//!   workers in all): calls beyond that wait in the sidecars' own queues, where they add
+//!   latency without adding throughput and can no longer be merged.
 //! - Every caller keeps its own deadline (`timeout`, counted from its call): when its rows
 //!   have not come back by then it gets [`PredictError::Timeout`] even if the merged call
 //!   later succeeds. A merged call itself is abandoned at the latest deadline of the callers
@@ -809,6 +816,13 @@ async fn dispatch_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>) {
     let mut carried: Option<Job> = None;
     loop {
         while in_flight.try_join_next().is_some() {}
+        // The slot comes before the collecting: while every slot is busy, callers wait in
+        // the queue, and the next call then takes as many of them as fit instead of only
+        // those of one window. Every call ends by its callers' deadlines, so this wait is
+        // bounded too.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let first = match carried.take() {
             Some(job) => job,
             None => match queue.recv().await {
@@ -837,22 +851,7 @@ async fn dispatch_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>) {
                 Ok(None) | Err(_) => break,
             }
         }
-        let deadline = latest_deadline(&jobs);
-        let slot = match tokio::time::timeout_at(deadline, Arc::clone(&slots).acquire_owned()).await
-        {
-            Ok(Ok(slot)) => slot,
-            // Every caller in this call has reached its deadline waiting for a slot (or the
-            // semaphore is gone): answer them with the timeout they are already seeing.
-            Ok(Err(_)) | Err(_) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(PredictError::Timeout {
-                        url: inner.prediction_label.clone(),
-                        after: inner.config.timeout,
-                    }));
-                }
-                continue;
-            }
-        };
+        // Callers that gave up while the window was open are left out.
         jobs.retain(|j| !j.reply.is_closed());
         if jobs.is_empty() {
             continue;

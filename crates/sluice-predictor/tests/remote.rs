@@ -41,6 +41,10 @@ const FAIL_AT: u32 = 9000;
 /// A row with at least this many input tokens (and below [`FAIL_AT`]) makes its call answer
 /// one prediction short.
 const SHORT_AT: u32 = 8000;
+/// A row with at least this many input tokens (and below [`SHORT_AT`]) makes its call take
+/// [`DELAY`] before answering normally.
+const DELAY_AT: u32 = 7000;
+const DELAY: Duration = Duration::from_millis(300);
 
 #[derive(Clone)]
 struct Server {
@@ -65,6 +69,8 @@ async fn predict(State(s): State<Server>, Json(body): Json<Value>) -> (StatusCod
             mode = Mode::Error;
         } else if inputs.iter().any(|&i| i >= u64::from(SHORT_AT)) {
             mode = Mode::Short;
+        } else if inputs.iter().any(|&i| i >= u64::from(DELAY_AT)) {
+            tokio::time::sleep(DELAY).await;
         }
     }
     match mode {
@@ -412,6 +418,37 @@ async fn a_caller_arriving_later_in_the_window_joins_the_open_call() {
     assert_own_rows(&a, &a_got.unwrap());
     assert_own_rows(&b, &b_got.unwrap());
     assert_eq!(call_sizes(&server), vec![5]);
+}
+
+#[tokio::test]
+async fn callers_waiting_for_a_dispatch_slot_share_the_next_call() {
+    let (server, addr) = start(Mode::Ok).await;
+    let p = RemotePredictor::new(RemoteConfig {
+        max_concurrent_dispatches: 1,
+        ..coalescing(addr, 10, 100)
+    })
+    .unwrap();
+    let slow = rows_from(DELAY_AT, 1);
+    let (b, c) = (rows_from(1000, 2), rows_from(2000, 2));
+    let slow_fut = p.predict_batch(&slow);
+    let waiting = async {
+        // The scenario, not synchronisation: `b` and `c` arrive far more than a 10 ms window
+        // apart, both while the only slot is busy for 300 ms.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let b_fut = p.predict_batch(&b);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let c_fut = p.predict_batch(&c);
+        tokio::join!(b_fut, c_fut)
+    };
+    let (slow_got, (b_got, c_got)) = tokio::join!(slow_fut, waiting);
+    assert_own_rows(&slow, &slow_got.unwrap());
+    assert_own_rows(&b, &b_got.unwrap());
+    assert_own_rows(&c, &c_got.unwrap());
+    assert_eq!(
+        call_sizes(&server),
+        vec![1, 4],
+        "b and c shared the second call"
+    );
 }
 
 #[tokio::test]
