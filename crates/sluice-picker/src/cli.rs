@@ -21,6 +21,7 @@ use crate::state::{PickerOptions, PickerState};
 use crate::tls::PemIdentity;
 use sluice_predictor::{
     InProcessPredictor, Objective, PredictorConfig, RemoteConfig, RemotePredictor,
+    remote::RemoteConfigError,
 };
 use sluice_scheduling::plugins::slo::SloServices;
 
@@ -136,6 +137,29 @@ pub struct Args {
     /// Deadline of one remote batch prediction.
     #[arg(long, default_value = "400ms", value_parser = parse_duration)]
     pub latency_predictor_timeout: Duration,
+    /// How long a remote prediction call waits for concurrent requests to share it (e.g.
+    /// 1ms, 500us): a sidecar call costs about the same for 1 row as for 100, so merging
+    /// raises the sidecars' throughput at the cost of up to this much latency. 0 sends one
+    /// call per request. Must be shorter than --latency-predictor-timeout.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1ms",
+        value_parser = parse_duration,
+        requires = "latency_predictor_url"
+    )]
+    pub latency_predictor_coalesce_window: Duration,
+    /// Merged prediction calls in flight at most (1..=1024): about the sidecars' total
+    /// worker count; beyond it calls queue inside the sidecars, where they add latency and
+    /// cannot be merged. Requests wait for a free slot in the picker instead, and share the
+    /// next call. No limit with --latency-predictor-coalesce-window 0.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 36,
+        requires = "latency_predictor_url"
+    )]
+    pub latency_predictor_max_dispatches: usize,
     /// Log as JSON lines.
     #[arg(long, default_value_t = false)]
     pub log_json: bool,
@@ -197,30 +221,36 @@ pub fn prepare(args: &Args) -> Result<Startup> {
         namespace: args.pool_namespace.clone(),
         name: args.pool_name.clone(),
     };
-    let options = PickerOptions {
-        slo: if let Some(training_url) = &args.latency_training_url {
-            let remote = RemotePredictor::new(RemoteConfig {
-                prediction_urls: args.latency_predictor_url.clone(),
-                training_url: training_url.clone(),
-                timeout: args.latency_predictor_timeout,
-                ..RemoteConfig::default()
-            })
-            .context("--latency-predictor-url / --latency-training-url")?;
-            Some(SloServices::with_predictor(Arc::new(remote)))
-        } else if args.enable_latency_predictor || args.latency_objective.is_some() {
-            let config = PredictorConfig {
-                objective: args
-                    .latency_objective
-                    .unwrap_or(PredictorConfig::default().objective),
-                ..PredictorConfig::default()
-            };
-            let predictor = InProcessPredictor::spawn(config)
-                .context("starting the latency predictor (--enable-latency-predictor)")?;
-            Some(SloServices::with_predictor(Arc::new(predictor)))
-        } else {
-            // The default services start a predictor only if a config uses the SLO plugins.
-            None
-        },
+    let options = if let Some(training_url) = &args.latency_training_url {
+        let remote = RemotePredictor::new(RemoteConfig {
+            prediction_urls: args.latency_predictor_url.clone(),
+            training_url: training_url.clone(),
+            timeout: args.latency_predictor_timeout,
+            coalesce_window: args.latency_predictor_coalesce_window,
+            max_concurrent_dispatches: args.latency_predictor_max_dispatches,
+            ..RemoteConfig::default()
+        })
+        .map_err(|e| {
+            let flags = remote_flags(&e);
+            anyhow::Error::new(e).context(flags)
+        })?;
+        PickerOptions::with_remote_predictor(Arc::new(remote))
+    } else if args.enable_latency_predictor || args.latency_objective.is_some() {
+        let config = PredictorConfig {
+            objective: args
+                .latency_objective
+                .unwrap_or(PredictorConfig::default().objective),
+            ..PredictorConfig::default()
+        };
+        let predictor = InProcessPredictor::spawn(config)
+            .context("starting the latency predictor (--enable-latency-predictor)")?;
+        PickerOptions {
+            slo: Some(SloServices::with_predictor(Arc::new(predictor))),
+            ..PickerOptions::default()
+        }
+    } else {
+        // The default services start a predictor only if a config uses the SLO plugins.
+        PickerOptions::default()
     };
     let state = PickerState::with_options(metrics, Some(scrape), Some(pool.to_string()), options);
 
@@ -268,6 +298,23 @@ pub fn prepare(args: &Args) -> Result<Startup> {
     }
 
     Ok(Startup { state, controller })
+}
+
+/// The flags behind a remote-predictor setting the predictor refused: its message names
+/// the setting by its config name, the context names what the user typed.
+fn remote_flags(e: &RemoteConfigError) -> &'static str {
+    match e {
+        RemoteConfigError::NoPredictionServer => "--latency-predictor-url",
+        RemoteConfigError::BadUrl { field, .. } if field.contains("training") => {
+            "--latency-training-url"
+        }
+        RemoteConfigError::BadUrl { .. } => "--latency-predictor-url",
+        RemoteConfigError::BadConcurrentDispatches(_) => "--latency-predictor-max-dispatches",
+        RemoteConfigError::BadCoalesceWindow { .. } => {
+            "--latency-predictor-coalesce-window / --latency-predictor-timeout"
+        }
+        _ => "the remote latency predictor (--latency-predictor-url)",
+    }
 }
 
 /// Runs the picker until SIGINT/SIGTERM.
@@ -522,6 +569,216 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--latency-training-url"), "{err}");
+    }
+
+    #[test]
+    fn remote_predictor_coalescing_flags() {
+        let remote = [
+            "sluice-picker",
+            "--latency-predictor-url",
+            "http://p:8001",
+            "--latency-training-url",
+            "http://t:8000",
+        ];
+        let a = Args::try_parse_from(remote).unwrap();
+        assert_eq!(
+            a.latency_predictor_coalesce_window,
+            Duration::from_millis(1)
+        );
+        assert_eq!(a.latency_predictor_max_dispatches, 36);
+
+        let mut argv = remote.to_vec();
+        argv.extend([
+            "--latency-predictor-coalesce-window",
+            "500us",
+            "--latency-predictor-max-dispatches",
+            "4",
+        ]);
+        let a = Args::try_parse_from(argv).unwrap();
+        assert_eq!(
+            a.latency_predictor_coalesce_window,
+            Duration::from_micros(500)
+        );
+        assert_eq!(a.latency_predictor_max_dispatches, 4);
+        let mut argv = remote.to_vec();
+        argv.extend(["--latency-predictor-coalesce-window", "0"]);
+        let a = Args::try_parse_from(argv).unwrap();
+        assert_eq!(a.latency_predictor_coalesce_window, Duration::ZERO);
+
+        // Without the sidecars the settings would silently do nothing.
+        for flag in [
+            ["--latency-predictor-coalesce-window", "2ms"],
+            ["--latency-predictor-max-dispatches", "8"],
+        ] {
+            let mut argv = vec!["sluice-picker"];
+            argv.extend(flag);
+            let err = Args::try_parse_from(argv).unwrap_err().to_string();
+            assert!(err.contains("--latency-predictor-url"), "{err}");
+        }
+        let mut argv = remote.to_vec();
+        argv.extend(["--latency-predictor-max-dispatches", "many"]);
+        let err = Args::try_parse_from(argv).unwrap_err().to_string();
+        assert!(err.contains("--latency-predictor-max-dispatches"), "{err}");
+    }
+
+    /// `prepare` for a standalone picker predicting with sidecars at `url`, plus `flags`.
+    fn prepare_remote(url: &str, flags: &[&str]) -> Result<Startup> {
+        let mut argv = vec![
+            "sluice-picker",
+            "--endpoints",
+            "127.0.0.1:1",
+            "--secure-serving=false",
+            "--latency-predictor-url",
+            url,
+            "--latency-training-url",
+            url,
+        ];
+        argv.extend_from_slice(flags);
+        prepare(&Args::try_parse_from(argv).unwrap())
+    }
+
+    #[tokio::test]
+    async fn bad_remote_predictor_settings_fail_start_up_naming_the_flag() {
+        let url = "http://127.0.0.1:1";
+        let err = prepare_remote(url, &["--latency-predictor-max-dispatches", "0"]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("--latency-predictor-max-dispatches")
+                && msg.contains("maxConcurrentDispatches 0 is out of range; expected 1..=1024"),
+            "{msg}"
+        );
+        let err = prepare_remote(url, &["--latency-predictor-max-dispatches", "2000"]).unwrap_err();
+        assert!(format!("{err:#}").contains("2000"), "{err:#}");
+
+        let err =
+            prepare_remote(url, &["--latency-predictor-coalesce-window", "400ms"]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("--latency-predictor-coalesce-window")
+                && msg.contains("coalesceWindowMs 400 is not shorter than timeoutMs 400"),
+            "{msg}"
+        );
+        // A window below the deadline is fine.
+        prepare_remote(
+            url,
+            &[
+                "--latency-predictor-coalesce-window",
+                "400ms",
+                "--latency-predictor-timeout",
+                "1s",
+            ],
+        )
+        .unwrap();
+
+        let err = prepare_remote("https://127.0.0.1:1", &[]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("--latency-predictor-url") && msg.contains("only plain http://"),
+            "{msg}"
+        );
+    }
+
+    /// The value of the sample line `name` in Prometheus text `text`.
+    fn sample(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    const REMOTE_SERIES: [&str; 7] = [
+        "sluice_latency_predictor_remote_calls_total",
+        "sluice_latency_predictor_remote_call_failures_total",
+        "sluice_latency_predictor_remote_merged_calls_total",
+        "sluice_latency_predictor_remote_merged_callers_total",
+        "sluice_latency_predictor_remote_queue_full_total",
+        "sluice_latency_predictor_remote_training_entries_sent_total",
+        "sluice_latency_predictor_remote_training_entries_dropped_total",
+    ];
+
+    /// Start-up with sidecars on a loopback port nobody listens on, one prediction through
+    /// the picker's SLO services, and the picker's /metrics text before and after it.
+    async fn metrics_around_a_failed_prediction(flags: &[&str]) -> (String, String) {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let startup = prepare_remote(&format!("http://127.0.0.1:{port}"), flags).unwrap();
+        let before = startup.state.metrics().encode();
+        let slo = startup.state.slo();
+        let predictor = slo.predictor().expect("the remote predictor is installed");
+        let batch = [sluice_predictor::Features::default()];
+        // Connection refused comes back at once; the bound only keeps a broken build from
+        // hanging the suite (the predictor's own deadline is 400 ms).
+        let answer = tokio::time::timeout(Duration::from_secs(5), predictor.predict_batch(&batch))
+            .await
+            .expect("the prediction must finish within its deadline");
+        assert!(
+            answer.is_err(),
+            "nothing listens on port {port}: {answer:?}"
+        );
+        (before, startup.state.metrics().encode())
+    }
+
+    #[tokio::test]
+    async fn remote_predictor_counters_are_on_metrics_and_count_failed_calls() {
+        let (before, after) = metrics_around_a_failed_prediction(&[]).await;
+        for name in REMOTE_SERIES {
+            assert_eq!(sample(&before, name), Some(0.0), "{name} in:\n{before}");
+        }
+        let after_of = |name: &str| sample(&after, name).unwrap();
+        assert_eq!(
+            after_of("sluice_latency_predictor_remote_call_failures_total"),
+            1.0
+        );
+        assert_eq!(after_of("sluice_latency_predictor_remote_calls_total"), 1.0);
+        // Coalescing is on by default: the one caller went out as a merged call of one.
+        assert_eq!(
+            after_of("sluice_latency_predictor_remote_merged_calls_total"),
+            1.0
+        );
+        assert_eq!(
+            after_of("sluice_latency_predictor_remote_merged_callers_total"),
+            1.0
+        );
+        assert_eq!(
+            after_of("sluice_latency_predictor_remote_queue_full_total"),
+            0.0
+        );
+    }
+
+    #[tokio::test]
+    async fn coalesce_window_zero_sends_unmerged_calls() {
+        let (_, after) =
+            metrics_around_a_failed_prediction(&["--latency-predictor-coalesce-window", "0"]).await;
+        let after_of = |name: &str| sample(&after, name).unwrap();
+        assert_eq!(after_of("sluice_latency_predictor_remote_calls_total"), 1.0);
+        assert_eq!(
+            after_of("sluice_latency_predictor_remote_call_failures_total"),
+            1.0
+        );
+        assert_eq!(
+            after_of("sluice_latency_predictor_remote_merged_calls_total"),
+            0.0
+        );
+    }
+
+    #[tokio::test]
+    async fn in_process_predictor_exports_no_remote_series() {
+        let startup = prepare(
+            &Args::try_parse_from([
+                "sluice-picker",
+                "--endpoints",
+                "127.0.0.1:1",
+                "--secure-serving=false",
+                "--enable-latency-predictor",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let text = startup.state.metrics().encode();
+        assert!(
+            !text.contains("sluice_latency_predictor_remote"),
+            "remote series without sidecars:\n{text}"
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ fn slo_state_with(
         None,
         PickerOptions {
             slo: Some(SloServices::with_predictor(predictor)),
+            ..PickerOptions::default()
         },
     );
     let eps = [A, B]

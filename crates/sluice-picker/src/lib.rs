@@ -10,7 +10,8 @@
 //! - [`schedule`]: the only module that calls `sluice-scheduling`.
 //! - [`state`]: the atomically swapped configuration ([`PickerState`]).
 //! - [`scrape`] / [`promparse`]: per-endpoint model-server metric scraping.
-//! - [`server`], [`cli`], [`tls`], [`standalone`], [`metrics`]: serving and start-up.
+//! - [`server`], [`cli`], [`tls`], [`standalone`], [`metrics`]: serving and start-up;
+//!   [`remote_metrics`]: the remote latency predictor's counters on /metrics.
 //!
 //! # Feeding configuration: [`PickerState`]
 //!
@@ -59,6 +60,7 @@ pub mod histogram;
 pub mod metrics;
 pub mod parse;
 pub mod promparse;
+pub mod remote_metrics;
 pub mod response;
 pub mod rewrite;
 pub mod schedule;

@@ -16,6 +16,7 @@ use envoy_types::pb::google::protobuf::Struct;
 use parking_lot::Mutex;
 use sluice_core::{Endpoint, EndpointKey, EndpointMetrics, PoolSnapshot};
 use sluice_flowcontrol::{FlowControlConfig, FlowController, FlowMetrics, FnSaturation};
+use sluice_predictor::RemotePredictor;
 use sluice_scheduling::plugins::slo::SloServices;
 use sluice_scheduling::{Candidate, InFlightCounters, Registry, SharedState};
 use tokio::sync::watch;
@@ -252,6 +253,20 @@ pub struct PickerOptions {
     /// The SLO-routing services (latency predictor, SLO metrics). `None` installs the
     /// defaults, whose in-process predictor starts on the first prediction.
     pub slo: Option<SloServices>,
+    /// llm-d's predictor sidecars client, when `slo` predicts with it: its counters
+    /// (calls, failures, coalescing, training uploads) are exported on /metrics.
+    pub remote_predictor: Option<Arc<RemotePredictor>>,
+}
+
+impl PickerOptions {
+    /// SLO routing that predicts with llm-d's sidecars through `remote`, with its counters
+    /// exported (see [`crate::remote_metrics`]).
+    pub fn with_remote_predictor(remote: Arc<RemotePredictor>) -> Self {
+        PickerOptions {
+            slo: Some(SloServices::with_predictor(remote.clone())),
+            remote_predictor: Some(remote),
+        }
+    }
 }
 
 impl PickerState {
@@ -284,6 +299,9 @@ impl PickerState {
             .unwrap_or_default();
         metrics.register_with(|r| {
             slo.metrics().register(r);
+            if let Some(remote) = &options.remote_predictor {
+                crate::remote_metrics::register(r, remote);
+            }
             flow_metrics.register(
                 r.sub_registry_with_prefix("inference_extension")
                     .sub_registry_with_label((
