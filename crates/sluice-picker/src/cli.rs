@@ -761,6 +761,67 @@ mod tests {
         );
     }
 
+    /// A stand-in prediction server: answers `/predict/bulk/strict` with one prediction per
+    /// row, and records the row count of every call it receives.
+    async fn mock_sidecar() -> (String, Arc<parking_lot::Mutex<Vec<usize>>>) {
+        let calls = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&calls);
+        let app = axum::Router::new().route(
+            "/predict/bulk/strict",
+            axum::routing::post(move |body: axum::Json<serde_json::Value>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let rows = body["requests"].as_array().map_or(0, Vec::len);
+                    seen.lock().push(rows);
+                    let row = serde_json::json!({"ttft_ms": 100.0, "tpot_ms": 10.0});
+                    axum::Json(serde_json::json!({ "predictions": vec![row; rows] }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, calls)
+    }
+
+    /// Concurrent requests share one sidecar call, and the series say so: merged callers
+    /// over merged calls is the coalescing ratio an operator reads.
+    #[tokio::test]
+    async fn metrics_show_the_coalescing_ratio_of_concurrent_predictions() {
+        let (url, sidecar_calls) = mock_sidecar().await;
+        let startup =
+            prepare_remote(&url, &["--latency-predictor-coalesce-window", "50ms"]).unwrap();
+        let slo = startup.state.slo();
+        let predictor = slo.predictor().unwrap();
+        let batch = [sluice_predictor::Features::default(); 3];
+        // The rows are queued when predict_batch is called, so all eight callers are
+        // waiting before the dispatcher (on this single-threaded runtime) first runs.
+        let pending: Vec<_> = (0..8).map(|_| predictor.predict_batch(&batch)).collect();
+        let answers =
+            tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(pending))
+                .await
+                .expect("the mock sidecar answers within the deadline");
+        for answer in answers {
+            assert_eq!(answer.unwrap().len(), 3);
+        }
+        assert_eq!(*sidecar_calls.lock(), [24], "one merged call of 8 × 3 rows");
+        let text = startup.state.metrics().encode();
+        let value = |name: &str| sample(&text, name).unwrap();
+        assert_eq!(value("sluice_latency_predictor_remote_calls_total"), 1.0);
+        assert_eq!(
+            value("sluice_latency_predictor_remote_merged_calls_total"),
+            1.0
+        );
+        assert_eq!(
+            value("sluice_latency_predictor_remote_merged_callers_total"),
+            8.0
+        );
+        assert_eq!(
+            value("sluice_latency_predictor_remote_call_failures_total"),
+            0.0
+        );
+    }
+
     #[tokio::test]
     async fn in_process_predictor_exports_no_remote_series() {
         let startup = prepare(
