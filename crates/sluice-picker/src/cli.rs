@@ -202,6 +202,9 @@ pub struct Startup {
     pub state: PickerState,
     /// Controller mode: where to subscribe for snapshots.
     pub controller: Option<ConfigClientOptions>,
+    /// The sidecar predictor, when in use: its buffered training samples are sent on
+    /// shutdown.
+    pub remote: Option<Arc<RemotePredictor>>,
 }
 
 /// Start-up up to serving: the SLO services the flags ask for, the picker state, and in
@@ -221,6 +224,7 @@ pub fn prepare(args: &Args) -> Result<Startup> {
         namespace: args.pool_namespace.clone(),
         name: args.pool_name.clone(),
     };
+    let mut remote_predictor = None;
     let options = if let Some(training_url) = &args.latency_training_url {
         let remote = RemotePredictor::new(RemoteConfig {
             prediction_urls: args.latency_predictor_url.clone(),
@@ -234,7 +238,9 @@ pub fn prepare(args: &Args) -> Result<Startup> {
             let flags = remote_flags(&e);
             anyhow::Error::new(e).context(flags)
         })?;
-        PickerOptions::with_remote_predictor(Arc::new(remote))
+        let remote = Arc::new(remote);
+        remote_predictor = Some(remote.clone());
+        PickerOptions::with_remote_predictor(remote)
     } else if args.enable_latency_predictor || args.latency_objective.is_some() {
         let config = PredictorConfig {
             objective: args
@@ -297,7 +303,11 @@ pub fn prepare(args: &Args) -> Result<Startup> {
         ),
     }
 
-    Ok(Startup { state, controller })
+    Ok(Startup {
+        state,
+        controller,
+        remote: remote_predictor,
+    })
 }
 
 /// The flags behind a remote-predictor setting the predictor refused: its message names
@@ -319,7 +329,11 @@ fn remote_flags(e: &RemoteConfigError) -> &'static str {
 
 /// Runs the picker until SIGINT/SIGTERM.
 pub async fn run(args: Args) -> Result<()> {
-    let Startup { state, controller } = prepare(&args)?;
+    let Startup {
+        state,
+        controller,
+        remote,
+    } = prepare(&args)?;
     let tls = if args.secure_serving {
         Some(match &args.cert_path {
             Some(dir) => PemIdentity::load(dir)?,
@@ -353,8 +367,24 @@ pub async fn run(args: Args) -> Result<()> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     };
-    serve(cfg, state, shutdown, |_| {}).await
+    let served = serve(cfg, state, shutdown, |_| {}).await;
+    if let Some(remote) = remote {
+        // Up to a second's worth of samples would otherwise be lost; bounded so a dead
+        // training server cannot hold the shutdown.
+        if tokio::time::timeout(SHUTDOWN_FLUSH, remote.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the training server did not take the last samples within {SHUTDOWN_FLUSH:?}"
+            );
+        }
+    }
+    served
 }
+
+/// How long shutdown waits to send the remote predictor's buffered training samples.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
 /// The function the controller's config client installs snapshots with: applies through
 /// [`PickerState::apply_snapshot`], and turns a refusal into the NACK text the controller
