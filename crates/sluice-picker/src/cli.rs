@@ -134,8 +134,14 @@ pub struct Args {
     /// latencies, e.g. http://localhost:8000.
     #[arg(long, value_name = "URL", requires = "latency_predictor_url")]
     pub latency_training_url: Option<String>,
-    /// Deadline of one remote batch prediction.
-    #[arg(long, default_value = "400ms", value_parser = parse_duration)]
+    /// Deadline of one remote batch prediction (coalescing wait included).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "400ms",
+        value_parser = parse_duration,
+        requires = "latency_predictor_url"
+    )]
     pub latency_predictor_timeout: Duration,
     /// How long a remote prediction call waits for concurrent requests to share it (e.g.
     /// 1ms, 500us): a sidecar call costs about the same for 1 row as for 100, so merging
@@ -599,6 +605,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--latency-training-url"), "{err}");
+        // A sidecar deadline without sidecars is a mistake worth saying so.
+        let err = Args::try_parse_from(["sluice-picker", "--latency-predictor-timeout", "1s"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--latency-predictor-url"), "{err}");
     }
 
     #[test]
