@@ -64,16 +64,25 @@ pub struct Picker {
 impl Picker {
     /// Starts a picker in standalone mode for `endpoints` with an EndpointPickerConfig text.
     pub async fn start(endpoints: &[SocketAddr], tls: bool, config_text: &str) -> Result<Picker> {
+        let eps = endpoints
+            .iter()
+            .map(|a| sluice_core::Endpoint::from_address("default", *a))
+            .collect();
+        Picker::start_with(eps, tls, config_text).await
+    }
+
+    /// [`Picker::start`] for endpoints built by the caller (labels, for instance).
+    pub async fn start_with(
+        eps: Vec<sluice_core::Endpoint>,
+        tls: bool,
+        config_text: &str,
+    ) -> Result<Picker> {
         let metrics = Arc::new(Metrics::new());
         let scrape = ScrapeSettings {
             interval: Duration::from_millis(50),
             ..Default::default()
         };
         let state = PickerState::new(metrics, Some(scrape), None);
-        let eps = endpoints
-            .iter()
-            .map(|a| sluice_core::Endpoint::from_address("default", *a))
-            .collect();
         let config = standalone::config_from_text(config_text)?;
         let pool = PoolRef {
             namespace: "default".into(),

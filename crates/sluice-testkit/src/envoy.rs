@@ -307,6 +307,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn envoy_outlives_the_thread_that_started_it() {
+        // Envoy sets PR_SET_PDEATHSIG during start-up, tying its life to the thread that
+        // spawned it; `start` returns once Envoy is LIVE, so that has happened by now.
+        let opts = EnvoyOptions::new("127.0.0.1:1".parse().unwrap());
+        let mut envoy = std::thread::spawn(move || Envoy::start(&opts))
+            .join()
+            .unwrap()
+            .unwrap();
+        // The starting thread is gone: a SIGTERM would have arrived by now.
+        std::thread::sleep(Duration::from_millis(500));
+        envoy.child.check_running().unwrap();
+        let (status, body) = http_get(envoy.admin, "/ready").unwrap();
+        assert!(status == 200 && body.contains("LIVE"), "{status} {body}");
+    }
+
+    #[test]
     fn every_placeholder_is_filled() {
         for mode in [BodyMode::FullDuplex, BodyMode::Buffered] {
             let mut o = EnvoyOptions::new("127.0.0.1:9002".parse().unwrap());

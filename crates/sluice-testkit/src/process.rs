@@ -2,8 +2,12 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use anyhow::{Context, Result, bail};
 
@@ -63,12 +67,24 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped.
+///
+/// The child is spawned, watched and reaped by a keeper thread of its own that lives
+/// exactly as long as the child. Envoy ties its life to the *thread* that started it
+/// (`PR_SET_PDEATHSIG`, set during its start-up): started from a short-lived thread such as
+/// a Tokio `spawn_blocking` worker, it received SIGTERM when that thread retired, 10 s
+/// later, and a test running longer saw its streams cut mid-response.
 #[derive(Debug)]
 pub struct ChildGuard {
     name: String,
-    child: Option<Child>,
+    pid: u32,
+    stop: Option<mpsc::Sender<()>>,
+    keeper: Option<JoinHandle<()>>,
+    exited: Arc<Mutex<Option<ExitStatus>>>,
     log: Option<PathBuf>,
 }
+
+/// How often the keeper checks whether its child exited by itself.
+const KEEPER_POLL: Duration = Duration::from_millis(20);
 
 impl ChildGuard {
     /// Spawns `cmd` with stdout and stderr appended to `log` (when given) or discarded.
@@ -85,26 +101,67 @@ impl ChildGuard {
                 cmd.stdout(Stdio::null()).stderr(Stdio::null());
             }
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let (spawned_tx, spawned_rx) = mpsc::channel();
+        let (stop, stop_rx) = mpsc::channel::<()>();
+        let exited = Arc::new(Mutex::new(None));
+        let keeper_exited = exited.clone();
+        let description = format!("{cmd:?}");
+        let keeper = std::thread::Builder::new()
+            .name(format!("keeper-{name}"))
+            .spawn(move || {
+                let mut child = match cmd.spawn() {
+                    Ok(child) => child,
+                    Err(e) => {
+                        let _ = spawned_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = spawned_tx.send(Ok(child.id()));
+                loop {
+                    match stop_rx.recv_timeout(KEEPER_POLL) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            if let Ok(Some(status)) = child.try_wait() {
+                                *keeper_exited.lock() = Some(status);
+                                // Exited by itself; stay until told, so the guard's view
+                                // and the process table agree.
+                                let _ = stop_rx.recv();
+                                return;
+                            }
+                        }
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            let _ = child.kill();
+                            if let Ok(status) = child.wait() {
+                                *keeper_exited.lock() = Some(status);
+                            }
+                            return;
+                        }
+                    }
+                }
+            })
+            .with_context(|| format!("starting a keeper thread for {name}"))?;
+        let pid = spawned_rx
+            .recv()
+            .context("the keeper thread ended before spawning")?
+            .with_context(|| format!("starting {name}: {description}"))?;
         Ok(ChildGuard {
             name: name.to_string(),
-            child: Some(child),
+            pid,
+            stop: Some(stop),
+            keeper: Some(keeper),
+            exited,
             log,
         })
     }
 
     /// The process id.
     pub fn id(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        Some(self.pid)
     }
 
     /// Fails (with the tail of the log) if the process has exited.
     pub fn check_running(&mut self) -> Result<()> {
-        if let Some(child) = &mut self.child
-            && let Some(status) = child.try_wait()?
-        {
+        let status = *self.exited.lock();
+        if let Some(status) = status {
             bail!(
                 "{} exited with {status}; log tail:\n{}",
                 self.name,
@@ -124,11 +181,13 @@ impl ChildGuard {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Kills the process now.
+    /// Kills the process now (and waits until it is reaped).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(keeper) = self.keeper.take() {
+            let _ = keeper.join();
         }
     }
 }
