@@ -807,3 +807,23 @@ fn the_predictor_sees_each_endpoints_prefix_match_and_hardware_class() {
     );
     assert_ne!(features[0].class, features[1].class, "h100 is not l4");
 }
+
+#[test]
+fn requests_without_slos_favour_the_lowest_predicted_latency_without_herding() {
+    // Every endpoint "misses" a request that sets no SLO, so it goes by predicted latency:
+    // upstream's weights (1..=101 by shortfall), drawn at random. Always picking the
+    // lowest would send every such request to pod 0 until its in-flight count moved the
+    // prediction.
+    let p = Scripted::new(&[
+        (0, 100.0, Some(20.0)),
+        (1, 200.0, Some(20.0)),
+        (2, 300.0, Some(20.0)),
+    ]);
+    let s = setup(&p);
+    let cands = candidates(&pods(3));
+    let c = histogram(&s, &cands, 3000, &[]);
+    assert!(c[0] > c[1] && c[1] > c[2] && c[2] > 0, "{c:?}");
+    assert!(c[0] < 2900, "spread, not herded: {c:?}");
+    let r = s.scheduler.schedule(&req(1, &[], 0), &cands).unwrap();
+    assert_eq!(state(&r).decision, Decision::LeastNegative);
+}

@@ -22,7 +22,9 @@
 //!    with the reason, unless an endpoint is idle (nothing running, waiting or in flight),
 //!    where it then goes, as upstream's admitter allows; any other request goes to the
 //!    endpoint with the least negative headroom (upstream's order: only TPOT short, then
-//!    only TTFT short, then both).
+//!    only TTFT short, then both). A request with no SLO at all is drawn instead with
+//!    upstream's weights (1..=101 by shortfall, i.e. by predicted latency), so such
+//!    requests do not herd onto the one fastest endpoint.
 //! 5. No prediction (no model yet, predictor error, or a remote predictor that cannot answer
 //!    synchronously) ⇒ composite score `(wkv·(1−kv) + wq·relQueue + wp·prefix)` — never a
 //!    failure. Training continues from that traffic, which is how the first model appears.
@@ -754,11 +756,23 @@ impl Scorer for PredictedLatencyScorer {
                     + b * norm(short(e.tpot_headroom_ms), min_p, max_p)
             };
             let best = in_class().map(deficit).fold(f64::INFINITY, f64::min);
+            // A request without any SLO is not "missing" one: it wants the lowest predicted
+            // latency, and always sending it to the one lowest would herd every such
+            // request onto one endpoint until its in-flight count moved the prediction.
+            // Upstream's weights instead: 1..=101 by shortfall, drawn at random.
+            let spread = !slo.has_ttft() && slo.tpot_ms <= 0.0;
             for (e, o) in state.endpoints.iter_mut().zip(out.iter_mut()) {
-                let chosen =
-                    eligible(e) && class(e) == best_class && (deficit(e) - best).abs() <= EPS;
-                e.weight = if chosen { 1.0 } else { 0.0 };
-                *o = e.weight;
+                let in_bucket = eligible(e) && class(e) == best_class;
+                e.weight = if !in_bucket {
+                    0.0
+                } else if spread {
+                    ((1.0 - deficit(e)) * 100.0).floor() + 1.0
+                } else if (deficit(e) - best).abs() <= EPS {
+                    1.0
+                } else {
+                    0.0
+                };
+                *o = if spread { e.weight / 101.0 } else { e.weight };
             }
             state.decision = if idle_only {
                 Decision::IdleInsteadOfShed
