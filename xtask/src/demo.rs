@@ -1,7 +1,9 @@
-//! `cargo xtask demo`: builds the release binaries, starts a simulated fleet, then
-//! sluice-controller in file mode (`--manifests DIR`: an InferencePool, one Pod per simulator
-//! with `status.podIP` 127.0.0.1 and the active-ports annotation naming its port, and an
-//! InferenceObjective), two sluice-pickers subscribed to the controller's config stream
+//! `cargo xtask demo`: builds the release binaries, starts a simulated fleet (three H100s
+//! and an L4 by default), then sluice-controller in file mode (`--manifests DIR`: an
+//! InferencePool, one Pod per simulator with `status.podIP` 127.0.0.1, the active-ports
+//! annotation naming its port and its hardware class as a label, an InferenceObjective, and
+//! with `--profile slo`, the default, an EndpointPickerConfig for SLO-aware routing), two
+//! sluice-pickers subscribed to the controller's config stream
 //! (TLS on their ext_proc ports), and one Envoy load-balancing ext_proc over both pickers, on
 //! free loopback ports. It drives a mixed workload through Envoy with `sluice-sim load` and
 //! prints the load generator's summary (requests, goodput, TTFT/TPOT percentiles, requests
@@ -34,7 +36,44 @@ pub struct DemoArgs {
     /// Skip `cargo build --release` (use binaries already in target/release).
     #[arg(long)]
     pub no_build: bool,
+    /// The pickers' scheduling: `slo` is the predicted-latency profile (in-process latency
+    /// predictor trained online from the demo's own traffic); `default` is upstream's
+    /// default profile (queue, KV cache, prefix cache).
+    #[arg(long, value_enum, default_value_t = Profile::Slo)]
+    pub profile: Profile,
+    /// Simulator presets, assigned round-robin to the servers: three H100s and an L4 by
+    /// default, because a mixed fleet is where predicted latency matters (the L4's decode
+    /// step alone is longer than the fraud-detection class's 30 ms TPOT SLO). Each Pod
+    /// carries its preset as its `sluice.dev/hardware-class` label.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "h100-llama8b,h100-llama8b,h100-llama8b,l4-llama8b"
+    )]
+    pub presets: Vec<String>,
 }
+
+/// How the demo's pickers schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// The predicted-latency (SLO-aware) profile.
+    Slo,
+    /// Upstream's default profile.
+    Default,
+}
+
+/// The demo's picker config for the SLO-aware profile: the shipped SLO routing config
+/// (`sluice_scheduling::plugins::slo::SLO_CONFIG_YAML`) as a resource for the pool.
+const SLO_PICKER_CONFIG: &str = "apiVersion: sluice.dev/v1alpha1\nkind: EndpointPickerConfig\n\
+metadata: {name: demo, namespace: default}\nspec:\n  poolRef: {name: demo}\n  plugins:\n    \
+- {type: predicted-latency-profile-handler}\n    - {type: prefix-cache-scorer}\n    \
+- {type: predicted-latency-scorer}\n    - {type: queue-scorer}\n    \
+- {type: kv-cache-utilization-scorer}\n    - {type: weighted-random-picker}\n    \
+- {type: max-score-picker}\n  schedulingProfiles:\n    - name: slo\n      plugins:\n        \
+- {pluginRef: prefix-cache-scorer, weight: 0}\n        - {pluginRef: predicted-latency-scorer}\n        \
+- {pluginRef: weighted-random-picker}\n    - name: default\n      plugins:\n        \
+- {pluginRef: queue-scorer, weight: 2}\n        - {pluginRef: kv-cache-utilization-scorer, weight: 2}\n        \
+- {pluginRef: prefix-cache-scorer, weight: 3}\n        - {pluginRef: max-score-picker}\n";
 
 fn wait_for(
     what: &str,
@@ -158,7 +197,7 @@ const PICKERS: usize = 2;
 /// The manifests file mode reads: the pool over every simulator port, one Pod per simulator
 /// (podIP 127.0.0.1; endpoints are podIP:targetPort, so the active-ports annotation keeps
 /// each Pod to its own simulator), and a sheddable objective.
-pub fn demo_manifests(base: u16, servers: usize) -> String {
+pub fn demo_manifests(base: u16, servers: usize, presets: &[String], profile: Profile) -> String {
     let ports: Vec<String> = (0..servers as u16)
         .map(|i| format!("{{number: {}}}", base + i))
         .collect();
@@ -173,9 +212,13 @@ pub fn demo_manifests(base: u16, servers: usize) -> String {
     for i in 0..servers as u16 {
         docs.push(format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: sim-{i}\n  namespace: {POOL_NAMESPACE}\n  \
-             labels: {{app: sim, inference.networking.k8s.io/engine-type: vllm}}\n  \
+             labels: {{app: sim, inference.networking.k8s.io/engine-type: vllm, \
+             sluice.dev/hardware-class: {}}}\n  \
              annotations: {{inference.networking.k8s.io/active-ports: \"{}\"}}\n\
              status:\n  podIP: 127.0.0.1\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+            presets
+                .get(usize::from(i) % presets.len().max(1))
+                .map_or("unknown", String::as_str),
             base + i
         ));
     }
@@ -183,6 +226,9 @@ pub fn demo_manifests(base: u16, servers: usize) -> String {
         "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n\
          metadata: {{name: batch, namespace: {POOL_NAMESPACE}}}\nspec: {{priority: -1, poolRef: {{name: {POOL_NAME}}}}}\n"
     ));
+    if profile == Profile::Slo {
+        docs.push(SLO_PICKER_CONFIG.to_owned());
+    }
     docs.join("---\n")
 }
 
@@ -238,6 +284,8 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
             &args.servers.to_string(),
             "--base-port",
             &base.to_string(),
+            "--presets",
+            &args.presets.join(","),
         ]),
         run_dir.join("sim.log"),
     )?;
@@ -257,7 +305,7 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
 
     std::fs::write(
         manifests.join("demo.yaml"),
-        demo_manifests(base, args.servers),
+        demo_manifests(base, args.servers, &args.presets, args.profile),
     )?;
     let mut controller = Proc::spawn(
         "sluice-controller",
@@ -444,7 +492,14 @@ mod tests {
 
     #[test]
     fn demo_manifests_give_one_endpoint_per_simulator() {
-        let text = demo_manifests(7000, 3);
+        let presets = ["h100-llama8b".to_owned(), "l4-llama8b".to_owned()];
+        let text = demo_manifests(7000, 3, &presets, Profile::Default);
+        assert!(!text.contains("kind: EndpointPickerConfig"));
+        assert_eq!(text.matches("hardware-class: h100-llama8b").count(), 2);
+        let slo = demo_manifests(7000, 3, &presets, Profile::Slo);
+        assert!(
+            slo.contains("kind: EndpointPickerConfig") && slo.contains("predicted-latency-scorer")
+        );
         assert_eq!(text.matches("kind: Pod").count(), 3);
         assert!(text.contains("targetPorts: [{number: 7000}, {number: 7001}, {number: 7002}]"));
         assert!(text.contains("active-ports: \"7002\""));

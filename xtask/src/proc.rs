@@ -1,6 +1,5 @@
 //! Child processes and loopback ports for the demo and the benchmarks.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -54,24 +53,14 @@ impl Drop for Proc {
     }
 }
 
-/// A loopback port that was free a moment ago.
+/// A free loopback port, from a range below the kernel's ephemeral ports, so an outgoing
+/// connection cannot take it between this probe and the child binding it (the bind(0)
+/// probe this replaced lost that race now and then: "Address already in use").
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    sluice_testkit::process::free_port()
 }
 
 /// `n` consecutive free loopback ports (a simulated fleet binds base..base+n).
 pub fn free_port_run(n: usize) -> Result<u16> {
-    for _ in 0..200 {
-        let base = free_port()?;
-        if base as usize + n >= 65535 {
-            continue;
-        }
-        let held: std::io::Result<Vec<TcpListener>> = (0..n as u16)
-            .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
-            .collect();
-        if held.is_ok() {
-            return Ok(base);
-        }
-    }
-    bail!("found no {n} consecutive free loopback ports")
+    sluice_testkit::process::free_port_run(n)
 }

@@ -17,13 +17,14 @@ use anyhow::{Context, Result, bail};
 /// another test asking the kernel for port 0, which was the race a `bind(0)` probe had.
 const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
 
-/// The next candidate port: a per-process random start, then a shared counter, so the
+/// The per-process random start of the candidates and the shared counter after it, so the
 /// threads of one test binary never get the same port and two binaries rarely collide.
-fn next_candidate() -> u16 {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static START: OnceLock<u32> = OnceLock::new();
-    static NEXT: AtomicU32 = AtomicU32::new(0);
+static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Takes `n` consecutive candidates and returns the first.
+fn next_candidates(n: u32) -> u16 {
+    use std::sync::atomic::Ordering;
     let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
     let start = *START.get_or_init(|| {
         let nanos = std::time::SystemTime::now()
@@ -31,7 +32,7 @@ fn next_candidate() -> u16 {
             .map_or(0, |d| d.subsec_nanos());
         (std::process::id().wrapping_mul(7_919) ^ nanos) % span
     });
-    let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+    let offset = (start + NEXT.fetch_add(n, Ordering::Relaxed)) % span;
     // `offset < span <= u16::MAX`, so the conversion cannot fail.
     PORT_RANGE.start + u16::try_from(offset).unwrap_or(0)
 }
@@ -39,14 +40,31 @@ fn next_candidate() -> u16 {
 /// A free TCP port on 127.0.0.1: one that could be bound a moment ago, from a range no
 /// outgoing connection uses, and never handed out twice by this process.
 pub fn free_port() -> Result<u16> {
-    for _ in 0..u32::from(PORT_RANGE.end - PORT_RANGE.start) {
-        let port = next_candidate();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
+    free_port_run(1)
+}
+
+/// The first of `n` consecutive free ports (a simulated fleet binds `base..base + n`), with
+/// the same guarantees as [`free_port`].
+pub fn free_port_run(n: usize) -> Result<u16> {
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    let n = u16::try_from(n)
+        .ok()
+        .filter(|&n| (1..=1024).contains(&n))
+        .with_context(|| format!("{n} consecutive ports: expected 1 to 1024"))?;
+    for _ in 0..span {
+        let base = next_candidates(u32::from(n));
+        if base.checked_add(n).is_none_or(|end| end > PORT_RANGE.end) {
+            continue;
+        }
+        let held: std::io::Result<Vec<TcpListener>> = (0..n)
+            .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
+            .collect();
+        if held.is_ok() {
+            return Ok(base);
         }
     }
     bail!(
-        "no free loopback port in {}..{}",
+        "no {n} consecutive free loopback ports in {}..{}",
         PORT_RANGE.start,
         PORT_RANGE.end
     )
@@ -290,6 +308,24 @@ mod tests {
             .map(|&p| TcpListener::bind(("127.0.0.1", p)).unwrap())
             .collect();
         assert_eq!(held.len(), 64);
+    }
+
+    #[test]
+    fn a_port_run_is_consecutive_in_range_and_not_handed_out_again() {
+        let base = free_port_run(8).unwrap();
+        let run: Vec<u16> = (base..base + 8).collect();
+        assert!(run.iter().all(|p| PORT_RANGE.contains(p)), "{run:?}");
+        let others = free_ports(32).unwrap();
+        assert!(
+            others.iter().all(|p| !run.contains(p)),
+            "{run:?} {others:?}"
+        );
+        let held: Vec<TcpListener> = run
+            .iter()
+            .map(|&p| TcpListener::bind(("127.0.0.1", p)).unwrap())
+            .collect();
+        assert_eq!(held.len(), 8);
+        assert!(free_port_run(0).is_err() && free_port_run(5000).is_err());
     }
 
     #[test]
