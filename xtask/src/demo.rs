@@ -1,9 +1,8 @@
-//! `cargo xtask demo`: builds the release binaries, starts a simulated fleet (three H100s
-//! and an L4 by default), then sluice-controller in file mode (`--manifests DIR`: an
-//! InferencePool, one Pod per simulator with `status.podIP` 127.0.0.1, the active-ports
-//! annotation naming its port and its hardware class as a label, an InferenceObjective, and
-//! with `--profile slo`, the default, an EndpointPickerConfig for SLO-aware routing), two
-//! sluice-pickers subscribed to the controller's config stream
+//! `cargo xtask demo`: builds the release binaries, starts a simulated fleet (`--presets`),
+//! then sluice-controller in file mode (`--manifests DIR`: an InferencePool, one Pod per
+//! simulator with `status.podIP` 127.0.0.1, the active-ports annotation naming its port and
+//! its hardware class as a label, an InferenceObjective, and with `--profile slo` an
+//! EndpointPickerConfig for SLO-aware routing), two sluice-pickers subscribed to the controller's config stream
 //! (TLS on their ext_proc ports), and one Envoy load-balancing ext_proc over both pickers, on
 //! free loopback ports. It drives a mixed workload through Envoy with `sluice-sim load` and
 //! prints the load generator's summary (requests, goodput, TTFT/TPOT percentiles, requests
@@ -36,20 +35,16 @@ pub struct DemoArgs {
     /// Skip `cargo build --release` (use binaries already in target/release).
     #[arg(long)]
     pub no_build: bool,
-    /// The pickers' scheduling: `slo` is the predicted-latency profile (in-process latency
-    /// predictor trained online from the demo's own traffic); `default` is upstream's
-    /// default profile (queue, KV cache, prefix cache).
-    #[arg(long, value_enum, default_value_t = Profile::Slo)]
+    /// The pickers' scheduling: `default` is upstream's default profile (queue, KV cache,
+    /// prefix cache); `slo` is the predicted-latency profile (in-process latency predictor
+    /// trained online from the demo's own traffic; see docs/slo-routing.md, "The demo").
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
     pub profile: Profile,
-    /// Simulator presets, assigned round-robin to the servers: three H100s and an L4 by
-    /// default, because a mixed fleet is where predicted latency matters (the L4's decode
-    /// step alone is longer than the fraud-detection class's 30 ms TPOT SLO). Each Pod
-    /// carries its preset as its `sluice.dev/hardware-class` label.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "h100-llama8b,h100-llama8b,h100-llama8b,l4-llama8b"
-    )]
+    /// Simulator presets, assigned round-robin to the servers; each Pod carries its preset
+    /// as its `sluice.dev/hardware-class` label. A mixed fleet is where predicted latency
+    /// matters, e.g. `h100-llama8b,h100-llama8b,h100-llama8b,l4-llama8b` (the L4's decode
+    /// step alone is longer than the fraud-detection class's 30 ms TPOT SLO).
+    #[arg(long, value_delimiter = ',', default_value = "h100-llama8b")]
     pub presets: Vec<String>,
 }
 
