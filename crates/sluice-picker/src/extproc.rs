@@ -740,6 +740,7 @@ impl Session {
             headers: std::mem::take(&mut self.headers),
             priority,
             prompt_tokens: u32::try_from(parsed.estimated_prompt_tokens()).unwrap_or(u32::MAX),
+            stream: parsed.stream,
             prefetched_predictions: None,
         };
         let cands = match self.candidates(&loaded) {

@@ -168,6 +168,11 @@ pub struct Features {
     pub role: PodRole,
     /// The endpoint's hardware/engine class.
     pub class: ClassId,
+    /// The request is streamed. Its TTFT is then the first chunk; a non-streamed request's
+    /// "TTFT" is its whole response (upstream's definition), a different quantity, so the
+    /// two get separate models.
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 impl Features {

@@ -84,7 +84,11 @@ impl LatencyTracker {
     pub fn training_sample(&self, at: Instant) -> Option<TrainingSample> {
         let m = self.finish(at)?;
         Some(TrainingSample {
-            features_at_dispatch: self.features,
+            // What the response turned out to be decides which model the sample trains.
+            features_at_dispatch: Features {
+                streamed: self.streaming,
+                ..self.features
+            },
             ttft_ms: Some(m.ttft_ms),
             tpot_ms: m.tpot_ms,
         })
@@ -112,7 +116,14 @@ mod tests {
         t.on_chunk(t0 + ms(140));
         t.on_chunk(t0 + ms(160));
         let s = t.training_sample(t0 + ms(160)).unwrap();
-        assert_eq!(s.features_at_dispatch, f);
+        // The response was streamed: the sample trains the streamed model.
+        assert_eq!(
+            s.features_at_dispatch,
+            Features {
+                streamed: true,
+                ..f
+            }
+        );
         assert!((s.ttft_ms.unwrap() - 100.0).abs() < 1e-9);
         assert!(
             (s.tpot_ms.unwrap() - 20.0).abs() < 1e-9,
@@ -126,6 +137,10 @@ mod tests {
         let mut t = LatencyTracker::dispatched(Features::default(), t0, false);
         t.on_chunk(t0 + ms(300));
         let s = t.training_sample(t0 + ms(450)).unwrap();
+        assert!(
+            !s.features_at_dispatch.streamed,
+            "trains the whole-response model"
+        );
         assert!((s.ttft_ms.unwrap() - 450.0).abs() < 1e-9);
         assert_eq!(s.tpot_ms, None);
     }

@@ -236,10 +236,10 @@ pub(crate) fn tree_features(f: &Features) -> [f32; TREE_FEATURES] {
     ]
 }
 
-/// The model slot of a (class, role) pair.
+/// The model slot of a (class, role, streamed) triple.
 #[inline]
-pub(crate) fn group_index(class: ClassId, role: PodRole) -> usize {
-    usize::from(class.0) * PodRole::COUNT + role.index()
+pub(crate) fn group_index(class: ClassId, role: PodRole, streamed: bool) -> usize {
+    (usize::from(class.0) * PodRole::COUNT + role.index()) * 2 + usize::from(!streamed)
 }
 
 /// One fitted linear model over raw (un-standardised) engineered features.
@@ -332,7 +332,7 @@ impl Model {
     #[inline]
     pub fn predict(&self, features: &Features) -> crate::Prediction {
         let f = features.sanitised();
-        let g = group_index(f.class, f.role);
+        let g = group_index(f.class, f.role, f.streamed);
         let trees = tree_features(&f);
         let ttft_ms = self.ttft.eval(g, &ttft_design(&f), &trees);
         let tpot_ms = self
@@ -449,7 +449,7 @@ fn fit_target<'a, const P: usize>(
             data.trees.push(tree_features(&f));
         }
         data.y.push(y);
-        data.group.push(group_index(f.class, f.role));
+        data.group.push(group_index(f.class, f.role, f.streamed));
     }
     let n = data.y.len();
     if n < params.min_samples.max(1) {

@@ -47,7 +47,7 @@ fn queue_bucket(waiting: u32) -> u64 {
 fn bucket_key(f: &Features) -> u64 {
     let kv = (f.kv_cache_usage * 20.0).clamp(0.0, 19.0) as u64;
     let prefix = (f.prefix_cache_score * 4.0).clamp(0.0, 3.0) as u64;
-    let group = crate::model::group_index(f.class, f.role) as u64;
+    let group = crate::model::group_index(f.class, f.role, f.streamed) as u64;
     (((group * 5 + queue_bucket(f.waiting)) * 20 + kv) * 4) + prefix
 }
 

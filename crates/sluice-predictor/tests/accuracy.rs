@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use sluice_predictor::{ClassId, Features, Objective, PredictorConfig, Trainer};
+use sluice_predictor::{ClassId, Features, Objective, PredictorConfig, Trainer, TrainingSample};
 
 /// The defaults with the median objective: these tests measure MAPE, which the median
 /// minimises (the default p90 objective is checked by its coverage instead).
@@ -175,4 +175,52 @@ fn a_saturating_fleet_outside_the_models_span_stays_within_ten_percent() {
     eprintln!("saturating fleet: MAPE vs truth TTFT {ttft:.2}% TPOT {tpot:.2}%");
     assert!(ttft <= 10.0, "TTFT MAPE {ttft:.2}%");
     assert!(tpot <= 10.0, "TPOT MAPE {tpot:.2}%");
+}
+
+#[test]
+fn streamed_and_whole_response_ttfts_get_separate_models() {
+    // A non-streamed request's "TTFT" is its whole response (upstream's definition): here
+    // the first token plus 200 decode steps. Trained together with streamed first chunks
+    // from the same endpoints, one model would blur the two; the request's stream flag
+    // keeps them apart.
+    let whole = |f: &Features| {
+        let (ttft, tpot) = truth(f);
+        ttft + 200.0 * tpot
+    };
+    let mut r = rng(11);
+    let mut t = Trainer::new(median_config());
+    for i in 0..20_000 {
+        let mut f = features(&mut r);
+        f.streamed = i % 3 != 0;
+        let (ttft, tpot) = truth(&f);
+        t.add(&TrainingSample {
+            features_at_dispatch: f,
+            ttft_ms: Some(noisy(
+                &mut r,
+                if f.streamed { ttft } else { whole(&f) },
+                0.08,
+            )),
+            tpot_ms: f.streamed.then(|| noisy(&mut r, tpot, 0.08)),
+        });
+    }
+    let model = t.fit().expect("a model");
+    let mut r = rng(12);
+    let test: Vec<Features> = (0..4000).map(|_| features(&mut r)).collect();
+    let streamed = mape(test.iter().map(|f| {
+        let f = Features {
+            streamed: true,
+            ..*f
+        };
+        (model.predict(&f).ttft_ms, truth(&f).0)
+    }));
+    let not_streamed = mape(test.iter().map(|f| {
+        let f = Features {
+            streamed: false,
+            ..*f
+        };
+        (model.predict(&f).ttft_ms, whole(&f))
+    }));
+    eprintln!("TTFT MAPE vs truth: streamed {streamed:.2}%, whole response {not_streamed:.2}%");
+    assert!(streamed <= 10.0, "streamed first chunk: {streamed:.2}%");
+    assert!(not_streamed <= 10.0, "whole response: {not_streamed:.2}%");
 }

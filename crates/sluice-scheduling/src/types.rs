@@ -34,6 +34,10 @@ pub struct LlmRequest {
     pub priority: i32,
     /// Estimated prompt length in tokens (used by token-based load accounting).
     pub prompt_tokens: u32,
+    /// The client asked for a streamed response (`"stream": true`). A streamed request's
+    /// TTFT is its first chunk, a non-streamed one's its whole response, so the latency
+    /// predictor keeps the two apart.
+    pub stream: bool,
     /// Latency predictions fetched for this request before scheduling, when the predictor
     /// answers asynchronously (see [`crate::plugins::slo::DeferredPrediction`]).
     pub prefetched_predictions: Option<Arc<crate::plugins::slo::PrefetchedPredictions>>,

@@ -135,6 +135,7 @@ fn req(id: usize, headers: &[(&str, &str)], priority: i32) -> LlmRequest {
             .collect(),
         priority,
         prompt_tokens: 100,
+        stream: true,
         ..LlmRequest::default()
     }
 }
@@ -577,6 +578,10 @@ fn training_samples_measure_ttft_from_dispatch_and_inter_token_tpot() {
     s.scheduler.complete(&r, &mut sch, Outcome::Success);
     let last = *p.samples.lock().last().unwrap();
     assert!((last.ttft_ms.unwrap() - 500.0).abs() < 1e-6);
+    assert!(
+        !last.features_at_dispatch.streamed,
+        "a whole-response TTFT trains the non-streamed model, whatever the request asked"
+    );
     assert_eq!(last.tpot_ms, None);
 }
 

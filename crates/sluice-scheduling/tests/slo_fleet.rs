@@ -613,6 +613,7 @@ fn run(
                     ],
                     priority: c.priority,
                     prompt_tokens: c.prefix_tokens + a.unique,
+                    stream: true,
                     ..LlmRequest::default()
                 };
                 let mut predicted = None;

@@ -81,6 +81,7 @@ pub fn run(
                     prompt_token_rate: 0.0,
                     role: PodRole::Both,
                     class: e.class,
+                    streamed: true,
                 };
                 waiting.push_back(Req {
                     arrival: next_arrival,

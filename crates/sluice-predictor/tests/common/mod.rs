@@ -91,6 +91,7 @@ pub fn features(rng: &mut SmallRng) -> Features {
         prompt_token_rate: 0.0,
         role: PodRole::Both,
         class,
+        streamed: true,
     }
 }
 

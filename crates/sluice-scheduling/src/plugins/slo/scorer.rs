@@ -388,6 +388,7 @@ impl PredictedLatencyScorer {
             prefill_requests_in_flight: prefilling,
             tokens_generated: 0,
             role,
+            streamed: request.stream,
             class: self.services.classes().class_of(
                 labels
                     .get(&self.params.hardware_class_label)
@@ -937,7 +938,13 @@ impl ResponseHooks for PredictedLatencyScorer {
             && !t.served_elsewhere
             && let Some(sample) = t.tracker.training_sample(now)
         {
-            debug_assert_eq!(sample.features_at_dispatch, t.features);
+            debug_assert_eq!(
+                sample.features_at_dispatch,
+                Features {
+                    streamed: sample.features_at_dispatch.streamed,
+                    ..t.features
+                }
+            );
             p.record(sample);
         }
     }
