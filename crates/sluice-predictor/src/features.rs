@@ -20,7 +20,7 @@ pub enum PodRole {
 }
 
 impl PodRole {
-    /// Number of roles; models are kept per (class, role).
+    /// Number of roles; models are kept per (class, role, streamed).
     pub const COUNT: usize = 3;
 
     /// The role named by a pod label value as upstream spells it (`prefill`, `decode`,

@@ -168,7 +168,7 @@ pub struct PredictorConfig {
     pub max_samples_total: usize,
     /// TTFT samples needed before the first model (TPOT likewise for its model).
     pub min_samples: usize,
-    /// Samples a (class, role) group needs for its own model; below it the shared model
+    /// Samples a (class, role, streamed) group needs for its own model; below it the shared model
     /// serves it.
     pub min_group_samples: usize,
     /// How many samples' worth of trust a group model puts in the shared model.

@@ -1,4 +1,4 @@
-//! The latency model: per-(class, role) linear models on engineered features, fit by
+//! The latency model: per-(class, role, streamed) linear models on engineered features, fit by
 //! relative-error ridge regression with a closed-form solve, and for TTFT a small ensemble
 //! of boosted oblivious trees (`boost.rs`) that corrects the linear model's relative error.
 //!
@@ -321,9 +321,9 @@ pub struct ModelInfo {
     pub ttft_samples: usize,
     /// Samples the TPOT model was fit on (0 without a TPOT model).
     pub tpot_samples: usize,
-    /// (class, role) groups with their own TTFT model.
+    /// (class, role, streamed) groups with their own TTFT model.
     pub ttft_groups: usize,
-    /// (class, role) groups with their own TPOT model.
+    /// (class, role, streamed) groups with their own TPOT model.
     pub tpot_groups: usize,
 }
 
