@@ -402,7 +402,8 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
             .join(", :"),
     );
     eprintln!(
-        "demo: manifests in {} (edit them: the pickers follow); logs in {}",
+        "demo: manifests in {} (edit them: the pickers follow); logs and per-request records \
+         (requests.jsonl) in {}",
         manifests.display(),
         run_dir.display()
     );
@@ -416,6 +417,8 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         .args(["--target", &format!("http://127.0.0.1:{listen}")])
         .arg("--workload")
         .arg(&workload)
+        .arg("--output")
+        .arg(run_dir.join("requests.jsonl"))
         .status()
         .context("running sluice-sim load")?;
     for p in [&mut sim, &mut controller, &mut envoy_proc] {

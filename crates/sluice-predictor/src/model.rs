@@ -242,6 +242,65 @@ pub(crate) fn group_index(class: ClassId, role: PodRole, streamed: bool) -> usiz
     (usize::from(class.0) * PodRole::COUNT + role.index()) * 2 + usize::from(!streamed)
 }
 
+/// The response mode of a group slot: 0 streamed, 1 whole response (see `group_index`).
+#[inline]
+fn mode_of_group(group: usize) -> usize {
+    group % 2
+}
+
+/// The largest load seen in training, per response mode. Inputs are clamped to it before
+/// the design is built: an endpoint far busier than any the model learnt from (a slow
+/// class flooded before its first samples came back) is predicted like the busiest one
+/// seen. Extrapolated, the quadratic and interaction terms can turn the prediction down,
+/// and the floored result made the most loaded endpoint look the fastest. The step
+/// lengths are not clamped: they carry the endpoint's speed, linearly.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Ceiling {
+    input_tokens: u32,
+    waiting: u32,
+    running: u32,
+    prefill_tokens_in_flight: u32,
+    prefill_requests_in_flight: u32,
+}
+
+impl Ceiling {
+    fn of(f: &Features) -> Self {
+        Ceiling {
+            input_tokens: f.input_tokens,
+            waiting: f.waiting,
+            running: f.running,
+            prefill_tokens_in_flight: f.prefill_tokens_in_flight,
+            prefill_requests_in_flight: f.prefill_requests_in_flight,
+        }
+    }
+
+    fn widen_by(&mut self, other: &Ceiling) {
+        self.input_tokens = self.input_tokens.max(other.input_tokens);
+        self.waiting = self.waiting.max(other.waiting);
+        self.running = self.running.max(other.running);
+        self.prefill_tokens_in_flight = self
+            .prefill_tokens_in_flight
+            .max(other.prefill_tokens_in_flight);
+        self.prefill_requests_in_flight = self
+            .prefill_requests_in_flight
+            .max(other.prefill_requests_in_flight);
+    }
+
+    #[inline]
+    fn apply(&self, f: &Features) -> Features {
+        Features {
+            input_tokens: f.input_tokens.min(self.input_tokens),
+            waiting: f.waiting.min(self.waiting),
+            running: f.running.min(self.running),
+            prefill_tokens_in_flight: f.prefill_tokens_in_flight.min(self.prefill_tokens_in_flight),
+            prefill_requests_in_flight: f
+                .prefill_requests_in_flight
+                .min(self.prefill_requests_in_flight),
+            ..*f
+        }
+    }
+}
+
 /// One fitted linear model over raw (un-standardised) engineered features.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Linear<const P: usize> {
@@ -272,8 +331,17 @@ impl<const P: usize> Linear<P> {
 /// The models for one target (TTFT or TPOT).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct TargetModel<const P: usize> {
+    /// Fit on every sample; used only for a response mode with too few samples of its own.
     shared: Linear<P>,
+    /// Fit on the samples of one response mode (streamed, whole response): the prior of
+    /// that mode's groups and the model of those without enough samples. A streamed TTFT
+    /// (tens of ms) and a whole response (seconds) are different quantities: pooled, a
+    /// hardware class with no whole-response samples yet would be predicted from a blend
+    /// of the two and look faster than the classes that have them.
+    modes: [Option<Linear<P>>; 2],
     groups: Vec<Option<Linear<P>>>,
+    /// Per response mode (of all samples for a mode without any).
+    ceilings: [Ceiling; 2],
     /// Correction of the linear models' relative error, shared by all groups (the class
     /// is one of its inputs); empty when boosting is off or data is short.
     boost: Boost,
@@ -281,20 +349,23 @@ pub(crate) struct TargetModel<const P: usize> {
 
 impl<const P: usize> TargetModel<P> {
     #[inline]
-    fn eval(&self, group: usize, x: &[f64; P], trees: &[f32; TREE_FEATURES]) -> f64 {
+    fn eval(&self, group: usize, f: &Features, design: fn(&Features) -> [f64; P]) -> f64 {
+        let f = self.ceilings[mode_of_group(group)].apply(f);
         let correction = if self.boost.len() == 0 {
             0.0
         } else {
-            self.boost.eval(trees)
+            self.boost.eval(&tree_features(&f))
         };
-        self.pick(group).eval(x, correction)
+        self.pick(group).eval(&design(&f), correction)
     }
 
     #[inline]
     fn pick(&self, group: usize) -> &Linear<P> {
         match self.groups.get(group) {
             Some(Some(m)) => m,
-            _ => &self.shared,
+            _ => self.modes[mode_of_group(group)]
+                .as_ref()
+                .unwrap_or(&self.shared),
         }
     }
 
@@ -333,12 +404,8 @@ impl Model {
     pub fn predict(&self, features: &Features) -> crate::Prediction {
         let f = features.sanitised();
         let g = group_index(f.class, f.role, f.streamed);
-        let trees = tree_features(&f);
-        let ttft_ms = self.ttft.eval(g, &ttft_design(&f), &trees);
-        let tpot_ms = self
-            .tpot
-            .as_ref()
-            .map(|t| t.eval(g, &tpot_design(&f), &trees));
+        let ttft_ms = self.ttft.eval(g, &f, ttft_design);
+        let tpot_ms = self.tpot.as_ref().map(|t| t.eval(g, &f, tpot_design));
         crate::Prediction { ttft_ms, tpot_ms }
     }
 
@@ -347,6 +414,13 @@ impl Model {
         out.clear();
         out.reserve(batch.len());
         out.extend(batch.iter().map(|f| self.predict(f)));
+    }
+
+    /// Whether the model has learnt the TTFT of this response mode (streamed first chunk,
+    /// or whole response) from enough samples of it. Without that, `predict` answers from
+    /// the model pooled over both modes, which is no estimate of either.
+    pub fn covers(&self, streamed: bool) -> bool {
+        self.ttft.modes[usize::from(!streamed)].is_some()
     }
 
     /// What the model predicts.
@@ -439,11 +513,13 @@ fn fit_target<'a, const P: usize>(
         y: Vec::new(),
         group: Vec::new(),
     };
+    let mut ceilings = [Ceiling::default(); 2];
     for (f, y) in rows {
         if !(y.is_finite() && y > 0.0) {
             continue;
         }
         let f = f.sanitised();
+        ceilings[usize::from(!f.streamed)].widen_by(&Ceiling::of(&f));
         data.x.push(design(&f));
         if boost.is_some() {
             data.trees.push(tree_features(&f));
@@ -454,6 +530,14 @@ fn fit_target<'a, const P: usize>(
     let n = data.y.len();
     if n < params.min_samples.max(1) {
         return None;
+    }
+    for m in 0..2 {
+        if ceilings[m] == Ceiling::default() {
+            let (a, b) = (ceilings[0], ceilings[1]);
+            ceilings[m] = Ceiling::default();
+            ceilings[m].widen_by(&a);
+            ceilings[m].widen_by(&b);
+        }
     }
     let group_slots = data.group.iter().copied().max().map_or(0, |g| g + 1);
 
@@ -473,7 +557,7 @@ fn fit_target<'a, const P: usize>(
     let irls = passes > 2;
     let mut fitted = None;
     for pass in 0..passes {
-        let (shared, groups) = solve_all(params, &data, &weights, group_slots)?;
+        let (shared, modes, groups) = solve_all(params, &data, &weights, group_slots)?;
         // The weights for the next pass: relative least squares (first two passes), then
         // iteratively reweighted least squares for the relative pinball loss
         // `ρ_q(y − ŷ) / y`, whose minimiser is the conditional q-quantile.
@@ -482,9 +566,10 @@ fn fit_target<'a, const P: usize>(
             _ => None,
         };
         for (i, w) in weights.iter_mut().enumerate() {
-            let coef = match groups.get(data.group[i]) {
+            let g = data.group[i];
+            let coef = match groups.get(g) {
                 Some(Some(c)) => c,
-                _ => &shared,
+                _ => modes[mode_of_group(g)].as_ref().unwrap_or(&shared),
             };
             let y = data.y[i].max(Y_FLOOR_MS);
             let yhat = dot(coef, &data.x[i]);
@@ -499,9 +584,9 @@ fn fit_target<'a, const P: usize>(
                 }
             };
         }
-        fitted = Some((shared, groups));
+        fitted = Some((shared, modes, groups));
     }
-    let (shared, groups) = fitted?;
+    let (shared, modes, groups) = fitted?;
 
     // Floors first (half the smallest latency of the group), so that the trees fit the
     // residual of exactly the base `Linear::base` will compute.
@@ -515,6 +600,11 @@ fn fit_target<'a, const P: usize>(
         samples: 0,
     };
     let shared_lin = linear(shared, 0.5 * min_y(&mut (0..n)));
+    let group = &data.group;
+    let in_mode = |m: usize| move |&i: &usize| mode_of_group(group[i]) == m;
+    let mode_lins: [Option<Linear<P>>; 2] = [0, 1].map(|m| {
+        modes[m].map(|c| linear(c, 0.5 * min_y(&mut (0..n).filter(in_mode(m)))))
+    });
     let group_lins: Vec<Option<Linear<P>>> = groups
         .into_iter()
         .enumerate()
@@ -524,7 +614,7 @@ fn fit_target<'a, const P: usize>(
         .collect();
     let pick = |g: usize| match group_lins.get(g) {
         Some(Some(m)) => m,
-        _ => &shared_lin,
+        _ => mode_lins[mode_of_group(g)].as_ref().unwrap_or(&shared_lin),
     };
 
     // The trees fit log(actual / linear base) of the samples not held out for calibration.
@@ -582,6 +672,11 @@ fn fit_target<'a, const P: usize>(
     };
 
     let shared_model = finish(&shared_lin, &mut (0..n));
+    let mode_models = [0, 1].map(|m| {
+        mode_lins[m]
+            .as_ref()
+            .map(|l| finish(l, &mut (0..n).filter(in_mode(m))))
+    });
     let group_models = group_lins
         .iter()
         .enumerate()
@@ -592,22 +687,25 @@ fn fit_target<'a, const P: usize>(
         .collect();
     Some(TargetModel {
         shared: shared_model,
+        modes: mode_models,
         groups: group_models,
+        ceilings,
         boost: boost_model,
     })
 }
 
 type Coefs<const P: usize> = [f64; P];
 
-/// Fits the shared model and every group with enough samples, in standardised feature
-/// space, and returns raw-space coefficients.
+/// Fits the shared model, each response mode with at least `min_samples` samples and
+/// every group with enough samples (its prior: its mode's model, else the shared one), in
+/// standardised feature space, and returns raw-space coefficients.
 #[allow(clippy::type_complexity)]
 fn solve_all<const P: usize>(
     params: FitParams,
     data: &Rows<P>,
     weights: &[f64],
     group_slots: usize,
-) -> Option<(Coefs<P>, Vec<Option<Coefs<P>>>)> {
+) -> Option<(Coefs<P>, [Option<Coefs<P>>; 2], Vec<Option<Coefs<P>>>)> {
     // Weighted RMS of each column; the intercept stays unscaled.
     let mut scale = [0.0_f64; P];
     let mut wsum = 0.0;
@@ -654,36 +752,58 @@ fn solve_all<const P: usize>(
         }
     }
 
-    let mut a_all = [[0.0_f64; P]; P];
-    let mut b_all = [0.0_f64; P];
+    let mut a_mode = [[[0.0_f64; P]; P]; 2];
+    let mut b_mode = [[0.0_f64; P]; 2];
+    let mut n_mode = [0_usize; 2];
     for g in 0..group_slots {
+        let m = mode_of_group(g);
+        n_mode[m] += counts[g];
         for j in 0..P {
-            b_all[j] += b[g][j];
+            b_mode[m][j] += b[g][j];
             for k in 0..P {
-                a_all[j][k] += a[g][j][k];
+                a_mode[m][j][k] += a[g][j][k];
             }
         }
     }
-    let n_all: usize = counts.iter().sum();
+    let mut a_all = a_mode[0];
+    let mut b_all = b_mode[0];
+    for j in 0..P {
+        b_all[j] += b_mode[1][j];
+        for k in 0..P {
+            a_all[j][k] += a_mode[1][j][k];
+        }
+    }
+    let n_all = n_mode[0] + n_mode[1];
     let shared_z = ridge_solve(&a_all, &b_all, n_all, SHARED_RIDGE, &[0.0; P], false)?;
+    let mode_z: [Option<[f64; P]>; 2] = [0, 1].map(|m| {
+        if n_mode[m] < params.min_samples.max(1) {
+            return None;
+        }
+        ridge_solve(&a_mode[m], &b_mode[m], n_mode[m], SHARED_RIDGE, &[0.0; P], false)
+    });
 
     let groups = (0..group_slots)
         .map(|g| {
             if counts[g] < params.min_group_samples.max(1) {
                 return None;
             }
+            let prior = mode_z[mode_of_group(g)].as_ref().unwrap_or(&shared_z);
             let z = ridge_solve(
                 &a[g],
                 &b[g],
                 counts[g],
                 params.prior_strength,
-                &shared_z,
+                prior,
                 true,
             )?;
             Some(unscale(&z, &scale))
         })
         .collect();
-    Some((unscale(&shared_z, &scale), groups))
+    Some((
+        unscale(&shared_z, &scale),
+        mode_z.map(|z| z.map(|z| unscale(&z, &scale))),
+        groups,
+    ))
 }
 
 fn unscale<const P: usize>(z: &[f64; P], scale: &[f64; P]) -> [f64; P] {

@@ -183,6 +183,11 @@ impl InProcessPredictor {
     /// Predicts every endpoint of `batch` with the current model.
     pub fn predict_batch_now(&self, batch: &[Features]) -> Result<Vec<Prediction>, PredictError> {
         let model = self.current().ok_or(PredictError::NotReady)?;
+        // Too few samples of this response mode yet (whole responses come back seconds
+        // after streamed first chunks): the caller's fallback beats a guess.
+        if batch.iter().any(|f| !model.covers(f.streamed)) {
+            return Err(PredictError::NotReady);
+        }
         let mut out = Vec::with_capacity(batch.len());
         model.predict_into(batch, &mut out);
         Ok(out)
@@ -257,6 +262,11 @@ impl LatencyPredictor for InProcessPredictor {
     }
 }
 
+/// The least time between the fits that give a response mode its first model.
+fn early_fit_gap(retrain_interval: Duration) -> Duration {
+    (retrain_interval / 20).min(Duration::from_millis(250))
+}
+
 struct Worker {
     trainer: Trainer,
     model: Arc<RwLock<Option<Arc<Model>>>>,
@@ -268,19 +278,31 @@ struct Worker {
 impl Worker {
     fn run(mut self, rx: Receiver<Msg>) {
         let mut last_fit = Instant::now();
-        let mut have_model = false;
+        // TTFT samples received and whether the published model covers them, per response
+        // mode (streamed, whole response).
+        let mut seen = [0_usize; 2];
+        let mut covered = [false; 2];
         loop {
+            // A response mode's first model is fit as soon as there are enough samples of
+            // it, not a full interval later: until then its requests fall back to the
+            // composite score. (At most every 250 ms, in case a fit cannot cover the mode
+            // with the samples the store kept.)
+            let early = (0..2).any(|m| !covered[m] && seen[m] >= self.min_samples)
+                && self.trainer.new_since_fit() > 0;
             let wait = match self.retrain_interval {
+                Some(iv) if early => early_fit_gap(iv).saturating_sub(last_fit.elapsed()),
                 Some(iv) => iv.saturating_sub(last_fit.elapsed()),
                 None => Duration::from_secs(3600),
             };
             match rx.recv_timeout(wait) {
                 Ok(Msg::Sample(s)) => {
-                    self.trainer.add(&s);
+                    if self.trainer.add(&s) && s.ttft_ms.is_some_and(|y| y.is_finite() && y > 0.0) {
+                        seen[usize::from(!s.features_at_dispatch.streamed)] += 1;
+                    }
                 }
                 Ok(Msg::TrainNow(reply)) => {
                     let info = self.fit_and_publish();
-                    have_model |= info.is_some();
+                    covered = self.covered();
                     last_fit = Instant::now();
                     let _ = reply.send(info);
                     continue;
@@ -291,14 +313,21 @@ impl Worker {
             let Some(iv) = self.retrain_interval else {
                 continue;
             };
-            // The first model is fit as soon as there is enough data, not a full interval
-            // later: until then every request falls back to the composite score.
-            let first = !have_model && self.trainer.sample_counts().0 >= self.min_samples;
-            if self.trainer.new_since_fit() > 0 && (first || last_fit.elapsed() >= iv) {
-                have_model |= self.fit_and_publish().is_some();
+            let early = (0..2).any(|m| !covered[m] && seen[m] >= self.min_samples)
+                && last_fit.elapsed() >= early_fit_gap(iv);
+            if self.trainer.new_since_fit() > 0 && (early || last_fit.elapsed() >= iv) {
+                self.fit_and_publish();
+                covered = self.covered();
                 last_fit = Instant::now();
             }
         }
+    }
+
+    fn covered(&self) -> [bool; 2] {
+        self.model
+            .read()
+            .as_ref()
+            .map_or([false; 2], |m| [m.covers(true), m.covers(false)])
     }
 
     fn fit_and_publish(&mut self) -> Option<ModelInfo> {

@@ -224,3 +224,55 @@ fn streamed_and_whole_response_ttfts_get_separate_models() {
     assert!(streamed <= 10.0, "streamed first chunk: {streamed:.2}%");
     assert!(not_streamed <= 10.0, "whole response: {not_streamed:.2}%");
 }
+
+#[test]
+fn a_class_with_no_whole_response_samples_is_predicted_from_whole_responses() {
+    // The slow class has served only streamed requests so far (its first whole responses
+    // take tens of seconds to come back). Its whole-response prediction must come from the
+    // other class's whole responses, not from a model pooled over both modes: relative
+    // error weighs the short streamed TTFTs most, and such a blend would predict the slow
+    // class's whole response in tens of milliseconds, the fastest endpoint of the pool.
+    let whole = |f: &Features| {
+        let (ttft, tpot) = truth(f);
+        ttft + 200.0 * tpot
+    };
+    let slow = ClassId(2);
+    let mut r = rng(13);
+    let mut t = Trainer::new(median_config());
+    for i in 0..4_000 {
+        let mut f = features(&mut r);
+        f.streamed = f.class == slow || i % 2 == 0;
+        let (ttft, tpot) = truth(&f);
+        let y = if f.streamed { ttft } else { whole(&f) };
+        t.add(&TrainingSample {
+            features_at_dispatch: f,
+            ttft_ms: Some(noisy(&mut r, y, 0.08)),
+            tpot_ms: f.streamed.then(|| noisy(&mut r, tpot, 0.08)),
+        });
+    }
+    let model = t.fit().expect("a model");
+    let mut r = rng(14);
+    let (mut slow_whole, mut fast_whole) = (Vec::new(), Vec::new());
+    for _ in 0..2000 {
+        let f = Features {
+            streamed: false,
+            ..features(&mut r)
+        };
+        let p = model.predict(&f).ttft_ms;
+        if f.class == slow {
+            slow_whole.push(p / whole(&f));
+        } else {
+            fast_whole.push(p / whole(&f));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (slow_ratio, fast_ratio) = (median(&mut slow_whole), median(&mut fast_whole));
+    eprintln!("predicted / true whole response: slow class {slow_ratio:.2}, fast {fast_ratio:.2}");
+    assert!((0.9..1.1).contains(&fast_ratio), "fast class: {fast_ratio:.2}");
+    // Unseen, the slow class is predicted like the fast one (0.4: it is 2.5× slower). A
+    // model pooled over both modes (even with the trees' class input) gave 0.2.
+    assert!(slow_ratio > 0.3, "slow class: {slow_ratio:.3} of its true whole response");
+}

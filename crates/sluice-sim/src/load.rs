@@ -155,6 +155,10 @@ pub struct ClassSummary {
     pub ttft_ms: Percentiles,
     /// TPOT.
     pub tpot_ms: Percentiles,
+    /// End to end (successful requests).
+    pub e2e_ms: Percentiles,
+    /// Answers by `x-sim-server`: where the router sent this class.
+    pub per_server: BTreeMap<String, u64>,
 }
 
 /// The result of a run.
@@ -240,6 +244,15 @@ impl Summary {
             c.slo_attainment = rs.iter().filter(|r| r.good).count() as f64 / rs.len().max(1) as f64;
             c.ttft_ms = Percentiles::of(rs.iter().filter_map(|r| r.ttft_ms).collect());
             c.tpot_ms = Percentiles::of(rs.iter().filter_map(|r| r.tpot_ms).collect());
+            c.e2e_ms = Percentiles::of(
+                rs.iter()
+                    .filter(|r| r.succeeded())
+                    .map(|r| r.e2e_ms)
+                    .collect(),
+            );
+            for server in rs.iter().filter_map(|r| r.server.as_ref()) {
+                *c.per_server.entry(server.clone()).or_insert(0) += 1;
+            }
         }
         Self {
             workload: workload.to_owned(),
@@ -288,24 +301,28 @@ impl Summary {
         }
         for (name, c) in &self.per_class {
             s += &format!(
-                "class {name}: {} requests, {} ok, SLO attainment {:.1} %, TTFT p90 {:.1} ms, TPOT p90 {:.1} ms\n",
+                "class {name}: {} requests, {} ok, SLO attainment {:.1} %, TTFT p90 {:.1} ms, TPOT p90 {:.1} ms, e2e p99 {:.1} ms\n",
                 c.requests,
                 c.ok,
                 c.slo_attainment * 100.0,
                 c.ttft_ms.p90,
-                c.tpot_ms.p90
+                c.tpot_ms.p90,
+                c.e2e_ms.p99
             );
+            if self.per_server.len() > 1 {
+                s += &format!("  per server: {}\n", server_counts(&c.per_server));
+            }
         }
         if self.per_server.len() > 1 {
-            let counts: Vec<String> = self
-                .per_server
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            s += &format!("per server: {}\n", counts.join(" "));
+            s += &format!("per server: {}\n", server_counts(&self.per_server));
         }
         s
     }
+}
+
+fn server_counts(counts: &BTreeMap<String, u64>) -> String {
+    let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    counts.join(" ")
 }
 
 struct Ctx {

@@ -781,6 +781,28 @@ impl Scorer for PredictedLatencyScorer {
                 Decision::LeastNegative
             };
         }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for e in &state.endpoints {
+                let c = &candidates[e.candidate];
+                let m = c.metrics_or_zero();
+                tracing::debug!(
+                    endpoint = %c.endpoint.key,
+                    decision = ?state.decision,
+                    slo_ttft_ms = slo.ttft_ms,
+                    slo_tpot_ms = slo.tpot_ms,
+                    streamed = e.features.streamed,
+                    ttft_ms = e.prediction.map(|p| p.ttft_ms),
+                    tpot_ms = e.prediction.and_then(|p| p.tpot_ms),
+                    valid = e.valid,
+                    weight = e.weight,
+                    waiting = m.waiting_queue_size,
+                    running = m.running_requests_size,
+                    kv = m.kv_cache_usage,
+                    in_flight = c.in_flight.requests(),
+                    "predicted-latency scorer: endpoint"
+                );
+            }
+        }
         cycle.state.insert(self.state_key.clone(), state);
         Ok(())
     }
