@@ -27,7 +27,12 @@
 //!    requests do not herd onto the one fastest endpoint.
 //! 5. No prediction (no model yet, predictor error, or a remote predictor that cannot answer
 //!    synchronously) ⇒ composite score `(wkv·(1−kv) + wq·relQueue + wp·prefix)` — never a
-//!    failure. Training continues from that traffic, which is how the first model appears.
+//!    failure — and the best score wins (ties, at upstream's 0.01 rounding, drawn at
+//!    random), as in the default profile. Training continues from that traffic, which is
+//!    how the first model appears. Upstream draws at random weighted by the composite
+//!    score instead: at low load every endpoint scores near 1, so a cold picker gives a
+//!    slow endpoint of a heterogeneous pool its full share until its first model, and that
+//!    endpoint's backlog outlives the cold start by minutes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -611,6 +616,14 @@ impl Scorer for PredictedLatencyScorer {
         };
         let Some(predictions) = predictions else {
             self.composite(candidates, endpoints, &prefix, out);
+            // `composite-only` asked for upstream's weighted draw; a fallback takes the best.
+            if !matches!(state.decision, Decision::CompositeOnly) {
+                let rounded = |c: f64| (c * 100.0).round();
+                let best = out.iter().map(|&c| rounded(c)).fold(0.0, f64::max);
+                for o in out.iter_mut() {
+                    *o = if rounded(*o) >= best { 1.0 } else { 0.0 };
+                }
+            }
             for (e, o) in state.endpoints.iter_mut().zip(out.iter()) {
                 e.weight = *o;
             }
@@ -752,6 +765,15 @@ impl Scorer for PredictedLatencyScorer {
             let short = |h: f64| (-h).max(0.0);
             let (min_t, max_t) = range(in_class().map(|e| short(e.ttft_headroom_ms)));
             let (min_p, max_p) = range(in_class().map(|e| short(e.tpot_headroom_ms)));
+            // As in upstream's scoreBucket (and the valid branch above): a dimension with
+            // no spread gives the other all the weight, so that the draw spans 1..=101
+            // (with a constant 0.5 term, the worst endpoint would keep a tenth of the best
+            // one's weight instead of a hundredth).
+            let (a, b) = match (max_t - min_t > EPS, max_p - min_p > EPS) {
+                (false, true) => (0.0, 1.0),
+                (true, false) => (1.0, 0.0),
+                _ => (a, b),
+            };
             let deficit = |e: &EndpointPrediction| {
                 a * norm(short(e.ttft_headroom_ms), min_t, max_t)
                     + b * norm(short(e.tpot_headroom_ms), min_p, max_p)
