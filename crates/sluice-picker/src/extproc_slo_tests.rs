@@ -109,6 +109,9 @@ impl SloFixture {
                 input_tokens: 10 + i % 50,
                 waiting: i % 5,
                 running: i % 3,
+                // The fixture's requests ask for streamed responses: a model of whole
+                // responses would not answer for them.
+                streamed: true,
                 ..Default::default()
             };
             self.predictor.record_sample(TrainingSample {

@@ -56,13 +56,23 @@
 //!    `1/y²`, refined once with `1/ŷ²`), and the trees fit the *log* of actual/linear,
 //!    because routing compares predictions to SLOs: a 20 ms error on an idle pod's 40 ms
 //!    TTFT matters as much as 500 ms on a loaded pod's 1 s. This is what MAPE measures too.
-//! 5. **Robust with little data and heterogeneous fleets.** One pooled ("shared") linear
-//!    model is fit on everything; each (hardware class, pod role) group then gets its own,
-//!    fit by ridge regression whose prior mean is the shared model (worth `prior_strength`
-//!    pseudo-samples). A class with 10 samples predicts like the shared model nudged by its
-//!    data; one with thousands is fit by its own data. Unknown classes use the shared
-//!    model. The trees are shared by all groups (class and role are two of their inputs),
-//!    start only at 400 samples, and shrink every leaf towards no correction.
+//! 5. **Robust with little data and heterogeneous fleets.** One pooled linear model is fit
+//!    per response mode (streamed first chunk, whole response: different quantities, tens
+//!    of milliseconds against seconds); each (hardware class, pod role, mode) group then
+//!    gets its own, fit by ridge regression whose prior mean is its mode's model (worth
+//!    `prior_strength` pseudo-samples). A class with 10 samples predicts like the mode's
+//!    model nudged by its data; one with thousands is fit by its own data. Unknown classes
+//!    use the mode's model. A mode with fewer than `min_samples` samples has no model, and
+//!    the in-process predictor answers `NotReady` for its requests (the scorer's
+//!    fallback), fitting again as soon as the samples are there. The trees are shared by
+//!    all groups (class and role are two of their inputs), start only at 400 samples, and
+//!    shrink every leaf towards no correction.
+//! 6. **No extrapolation of load.** The load inputs (queue, running, prefill in flight,
+//!    prompt length) are clamped to the largest seen in training for the mode (`Ceiling`).
+//!    In the real-time demo an L4 flooded during the cold start sat at 38 waiting, where
+//!    the model had seen at most 7: extrapolated, its squared and interaction terms turned
+//!    the prediction negative, the floor made it 16 ms, and the most loaded endpoint of the
+//!    pool looked the fastest.
 //!
 //! Quantile mode (p90 by default, or the median) continues the linear fit with iteratively
 //! reweighted least squares on the relative pinball loss `ρ_q(y − ŷ)/y` (for q = 0.5 that
@@ -292,7 +302,9 @@ impl Ceiling {
             input_tokens: f.input_tokens.min(self.input_tokens),
             waiting: f.waiting.min(self.waiting),
             running: f.running.min(self.running),
-            prefill_tokens_in_flight: f.prefill_tokens_in_flight.min(self.prefill_tokens_in_flight),
+            prefill_tokens_in_flight: f
+                .prefill_tokens_in_flight
+                .min(self.prefill_tokens_in_flight),
             prefill_requests_in_flight: f
                 .prefill_requests_in_flight
                 .min(self.prefill_requests_in_flight),
@@ -602,9 +614,8 @@ fn fit_target<'a, const P: usize>(
     let shared_lin = linear(shared, 0.5 * min_y(&mut (0..n)));
     let group = &data.group;
     let in_mode = |m: usize| move |&i: &usize| mode_of_group(group[i]) == m;
-    let mode_lins: [Option<Linear<P>>; 2] = [0, 1].map(|m| {
-        modes[m].map(|c| linear(c, 0.5 * min_y(&mut (0..n).filter(in_mode(m)))))
-    });
+    let mode_lins: [Option<Linear<P>>; 2] =
+        [0, 1].map(|m| modes[m].map(|c| linear(c, 0.5 * min_y(&mut (0..n).filter(in_mode(m))))));
     let group_lins: Vec<Option<Linear<P>>> = groups
         .into_iter()
         .enumerate()
@@ -779,7 +790,14 @@ fn solve_all<const P: usize>(
         if n_mode[m] < params.min_samples.max(1) {
             return None;
         }
-        ridge_solve(&a_mode[m], &b_mode[m], n_mode[m], SHARED_RIDGE, &[0.0; P], false)
+        ridge_solve(
+            &a_mode[m],
+            &b_mode[m],
+            n_mode[m],
+            SHARED_RIDGE,
+            &[0.0; P],
+            false,
+        )
     });
 
     let groups = (0..group_slots)
@@ -788,14 +806,7 @@ fn solve_all<const P: usize>(
                 return None;
             }
             let prior = mode_z[mode_of_group(g)].as_ref().unwrap_or(&shared_z);
-            let z = ridge_solve(
-                &a[g],
-                &b[g],
-                counts[g],
-                params.prior_strength,
-                prior,
-                true,
-            )?;
+            let z = ridge_solve(&a[g], &b[g], counts[g], params.prior_strength, prior, true)?;
             Some(unscale(&z, &scale))
         })
         .collect();

@@ -271,8 +271,14 @@ fn a_class_with_no_whole_response_samples_is_predicted_from_whole_responses() {
     };
     let (slow_ratio, fast_ratio) = (median(&mut slow_whole), median(&mut fast_whole));
     eprintln!("predicted / true whole response: slow class {slow_ratio:.2}, fast {fast_ratio:.2}");
-    assert!((0.9..1.1).contains(&fast_ratio), "fast class: {fast_ratio:.2}");
+    assert!(
+        (0.9..1.1).contains(&fast_ratio),
+        "fast class: {fast_ratio:.2}"
+    );
     // Unseen, the slow class is predicted like the fast one (0.4: it is 2.5× slower). A
     // model pooled over both modes (even with the trees' class input) gave 0.2.
-    assert!(slow_ratio > 0.3, "slow class: {slow_ratio:.3} of its true whole response");
+    assert!(
+        slow_ratio > 0.3,
+        "slow class: {slow_ratio:.3} of its true whole response"
+    );
 }

@@ -225,7 +225,10 @@ fn an_endpoint_busier_than_any_seen_is_predicted_no_faster_than_the_busiest_seen
         p.predict_batch(&[f]).try_now().unwrap().unwrap()[0].ttft_ms
     };
     let edge = at(10);
-    assert!((edge / truth(10) - 1.0).abs() < 0.05, "{edge:.0} ms at 10 waiting");
+    assert!(
+        (edge / truth(10) - 1.0).abs() < 0.05,
+        "{edge:.0} ms at 10 waiting"
+    );
     for waiting in [40, 400] {
         let got = at(waiting);
         assert!(

@@ -317,6 +317,65 @@ fn a_pod_decoding_slower_than_the_tpot_slo_is_invalid_whatever_the_model_says() 
 }
 
 #[test]
+fn a_request_still_waiting_for_its_first_chunk_floors_its_endpoints_ttft() {
+    // The model says both pods answer in 100 ms. Pod 1 has had a streamed request waiting
+    // 2 s for its first chunk: a new request queues behind it, so pod 1 cannot meet a
+    // 400 ms TTFT SLO whatever the model says (the model learns only from outcomes, and a
+    // stalled endpoint produces none).
+    let p = Scripted::new(&[(0, 100.0, Some(20.0)), (1, 100.0, Some(20.0))]);
+    let s = setup(&p);
+    let cands = candidates(&pods(2));
+    let stuck = req(1000, SLO, 0);
+    let mut sch = s.scheduler.schedule(&stuck, &cands[1..]).unwrap();
+    s.scheduler.pre_request(&stuck, &mut sch);
+    let ttft = |r: &Scheduled, i: usize| state(r).endpoints[i].prediction.unwrap().ttft_ms;
+    // Within the request's 400 ms SLO the head's wait says little (a chunked-prefill
+    // engine admits short prompts beside a long one): the model's answer stands.
+    s.clock.advance(Duration::from_millis(300));
+    let r = s.scheduler.schedule(&req(0, SLO, 0), &cands).unwrap();
+    assert_eq!(ttft(&r, 1), 100.0);
+    s.clock.advance(Duration::from_millis(1700));
+
+    let r = s.scheduler.schedule(&req(1, SLO, 0), &cands).unwrap();
+    assert_eq!(ttft(&r, 0), 100.0);
+    assert!((ttft(&r, 1) - 2000.0).abs() < 1.0, "{:?}", state(&r));
+    let floored = || {
+        SloServices::from_shared(&s.shared)
+            .metrics()
+            .ttft_floored
+            .get()
+    };
+    assert_eq!(floored(), 1);
+    let c = histogram(&s, &cands, 1000, SLO);
+    assert!(c[1] < 30, "only exploration reaches the stalled pod: {c:?}");
+
+    // A whole response waits behind its own kind: the streamed request's wait is a
+    // streamed first chunk's, not a whole response's.
+    let whole = LlmRequest {
+        stream: false,
+        ..req(2, SLO, 0)
+    };
+    let r = s.scheduler.schedule(&whole, &cands).unwrap();
+    assert_eq!(ttft(&r, 1), 100.0);
+
+    // Its first chunk arrives: the queue moves, the model's answer stands again.
+    s.scheduler
+        .response_headers(&stuck, &mut sch, &sse_headers());
+    s.scheduler.response_chunk(
+        &stuck,
+        &mut sch,
+        ResponseChunk {
+            data: b"data: x",
+            end_of_stream: false,
+        },
+    );
+    let r = s.scheduler.schedule(&req(3, SLO, 0), &cands).unwrap();
+    assert_eq!(ttft(&r, 1), 100.0);
+    let c = histogram(&s, &cands, 1000, SLO);
+    assert!(c[1] > 300, "{c:?}");
+}
+
+#[test]
 fn no_valid_pod_non_sheddable_goes_to_least_negative_headroom() {
     let p = Scripted::new(&[
         (0, 900.0, Some(20.0)),
@@ -837,7 +896,10 @@ fn requests_without_slos_favour_the_lowest_predicted_latency_without_herding() {
     assert!(c[0] < 2900, "spread, not herded: {c:?}");
     // Weights 101, 51 and 1: the slowest gets about 20 of 3000 (with the TPOT term, flat
     // here, still weighing 0.2 it got about 200).
-    assert!(c[2] < 60, "the slowest endpoint is drawn about 1 % of the time: {c:?}");
+    assert!(
+        c[2] < 60,
+        "the slowest endpoint is drawn about 1 % of the time: {c:?}"
+    );
     let r = s.scheduler.schedule(&req(1, &[], 0), &cands).unwrap();
     assert_eq!(state(&r).decision, Decision::LeastNegative);
 }

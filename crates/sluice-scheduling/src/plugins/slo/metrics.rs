@@ -113,6 +113,9 @@ pub struct SloMetrics {
     /// Endpoint TPOT predictions raised to the step length the endpoint is streaming at
     /// (the scorer's observed-step floor): a rising rate means the model lags the load.
     pub tpot_floored: Counter,
+    /// Endpoint TTFT predictions raised to how long this picker's oldest request there has
+    /// been waiting for its first chunk: a rising rate means an endpoint stalled.
+    pub ttft_floored: Counter,
 }
 
 impl Default for SloMetrics {
@@ -137,6 +140,7 @@ impl Default for SloMetrics {
             ttft_slo_threshold: GaugeF::default(),
             tpot_slo_threshold: GaugeF::default(),
             tpot_floored: Counter::default(),
+            ttft_floored: Counter::default(),
         }
     }
 }
@@ -245,6 +249,11 @@ impl SloMetrics {
             "sluice_latency_prediction_tpot_floored",
             "Endpoint TPOT predictions that the predicted-latency scorer raised to the step length the endpoint is streaming at now, because the model predicted less.",
             self.tpot_floored.clone(),
+        );
+        r.register(
+            "sluice_latency_prediction_ttft_floored",
+            "Endpoint TTFT predictions that the predicted-latency scorer raised to how long this picker's oldest request on the endpoint (same response mode) has been waiting for its first chunk, because the model predicted less.",
+            self.ttft_floored.clone(),
         );
     }
 

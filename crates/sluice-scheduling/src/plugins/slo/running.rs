@@ -22,6 +22,22 @@ struct Entry {
     id: u64,
     tpot_slo_ms: f64,
     added: Instant,
+    /// The client asked for a streamed response.
+    streamed: bool,
+    /// The first response chunk has arrived.
+    started: bool,
+}
+
+/// What [`RunningRequests::snapshot`] reports for one endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct QueueView {
+    /// Requests tracked.
+    pub running: usize,
+    /// The smallest positive TPOT SLO among them (0 if none).
+    pub min_tpot_slo_ms: f64,
+    /// How long the oldest request of the asked response mode has waited for its first
+    /// chunk (zero if none is waiting).
+    pub oldest_waiting: Duration,
 }
 
 /// Why [`RunningRequests::add`] refused an entry.
@@ -57,12 +73,14 @@ impl RunningRequests {
         }
     }
 
-    /// Tracks request `id` on `endpoint` with its TPOT SLO (0 = none).
+    /// Tracks request `id` on `endpoint` with its TPOT SLO (0 = none) and whether the
+    /// client asked for a streamed response.
     pub fn add(
         &self,
         endpoint: &EndpointKey,
         id: u64,
         tpot_slo_ms: f64,
+        streamed: bool,
         now: Instant,
     ) -> Result<(), AddError> {
         let mut g = self.inner.lock();
@@ -82,9 +100,28 @@ impl RunningRequests {
                 0.0
             },
             added: now,
+            streamed,
+            started: false,
         });
         g.where_is.insert(id, endpoint.clone());
         Ok(())
+    }
+
+    /// Records that request `id`'s first response chunk arrived.
+    pub fn mark_started(&self, id: u64) {
+        let mut g = self.inner.lock();
+        let Inner {
+            by_endpoint,
+            where_is,
+            ..
+        } = &mut *g;
+        if let Some(e) = where_is
+            .get(&id)
+            .and_then(|k| by_endpoint.get_mut(k))
+            .and_then(|l| l.iter_mut().find(|e| e.id == id))
+        {
+            e.started = true;
+        }
     }
 
     /// Stops tracking `id`; returns whether it was tracked. Idempotent.
@@ -165,18 +202,30 @@ impl RunningRequests {
             .map_or(0.0, |l| min_positive(l.iter().map(|e| e.tpot_slo_ms)))
     }
 
-    /// For each key: (tracked requests, smallest positive TPOT SLO), under one lock.
+    /// A [`QueueView`] per key, the waiting ages for `streamed` requests (or whole
+    /// responses), under one lock.
     pub fn snapshot<'a>(
         &self,
         keys: impl Iterator<Item = &'a EndpointKey>,
-        out: &mut Vec<(usize, f64)>,
+        streamed: bool,
+        now: Instant,
+        out: &mut Vec<QueueView>,
     ) {
         let g = self.inner.lock();
         out.clear();
         out.extend(keys.map(|k| {
-            g.by_endpoint.get(k).map_or((0, 0.0), |l| {
-                (l.len(), min_positive(l.iter().map(|e| e.tpot_slo_ms)))
-            })
+            g.by_endpoint
+                .get(k)
+                .map_or(QueueView::default(), |l| QueueView {
+                    running: l.len(),
+                    min_tpot_slo_ms: min_positive(l.iter().map(|e| e.tpot_slo_ms)),
+                    oldest_waiting: l
+                        .iter()
+                        .filter(|e| e.streamed == streamed && !e.started)
+                        .map(|e| now.saturating_duration_since(e.added))
+                        .max()
+                        .unwrap_or_default(),
+                })
         }));
     }
 
@@ -259,10 +308,10 @@ mod tests {
     fn add_remove_min_and_duplicates() {
         let q = RunningRequests::new(Duration::from_secs(300));
         let t = Instant::now();
-        q.add(&key("a"), 1, 50.0, t).unwrap();
-        q.add(&key("a"), 2, 0.0, t).unwrap();
-        q.add(&key("a"), 3, 20.0, t).unwrap();
-        assert_eq!(q.add(&key("b"), 3, 1.0, t), Err(AddError::Duplicate));
+        q.add(&key("a"), 1, 50.0, true, t).unwrap();
+        q.add(&key("a"), 2, 0.0, true, t).unwrap();
+        q.add(&key("a"), 3, 20.0, true, t).unwrap();
+        assert_eq!(q.add(&key("b"), 3, 1.0, true, t), Err(AddError::Duplicate));
         assert_eq!(q.len(&key("a")), 3);
         assert_eq!(
             q.min_tpot_slo(&key("a")),
@@ -282,8 +331,8 @@ mod tests {
     fn a_request_served_elsewhere_moves_with_its_slo() {
         let q = RunningRequests::new(Duration::from_secs(300));
         let t = Instant::now();
-        q.add(&key("a"), 1, 30.0, t).unwrap();
-        q.add(&key("a"), 2, 80.0, t).unwrap();
+        q.add(&key("a"), 1, 30.0, true, t).unwrap();
+        q.add(&key("a"), 2, 80.0, true, t).unwrap();
         assert!(q.move_to(1, &key("b")));
         assert_eq!((q.len(&key("a")), q.len(&key("b"))), (1, 1));
         assert_eq!(q.min_tpot_slo(&key("a")), 80.0);
@@ -306,13 +355,49 @@ mod tests {
     fn ttl_expires_lost_requests_and_retain_drops_departed_endpoints() {
         let q = RunningRequests::new(Duration::from_secs(10));
         let t = Instant::now();
-        q.add(&key("a"), 1, 0.0, t).unwrap();
-        q.add(&key("b"), 2, 0.0, t + Duration::from_secs(5))
+        q.add(&key("a"), 1, 0.0, true, t).unwrap();
+        q.add(&key("b"), 2, 0.0, true, t + Duration::from_secs(5))
             .unwrap();
         assert_eq!(q.expire(t + Duration::from_secs(11)), 1);
         assert_eq!(q.total(), 1);
         q.retain(&|k| k != &key("b"));
         assert!(q.is_empty());
         assert!(!q.remove(2));
+    }
+
+    #[test]
+    fn the_oldest_request_without_a_first_chunk_is_reported_per_response_mode() {
+        let q = RunningRequests::new(Duration::from_secs(300));
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        q.add(&key("a"), 1, 0.0, true, at(0)).unwrap();
+        q.add(&key("a"), 2, 0.0, true, at(100)).unwrap();
+        q.add(&key("a"), 3, 0.0, false, at(50)).unwrap();
+        let view = |streamed: bool, now: u64| {
+            let mut out = Vec::new();
+            q.snapshot([key("a"), key("b")].iter(), streamed, at(now), &mut out);
+            out
+        };
+        let v = view(true, 400);
+        assert_eq!(v[0].running, 3);
+        assert_eq!(v[0].oldest_waiting, Duration::from_millis(400));
+        assert_eq!(v[1], QueueView::default(), "nothing on b");
+        assert_eq!(
+            view(false, 400)[0].oldest_waiting,
+            Duration::from_millis(350)
+        );
+        q.mark_started(1);
+        assert_eq!(
+            view(true, 400)[0].oldest_waiting,
+            Duration::from_millis(300)
+        );
+        q.mark_started(2);
+        assert_eq!(view(true, 400)[0].oldest_waiting, Duration::ZERO);
+        q.mark_started(99);
+        assert_eq!(
+            view(true, 400)[0].running,
+            3,
+            "an unknown id changes nothing"
+        );
     }
 }

@@ -282,6 +282,8 @@ struct Tracking {
     labels: SloLabels,
     /// Envoy reported another endpoint than the pick as the one that served the request.
     served_elsewhere: bool,
+    /// Its first response chunk has arrived.
+    started: bool,
 }
 
 /// The scorer plugin.
@@ -489,6 +491,31 @@ fn apply_observed_step_floor(p: &mut Prediction, f: &Features) -> bool {
     }
 }
 
+/// Raises a TTFT prediction to the time this picker's oldest request of the same response
+/// mode has been waiting on the endpoint for its first chunk, once that is longer than the
+/// request's TTFT SLO (always for a request without one). The model learns from outcomes,
+/// and a stalled endpoint produces none until it recovers: in the real-time demo an L4
+/// flooded during the cold start kept drawing requests for seconds while its first ones
+/// waited 30 s and more. An engine admits its queue in order, so the head's wait is what
+/// the endpoint delivers now, roughly: a chunked-prefill engine admits short prompts beside
+/// a long one, so below the SLO the head's age (often a long prompt's own prefill) would
+/// only blur the model's answer; above it, it says the endpoint cannot meet the SLO now.
+/// For a non-streamed request the "first chunk" is the whole response, and so is its TTFT.
+///
+/// Returns whether the floor raised the prediction.
+fn apply_waiting_age_floor(p: &mut Prediction, oldest_waiting: Duration, slo: &Slo) -> bool {
+    let age_ms = oldest_waiting.as_secs_f64() * 1e3;
+    if slo.has_ttft() && age_ms <= slo.ttft_ms {
+        return false;
+    }
+    if p.ttft_ms < age_ms {
+        p.ttft_ms = age_ms;
+        true
+    } else {
+        false
+    }
+}
+
 /// Min–max normalised `|v|`, 0.5 for all when the range is empty.
 fn norm(v: f64, min: f64, max: f64) -> f64 {
     if max - min > EPS {
@@ -636,14 +663,19 @@ impl Scorer for PredictedLatencyScorer {
         let mut queue = Vec::with_capacity(endpoints.len());
         self.running.snapshot(
             endpoints.iter().map(|&i| &candidates[i].endpoint.key),
+            request.stream,
+            self.clock.now(),
             &mut queue,
         );
         let buf = self.params.slo_buffer_factor;
-        for ((e, p), &(_, pod_min_tpot)) in state.endpoints.iter_mut().zip(&predictions).zip(&queue)
-        {
+        for ((e, p), view) in state.endpoints.iter_mut().zip(&predictions).zip(&queue) {
+            let pod_min_tpot = view.min_tpot_slo_ms;
             let mut p = *p;
             if apply_observed_step_floor(&mut p, &e.features) {
                 self.services.metrics().tpot_floored.inc();
+            }
+            if apply_waiting_age_floor(&mut p, view.oldest_waiting, &slo) {
+                self.services.metrics().ttft_floored.inc();
             }
             e.prediction = Some(p);
             e.ttft_headroom_ms = slo.ttft_ms - p.ttft_ms;
@@ -878,7 +910,10 @@ impl PreRequest for PredictedLatencyScorer {
         };
         let now = self.clock.now();
         let id = self.services.next_request_id();
-        if let Err(e) = self.running.add(&target.endpoint.key, id, slo.tpot_ms, now) {
+        if let Err(e) = self
+            .running
+            .add(&target.endpoint.key, id, slo.tpot_ms, request.stream, now)
+        {
             tracing::debug!(error = ?e, endpoint = %target.endpoint.key, "request not tracked in the running-request queue");
         }
         cycle.state.insert(
@@ -892,6 +927,7 @@ impl PreRequest for PredictedLatencyScorer {
                 slo,
                 labels,
                 served_elsewhere: false,
+                started: false,
             },
         );
     }
@@ -935,6 +971,10 @@ impl ResponseHooks for PredictedLatencyScorer {
         let now = self.clock.now();
         if let Some(t) = cycle.state.get_mut::<Tracking>(&self.tracking_key) {
             t.tracker.on_chunk(now);
+            if !t.started {
+                t.started = true;
+                self.running.mark_started(t.id);
+            }
         }
     }
 
