@@ -249,10 +249,16 @@ pub(crate) fn tree_features(f: &Features) -> [f32; TREE_FEATURES] {
 /// The model slot of a (class, role, streamed) triple.
 #[inline]
 pub(crate) fn group_index(class: ClassId, role: PodRole, streamed: bool) -> usize {
-    (usize::from(class.0) * PodRole::COUNT + role.index()) * 2 + usize::from(!streamed)
+    (usize::from(class.0) * PodRole::COUNT + role.index()) * 2 + mode_of(streamed)
 }
 
-/// The response mode of a group slot: 0 streamed, 1 whole response (see `group_index`).
+/// The response mode's index: 0 streamed, 1 whole response.
+#[inline]
+fn mode_of(streamed: bool) -> usize {
+    usize::from(!streamed)
+}
+
+/// The response mode of a group slot (see `group_index` and `mode_of`).
 #[inline]
 fn mode_of_group(group: usize) -> usize {
     group % 2
@@ -432,7 +438,7 @@ impl Model {
     /// or whole response) from enough samples of it. Without that, `predict` answers from
     /// the model pooled over both modes, which is no estimate of either.
     pub fn covers(&self, streamed: bool) -> bool {
-        self.ttft.modes[usize::from(!streamed)].is_some()
+        self.ttft.modes[mode_of(streamed)].is_some()
     }
 
     /// What the model predicts.
@@ -531,7 +537,7 @@ fn fit_target<'a, const P: usize>(
             continue;
         }
         let f = f.sanitised();
-        ceilings[usize::from(!f.streamed)].widen_by(&Ceiling::of(&f));
+        ceilings[mode_of(f.streamed)].widen_by(&Ceiling::of(&f));
         data.x.push(design(&f));
         if boost.is_some() {
             data.trees.push(tree_features(&f));
@@ -543,12 +549,11 @@ fn fit_target<'a, const P: usize>(
     if n < params.min_samples.max(1) {
         return None;
     }
-    for m in 0..2 {
-        if ceilings[m] == Ceiling::default() {
-            let (a, b) = (ceilings[0], ceilings[1]);
-            ceilings[m] = Ceiling::default();
-            ceilings[m].widen_by(&a);
-            ceilings[m].widen_by(&b);
+    let mut all = ceilings[0];
+    all.widen_by(&ceilings[1]);
+    for c in &mut ceilings {
+        if *c == Ceiling::default() {
+            *c = all;
         }
     }
     let group_slots = data.group.iter().copied().max().map_or(0, |g| g + 1);

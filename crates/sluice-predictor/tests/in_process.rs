@@ -138,6 +138,15 @@ fn tpot_model_is_optional_when_only_non_streamed_traffic_was_seen() {
     assert_eq!(preds[0].tpot_ms, None);
 }
 
+/// The trainer runs on its own clock: waits for `ok` with a deadline.
+fn wait_for(what: &str, ok: &dyn Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn the_background_trainer_publishes_a_first_model_without_being_asked() {
     let cfg = PredictorConfig {
@@ -150,12 +159,7 @@ fn the_background_trainer_publishes_a_first_model_without_being_asked() {
     for _ in 0..300 {
         p.record(sample(&mut r, 0.05));
     }
-    // The trainer runs on its own clock; wait for its publication with a deadline.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.ready() {
-        assert!(Instant::now() < deadline, "no model published within 10 s");
-        std::thread::yield_now();
-    }
+    wait_for("a model published", &|| p.ready());
     assert!(p.stats().models_published >= 1);
 }
 
@@ -249,13 +253,6 @@ fn the_background_trainer_covers_whole_responses_as_soon_as_enough_arrive() {
     };
     let p = InProcessPredictor::spawn(cfg).unwrap();
     let mut r = rng(24);
-    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ok() {
-            assert!(Instant::now() < deadline, "{what} within 10 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     for _ in 0..60 {
         p.record(sample(&mut r, 0.05));
     }
