@@ -46,6 +46,11 @@ pub struct DemoArgs {
     /// step alone is longer than the fraud-detection class's 30 ms TPOT SLO).
     #[arg(long, value_delimiter = ',', default_value = "h100-llama8b")]
     pub presets: Vec<String>,
+    /// Envoy's log levels, as its `--component-log-level` takes them (e.g.
+    /// `ext_proc:debug,http:debug` to follow each request through the ext_proc filter);
+    /// everything else logs warnings. The access log (one line per request) is always on.
+    #[arg(long, value_name = "COMPONENT:LEVEL,...")]
+    pub envoy_log: Option<String>,
 }
 
 /// How the demo's pickers schedule.
@@ -112,8 +117,20 @@ pub fn render_envoy(
     tls: bool,
     full_duplex: bool,
 ) -> Result<String> {
-    render_envoy_multi(root, listen, admin, &[extproc], tls, full_duplex)
+    render_envoy_multi(root, listen, admin, &[extproc], tls, full_duplex, false)
 }
+
+/// One access-log line per request on Envoy's stdout: when it started, how long it took,
+/// the status and Envoy's response flags (`DC`: the client went away first), the endpoint
+/// the picker chose and the one Envoy reached (`-`: no upstream was ever picked, so the
+/// request never left the ext_proc filter), and the client's `x-request-id`.
+const ACCESS_LOG: &str = r#"                access_log:
+                  - name: envoy.access_loggers.stdout
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+                      log_format:
+                        text_format_source:
+                          inline_string: "ACCESS %START_TIME% id=%REQ(X-REQUEST-ID)% %REQ(:PATH)% status=%RESPONSE_CODE% flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS% ms=%DURATION% first_byte_ms=%RESPONSE_DURATION% dest=%REQ(X-GATEWAY-DESTINATION-ENDPOINT)% upstream=%UPSTREAM_HOST%\n""#;
 
 /// Like [`render_envoy`] with several pickers in the `ext_proc` cluster (Envoy balances
 /// requests over them with its LEAST_REQUEST policy).
@@ -124,6 +141,7 @@ pub fn render_envoy_multi(
     extproc: &[u16],
     tls: bool,
     full_duplex: bool,
+    access_log: bool,
 ) -> Result<String> {
     let Some(&first) = extproc.first() else {
         bail!("Envoy needs at least one ext_proc port");
@@ -171,7 +189,7 @@ pub fn render_envoy_multi(
     };
     Ok(tmpl
         .replace("{{FAIL_OPEN_DESTINATION}}", "")
-        .replace("{{ACCESS_LOG}}", "")
+        .replace("{{ACCESS_LOG}}", if access_log { ACCESS_LOG } else { "" })
         .replace("{{ADMIN_PORT}}", &admin.to_string())
         .replace("{{LISTEN_PORT}}", &listen.to_string())
         .replace("{{EXTPROC_PORT}}", &first.to_string())
@@ -369,17 +387,25 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     let extproc: Vec<u16> = pickers.iter().map(|(_, grpc, _)| *grpc).collect();
     std::fs::write(
         &envoy_cfg,
-        render_envoy_multi(root, listen, admin, &extproc, true, true)?,
+        render_envoy_multi(root, listen, admin, &extproc, true, true, true)?,
     )?;
     let mut envoy_proc = Proc::spawn(
         "envoy",
-        Command::new(&envoy).arg("-c").arg(&envoy_cfg).args([
-            "--use-dynamic-base-id",
-            "--concurrency",
-            "1",
-            "-l",
-            "warning",
-        ]),
+        Command::new(&envoy)
+            .arg("-c")
+            .arg(&envoy_cfg)
+            .args([
+                "--use-dynamic-base-id",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+            ])
+            .args(
+                args.envoy_log
+                    .iter()
+                    .flat_map(|c| ["--component-log-level", c.as_str()]),
+            ),
         run_dir.join("envoy.log"),
     )?;
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
@@ -477,7 +503,7 @@ mod tests {
     fn envoy_balances_over_every_picker() {
         let root = crate::project_root();
         let one = render_envoy(&root, 1, 2, 3001, true, true).unwrap();
-        let two = render_envoy_multi(&root, 1, 2, &[3001, 3002], true, true).unwrap();
+        let two = render_envoy_multi(&root, 1, 2, &[3001, 3002], true, true, false).unwrap();
         assert_eq!(one.matches("port_value: 3001").count(), 1);
         assert_eq!(two.matches("port_value: 3001").count(), 1);
         assert_eq!(two.matches("port_value: 3002").count(), 1);

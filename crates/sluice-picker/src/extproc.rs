@@ -1015,6 +1015,11 @@ impl Session {
                     .observe(t.metrics_age.as_secs_f64());
             }
         }
+        tracing::debug!(
+            request_id = request.request_id,
+            destination = dest.0,
+            "routed"
+        );
         let (common, md) = self.routing_mutation(dest, Some(body.len()));
         if self.request_mode == MODE_FULL_DUPLEX {
             out.push_back(
@@ -1073,6 +1078,7 @@ impl Session {
             }
         }
         self.resp.status = status;
+        tracing::debug!(request_id = self.request_id, status, "response headers");
         let mut set = Vec::new();
         if let Some(r) = &mut self.routed
             && let Some(s) = &mut r.scheduled
@@ -1200,6 +1206,12 @@ impl Session {
 
     /// The inbound stream ended.
     fn end_of_stream(&mut self) {
+        tracing::debug!(
+            request_id = self.request_id,
+            phase = ?self.phase,
+            completed = self.completed,
+            "ext_proc stream ended"
+        );
         self.finish_response();
     }
 

@@ -516,7 +516,9 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
         Api::Completions => "/v1/completions",
     };
     let body = body.to_string();
-    let mut headers: Vec<(&str, String)> = Vec::new();
+    // The record's id, so a request can be followed through Envoy's access log and the
+    // picker's traces.
+    let mut headers: Vec<(&str, String)> = vec![("x-request-id", format!("load-{id}"))];
     if let Some(t) = c.slo.ttft_ms {
         headers.push(("x-slo-ttft-ms", t.to_string()));
     }
@@ -558,20 +560,24 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
     };
     let outcome = match request {
         Ok(req) => {
-            tokio::time::timeout(
+            let mut sink = Collect::new(c.stream, t0);
+            match tokio::time::timeout(
                 ctx.cfg.timeout,
-                exchange(&ctx.pool, target, &req, c.stream, t0),
+                exchange(&ctx.pool, target, &req, &mut sink),
             )
             .await
+            {
+                Ok(result) => judge(sink, result),
+                Err(_) => Ok(sink.timed_out(ctx.cfg.timeout)),
+            }
         }
-        Err(e) => Ok(Err(e)),
+        Err(e) => Err(e),
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3 * scale;
     rec.e2e_ms = ms(t0.elapsed());
     match outcome {
-        Err(_) => rec.error = Some(format!("timed out after {:?}", ctx.cfg.timeout)),
-        Ok(Err(e)) => rec.error = Some(e),
-        Ok(Ok(x)) => {
+        Err(e) => rec.error = Some(e),
+        Ok(x) => {
             rec.status = x.status;
             rec.server = x.server;
             rec.error = x.error;
@@ -689,32 +695,62 @@ impl http1::Sink for Collect {
     }
 }
 
+impl Collect {
+    fn new(stream: bool, t0: Instant) -> Self {
+        Collect {
+            x: Exchange {
+                status: 0,
+                server: None,
+                error: None,
+                first: None,
+                last: None,
+                chunks: 0,
+                prompt_tokens: None,
+                completion_tokens: None,
+                saw_done: false,
+            },
+            stream,
+            t0,
+            buf: Vec::new(),
+            overflow: false,
+        }
+    }
+
+    /// What had arrived when the request timed out, for its record and error message.
+    fn timed_out(mut self, after: Duration) -> Exchange {
+        let got = if self.x.status == 0 {
+            "no response head".to_string()
+        } else {
+            format!(
+                "after HTTP {} from {} and {} chunks",
+                self.x.status,
+                self.x.server.as_deref().unwrap_or("an unnamed server"),
+                self.x.chunks
+            )
+        };
+        self.x.error = Some(format!("timed out after {after:?} ({got})"));
+        self.x
+    }
+}
+
+/// Sends one request, collecting the answer into `sink` as it arrives (so that what came
+/// before a timeout is still there), then judges the whole answer.
 async fn exchange(
     pool: &http1::Pool,
     target: &http1::Target,
     request: &[u8],
-    stream: bool,
-    t0: Instant,
-) -> Result<Exchange, String> {
-    let mut sink = Collect {
-        x: Exchange {
-            status: 0,
-            server: None,
-            error: None,
-            first: None,
-            last: None,
-            chunks: 0,
-            prompt_tokens: None,
-            completion_tokens: None,
-            saw_done: false,
-        },
-        stream,
-        t0,
-        buf: Vec::new(),
-        overflow: false,
-    };
-    match http1::exchange(pool, target, request, &[SERVER_HEADER], &mut sink).await {
-        Ok(_) => {}
+    sink: &mut Collect,
+) -> Result<(), http1::Failure> {
+    http1::exchange(pool, target, request, &[SERVER_HEADER], sink)
+        .await
+        .map(|_| ())
+}
+
+/// Turns a finished exchange into its outcome.
+fn judge(sink: Collect, result: Result<(), http1::Failure>) -> Result<Exchange, String> {
+    let stream = sink.stream;
+    match result {
+        Ok(()) => {}
         Err(http1::Failure::Request(e)) => return Err(e),
         Err(http1::Failure::Body(e)) => {
             let mut x = sink.x;
@@ -810,5 +846,59 @@ fn read_usage(v: &Value, x: &mut Exchange) {
     }
     if let Some(c) = u["completion_tokens"].as_u64() {
         x.completion_tokens = u32::try_from(c).ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers every request with a streamed head from `stalled` and one
+    /// SSE chunk, then sends nothing more (a request stuck in a model server's queue).
+    async fn stalling_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n{SERVER_HEADER}: stalled\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n",
+                    chunk.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                held.push(conn);
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_request_records_what_arrived_before_the_timeout() {
+        let w = Workload::from_yaml(
+            "name: t\nseed: 1\nduration_s: 0.05\narrival: {type: constant, rate: 40}\n\
+             classes:\n  - name: chat\n    prompt: {dist: fixed, value: 10}\n    \
+             output: {dist: fixed, value: 8}\n",
+            "inline",
+        )
+        .unwrap();
+        let mut cfg = LoadConfig::new(vec![stalling_server().await], w);
+        cfg.timeout = Duration::from_millis(300);
+        let (summary, records) = run_with_records(cfg).await.unwrap();
+        assert!(!records.is_empty());
+        for r in &records {
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.server.as_deref(), Some("stalled"), "{r:?}");
+            assert!(!r.good, "{r:?}");
+            let e = r.error.as_deref().unwrap_or_default();
+            assert!(
+                e.contains("timed out after 300ms (after HTTP 200 from stalled and 1 chunks)"),
+                "{e}"
+            );
+        }
+        assert_eq!(summary.ok, 0, "{summary:?}");
     }
 }
