@@ -515,6 +515,23 @@ mod tests {
     }
 
     #[test]
+    fn the_demo_envoy_logs_each_request_under_the_connection_manager() {
+        let root = crate::project_root();
+        let text = render_envoy_multi(&root, 1, 2, &[3001, 3002], true, true, true).unwrap();
+        let cfg: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+        let hcm = &cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        let format = hcm["access_log"][0]["typed_config"]["log_format"]["text_format_source"]
+            ["inline_string"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(format.contains("id=%REQ(X-REQUEST-ID)%"), "{format}");
+        assert!(format.ends_with('\n'), "one line per request: {format:?}");
+        assert!(hcm["http_filters"].is_array(), "{hcm}");
+        let quiet = render_envoy_multi(&root, 1, 2, &[3001], true, true, false).unwrap();
+        assert!(!quiet.contains("access_log"));
+    }
+
+    #[test]
     fn demo_manifests_give_one_endpoint_per_simulator() {
         let presets = ["h100-llama8b".to_owned(), "l4-llama8b".to_owned()];
         let text = demo_manifests(7000, 3, &presets, Profile::Default);
