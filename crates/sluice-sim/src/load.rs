@@ -561,13 +561,15 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
     let outcome = match request {
         Ok(req) => {
             let mut sink = Collect::new(c.stream, t0);
+            // The answer is collected into `sink` as it arrives, so what came before a
+            // timeout is still there.
             match tokio::time::timeout(
                 ctx.cfg.timeout,
-                exchange(&ctx.pool, target, &req, &mut sink),
+                http1::exchange(&ctx.pool, target, &req, &[SERVER_HEADER], &mut sink),
             )
             .await
             {
-                Ok(result) => judge(sink, result),
+                Ok(result) => judge(sink, result.map(|_| ())),
                 Err(_) => Ok(sink.timed_out(ctx.cfg.timeout)),
             }
         }
@@ -731,19 +733,6 @@ impl Collect {
         self.x.error = Some(format!("timed out after {after:?} ({got})"));
         self.x
     }
-}
-
-/// Sends one request, collecting the answer into `sink` as it arrives (so that what came
-/// before a timeout is still there), then judges the whole answer.
-async fn exchange(
-    pool: &http1::Pool,
-    target: &http1::Target,
-    request: &[u8],
-    sink: &mut Collect,
-) -> Result<(), http1::Failure> {
-    http1::exchange(pool, target, request, &[SERVER_HEADER], sink)
-        .await
-        .map(|_| ())
 }
 
 /// Turns a finished exchange into its outcome.
