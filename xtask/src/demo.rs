@@ -120,18 +120,6 @@ pub fn render_envoy(
     render_envoy_multi(root, listen, admin, &[extproc], tls, full_duplex, false)
 }
 
-/// One access-log line per request on Envoy's stdout: when it started, how long it took,
-/// the status and Envoy's response flags (`DC`: the client went away first), the endpoint
-/// the picker chose and the one Envoy reached (`-`: no upstream was ever picked, so the
-/// request never left the ext_proc filter), and the client's `x-request-id`.
-const ACCESS_LOG: &str = r#"                access_log:
-                  - name: envoy.access_loggers.stdout
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
-                      log_format:
-                        text_format_source:
-                          inline_string: "ACCESS %START_TIME% id=%REQ(X-REQUEST-ID)% %REQ(:PATH)% status=%RESPONSE_CODE% flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS% ms=%DURATION% first_byte_ms=%RESPONSE_DURATION% dest=%REQ(X-GATEWAY-DESTINATION-ENDPOINT)% upstream=%UPSTREAM_HOST%\n""#;
-
 /// Like [`render_envoy`] with several pickers in the `ext_proc` cluster (Envoy balances
 /// requests over them with its LEAST_REQUEST policy).
 pub fn render_envoy_multi(
@@ -189,7 +177,14 @@ pub fn render_envoy_multi(
     };
     Ok(tmpl
         .replace("{{FAIL_OPEN_DESTINATION}}", "")
-        .replace("{{ACCESS_LOG}}", if access_log { ACCESS_LOG } else { "" })
+        .replace(
+            "{{ACCESS_LOG}}",
+            if access_log {
+                sluice_testkit::envoy::ACCESS_LOG
+            } else {
+                ""
+            },
+        )
         .replace("{{ADMIN_PORT}}", &admin.to_string())
         .replace("{{LISTEN_PORT}}", &listen.to_string())
         .replace("{{EXTPROC_PORT}}", &first.to_string())

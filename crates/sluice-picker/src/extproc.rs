@@ -1344,14 +1344,17 @@ impl WithMetadata for ProcessingResponse {
     }
 }
 
-fn reply(r: Out) -> ProcessingResponse {
+/// Wraps one answer in the message the stream carries (public for the bench's floor
+/// processor, which must answer Envoy with the same messages the picker sends).
+pub fn reply(r: Out) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(r),
         ..Default::default()
     }
 }
 
-fn streamed(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
+/// A body chunk passed back in `FULL_DUPLEX_STREAMED` mode.
+pub fn streamed(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
     BodyResponse {
         response: Some(CommonResponse {
             body_mutation: Some(BodyMutation {

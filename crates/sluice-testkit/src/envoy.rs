@@ -124,23 +124,27 @@ pub fn envoy_binary() -> Result<PathBuf> {
     )
 }
 
+/// The `{{ACCESS_LOG}}` block of the Envoy template: one line per request on Envoy's
+/// stdout, with when it started, the client's `x-request-id`, the status, Envoy's response
+/// flags (`DC`: the client went away first) and details, the duration and time to first
+/// byte, the endpoint the picker chose and the one Envoy reached (`-`: no upstream was ever
+/// picked, so the request never left the ext_proc filter). The test harness and the demo
+/// log the same line.
+pub const ACCESS_LOG: &str = r#"                access_log:
+                  - name: envoy.access_loggers.stdout
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+                      log_format:
+                        text_format_source:
+                          inline_string: "ACCESS %START_TIME% id=%REQ(X-REQUEST-ID)% %REQ(:METHOD)% %REQ(:PATH)% status=%RESPONSE_CODE% flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS% ms=%DURATION% first_byte_ms=%RESPONSE_DURATION% dest=%REQ(X-GATEWAY-DESTINATION-ENDPOINT)% upstream=%UPSTREAM_HOST%\n""#;
+
 /// Renders the template for `opts` with the given ports.
 pub fn render(opts: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String {
     let (req_mode, resp_mode, trailers) = match opts.body_mode {
         BodyMode::FullDuplex => ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED", "SEND"),
         BodyMode::Buffered => ("BUFFERED", "BUFFERED", "SKIP"),
     };
-    let access_log = if opts.access_log {
-        r#"                access_log:
-                  - name: envoy.access_loggers.stdout
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
-                      log_format:
-                        text_format_source:
-                          inline_string: "ACCESS %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% flags=%RESPONSE_FLAGS% upstream=%UPSTREAM_HOST% dest_hdr=%REQ(X-GATEWAY-DESTINATION-ENDPOINT)%\n""#
-    } else {
-        ""
-    };
+    let access_log = if opts.access_log { ACCESS_LOG } else { "" };
     let tls = if opts.extproc_tls {
         r#"      transport_socket:
         name: envoy.transport_sockets.tls

@@ -35,9 +35,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody,
-    HttpHeaders, ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
-    body_mutation,
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody, HttpHeaders,
+    ProcessingRequest, ProcessingResponse, TrailersResponse,
 };
 use futures::Stream;
 use http_body_util::{BodyExt, Full};
@@ -45,6 +44,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sluice_picker::errors::set_header;
+use sluice_picker::extproc::{reply, streamed};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -190,30 +190,6 @@ struct FloorStream {
     content_length: bool,
 }
 
-fn reply(r: Out) -> ProcessingResponse {
-    ProcessingResponse {
-        response: Some(r),
-        ..Default::default()
-    }
-}
-
-fn echo(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
-    BodyResponse {
-        response: Some(CommonResponse {
-            body_mutation: Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::StreamedResponse(
-                    StreamedBodyResponse {
-                        body,
-                        end_of_stream,
-                        ..Default::default()
-                    },
-                )),
-            }),
-            ..Default::default()
-        }),
-    }
-}
-
 impl FloorStream {
     fn mutation(&self) -> CommonResponse {
         let mut set_headers = vec![set_header("x-gateway-destination-endpoint", &self.endpoint)];
@@ -269,7 +245,8 @@ impl FloorStream {
                             self.out.push_back(self.with_metadata(r, true));
                         }
                         for (body, eos) in std::mem::take(&mut self.held) {
-                            self.out.push_back(reply(Out::RequestBody(echo(body, eos))));
+                            self.out
+                                .push_back(reply(Out::RequestBody(streamed(body, eos))));
                         }
                     }
                 } else {
@@ -285,7 +262,7 @@ impl FloorStream {
                 .push_back(reply(Out::ResponseHeaders(HeadersResponse::default()))),
             Some(In::ResponseBody(b)) => {
                 let r = if self.full_duplex {
-                    echo(b.body, b.end_of_stream)
+                    streamed(b.body, b.end_of_stream)
                 } else {
                     BodyResponse::default()
                 };
