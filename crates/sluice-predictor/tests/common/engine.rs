@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use rand::Rng;
 use rand::rngs::SmallRng;
-use sluice_predictor::{ClassId, Features, PodRole, TrainingSample};
+use sluice_predictor::{ClassId, Features, TrainingSample};
 
 use super::Hardware;
 
@@ -74,14 +74,9 @@ pub fn run(
                         .iter()
                         .filter(|r| r.prefill_left > 0.0)
                         .count() as u32,
-                    tokens_generated: 0,
-                    step_ms: 0.0,
-                    since_step_ms: 0.0,
-                    mean_step_ms: 0.0,
-                    prompt_token_rate: 0.0,
-                    role: PodRole::Both,
                     class: e.class,
                     streamed: true,
+                    ..Features::default()
                 };
                 waiting.push_back(Req {
                     arrival: next_arrival,

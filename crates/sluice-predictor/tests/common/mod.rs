@@ -6,7 +6,7 @@ pub mod engine;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sluice_predictor::{ClassId, Features, PodRole, TrainingSample};
+use sluice_predictor::{ClassId, Features, TrainingSample};
 
 /// Engine physics of one hardware class (vLLM-like, chunked prefill).
 #[derive(Clone, Copy, Debug)]
@@ -83,15 +83,9 @@ pub fn features(rng: &mut SmallRng) -> Features {
         running,
         prefix_cache_score: prefix,
         prefill_tokens_in_flight: tif,
-        prefill_requests_in_flight: 0,
-        tokens_generated: 0,
-        step_ms: 0.0,
-        since_step_ms: 0.0,
-        mean_step_ms: 0.0,
-        prompt_token_rate: 0.0,
-        role: PodRole::Both,
         class,
         streamed: true,
+        ..Features::default()
     }
 }
 
