@@ -11,10 +11,13 @@
 //! chunked transfer coding or connection close.
 
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 << 10;
@@ -67,19 +70,23 @@ impl Target {
     }
 }
 
-/// Idle keep-alive connections by target address.
+/// Idle keep-alive connections by target address, and how long an exchange may wait for
+/// the server.
 #[derive(Debug)]
 pub(crate) struct Pool {
     idle: Mutex<HashMap<String, Vec<TcpStream>>>,
     max_idle_per_target: usize,
+    stall_timeout: Duration,
 }
 
 impl Pool {
-    /// A pool keeping at most `max_idle_per_target` idle connections per target.
-    pub(crate) fn new(max_idle_per_target: usize) -> Self {
+    /// A pool keeping at most `max_idle_per_target` idle connections per target, whose
+    /// exchanges give up when the server neither takes nor sends a byte for `stall_timeout`.
+    pub(crate) fn new(max_idle_per_target: usize, stall_timeout: Duration) -> Self {
         Self {
             idle: Mutex::new(HashMap::new()),
             max_idle_per_target,
+            stall_timeout,
         }
     }
 
@@ -112,6 +119,8 @@ pub(crate) enum Failure {
     Request(String),
     /// The head arrived but the body broke off.
     Body(String),
+    /// The server neither took nor sent a byte for this long (before or after the head).
+    Stalled(Duration),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +142,10 @@ pub(crate) trait Sink {
 /// `sink` piece by piece as it arrives. `keep` names the response headers to return.
 ///
 /// A pooled connection that the server closed while idle fails before any response byte;
-/// then the request is sent once more on a fresh connection, as hyper's client does.
+/// then the request is sent once more on a fresh connection, as hyper's client does. A
+/// server that goes quiet for the pool's stall timeout fails the exchange (and is not
+/// retried: it may be working on the request). There is no deadline on the whole exchange:
+/// a long answer that keeps arriving is read to its end.
 pub(crate) async fn exchange(
     pool: &Pool,
     target: &Target,
@@ -147,25 +159,27 @@ pub(crate) async fn exchange(
         conn = Some(c);
         reused = true;
     }
+    let stall = pool.stall_timeout;
     loop {
         let mut c = match conn.take() {
             Some(c) => c,
-            None => connect(&target.addr).await?,
+            None => connect(&target.addr, stall).await?,
         };
         let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-        let head = match send_and_read_head(&mut c, request, &mut buf, keep).await {
+        let mut stall = Watchdog::new(stall);
+        let head = match send_and_read_head(&mut c, request, &mut buf, keep, &mut stall).await {
             Ok(h) => h,
-            Err(_) if reused => {
+            Err(Failure::Request(_)) if reused => {
                 // Stale keep-alive connection: nothing was answered, try a fresh one.
                 reused = false;
                 continue;
             }
-            Err(e) => return Err(Failure::Request(e)),
+            Err(e) => return Err(e),
         };
         let (head, framing, keep_alive, used) = head;
         sink.head(&head);
         buf.drain(..used);
-        let clean = read_body(&mut c, &mut buf, framing, sink).await?;
+        let clean = read_body(&mut c, &mut buf, framing, sink, &mut stall).await?;
         if keep_alive && clean {
             pool.put(&target.addr, c);
         }
@@ -173,12 +187,72 @@ pub(crate) async fn exchange(
     }
 }
 
-async fn connect(addr: &str) -> Result<TcpStream, Failure> {
-    let c = TcpStream::connect(addr)
+async fn connect(addr: &str, stall: Duration) -> Result<TcpStream, Failure> {
+    let c = tokio::time::timeout(stall, TcpStream::connect(addr))
         .await
+        .map_err(|_| {
+            Failure::Request(format!(
+                "request failed: cannot connect to {addr}: no answer in {stall:?}"
+            ))
+        })?
         .map_err(|e| Failure::Request(format!("request failed: cannot connect to {addr}: {e}")))?;
     let _ = c.set_nodelay(true);
     Ok(c)
+}
+
+/// Notices when the server has gone quiet for the stall timeout. One timer per exchange,
+/// pushed back lazily: a read only notes the time, and the timer, when it fires early,
+/// re-arms at the last progress plus the timeout. So a streamed token costs a clock read,
+/// not a timer insertion.
+struct Watchdog {
+    timeout: Duration,
+    last_progress: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Watchdog {
+    fn new(timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            timeout,
+            last_progress: now,
+            timer: Box::pin(tokio::time::sleep_until(now + timeout)),
+        }
+    }
+
+    fn progress(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// Resolves once nothing has moved for the timeout.
+    async fn stalled(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            let due = self.last_progress + self.timeout;
+            if Instant::now() >= due {
+                return;
+            }
+            self.timer.as_mut().reset(due);
+        }
+    }
+}
+
+/// Reads what the socket has into `buf`, unless the server stays quiet for the stall timeout.
+async fn read_some(
+    c: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    stall: &mut Watchdog,
+) -> Result<usize, Failure> {
+    buf.reserve(READ_CHUNK);
+    let timeout = stall.timeout;
+    tokio::select! {
+        biased;
+        read = c.read_buf(buf) => {
+            stall.progress();
+            read.map_err(|e| Failure::Request(e.to_string()))
+        }
+        () = stall.stalled() => Err(Failure::Stalled(timeout)),
+    }
 }
 
 /// Writes the request and reads until the response head is complete. Returns the head, the
@@ -188,12 +262,26 @@ async fn send_and_read_head(
     request: &[u8],
     buf: &mut Vec<u8>,
     keep: &[&str],
-) -> Result<(Head, Framing, bool, usize), String> {
-    c.write_all(request)
-        .await
-        .map_err(|e| format!("request failed: {e}"))?;
+    stall: &mut Watchdog,
+) -> Result<(Head, Framing, bool, usize), Failure> {
+    let timeout = stall.timeout;
+    let mut sent = 0;
+    while sent < request.len() {
+        tokio::select! {
+            biased;
+            written = c.write(&request[sent..]) => {
+                stall.progress();
+                match written {
+                    Ok(0) => return Err(Failure::Request("request failed: connection closed".into())),
+                    Ok(n) => sent += n,
+                    Err(e) => return Err(Failure::Request(format!("request failed: {e}"))),
+                }
+            }
+            () = stall.stalled() => return Err(Failure::Stalled(timeout)),
+        }
+    }
     loop {
-        if let Some(parsed) = parse_head(buf, keep)? {
+        if let Some(parsed) = parse_head(buf, keep).map_err(Failure::Request)? {
             // An interim 1xx answer is followed by the real one.
             if (100..200).contains(&parsed.0.status) {
                 buf.drain(..parsed.3);
@@ -202,17 +290,18 @@ async fn send_and_read_head(
             return Ok(parsed);
         }
         if buf.len() > MAX_HEAD {
-            return Err(format!(
+            return Err(Failure::Request(format!(
                 "request failed: response head larger than {MAX_HEAD} bytes"
-            ));
+            )));
         }
-        buf.reserve(READ_CHUNK);
-        let n = c
-            .read_buf(buf)
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
+        let n = read_some(c, buf, stall).await.map_err(|e| match e {
+            Failure::Request(e) => Failure::Request(format!("request failed: {e}")),
+            other => other,
+        })?;
         if n == 0 {
-            return Err("request failed: connection closed before a response".into());
+            return Err(Failure::Request(
+                "request failed: connection closed before a response".into(),
+            ));
         }
     }
 }
@@ -285,6 +374,7 @@ async fn read_body(
     buf: &mut Vec<u8>,
     framing: Framing,
     sink: &mut impl Sink,
+    stall: &mut Watchdog,
 ) -> Result<bool, Failure> {
     let mut left = match framing {
         Framing::Length(n) => n,
@@ -379,11 +469,10 @@ async fn read_body(
             },
         }
         buf.drain(..at);
-        buf.reserve(READ_CHUNK);
-        let n = c
-            .read_buf(buf)
-            .await
-            .map_err(|e| Failure::Body(format!("response body broken: {e}")))?;
+        let n = read_some(c, buf, stall).await.map_err(|e| match e {
+            Failure::Request(e) => Failure::Body(format!("response body broken: {e}")),
+            other => other,
+        })?;
         if n == 0 {
             return match framing {
                 Framing::UntilClose => Ok(false),
@@ -484,7 +573,7 @@ mod tests {
         let answer = "HTTP/1.1 200 OK\r\nx-sim-server: sim-3\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\ntrailer: t\r\n\r\n";
         for piece in [1, 3, 7, 1000] {
             let (t, conns) = scripted(vec![answer, answer], piece).await;
-            let pool = Pool::new(4);
+            let pool = Pool::new(4, Duration::from_secs(10));
             for _ in 0..2 {
                 let mut got = Got::default();
                 let head = exchange(&pool, &t, REQ, &["x-sim-server"], &mut got)
@@ -508,7 +597,7 @@ mod tests {
             2,
         )
         .await;
-        let pool = Pool::new(4);
+        let pool = Pool::new(4, Duration::from_secs(10));
         let mut got = Got::default();
         exchange(&pool, &t, REQ, &[], &mut got).await.unwrap();
         assert_eq!((got.status, got.body.as_slice()), (404, &b"nope"[..]));
@@ -531,7 +620,7 @@ mod tests {
             100,
         )
         .await;
-        let pool = Pool::new(4);
+        let pool = Pool::new(4, Duration::from_secs(10));
         let mut got = Got::default();
         // The scripted server closes after its single answer.
         let e = exchange(&pool, &t, REQ, &[], &mut got).await.unwrap_err();

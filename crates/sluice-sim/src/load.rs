@@ -44,14 +44,19 @@ pub struct LoadConfig {
     pub time_scale: f64,
     /// In-flight requests beyond which an open-loop arrival is dropped (recorded as an error).
     pub max_in_flight: usize,
-    /// Per-request timeout, wall-clock.
+    /// Deadline on a whole request, wall-clock: even an answer that keeps arriving is cut
+    /// off after this long.
     pub timeout: Duration,
+    /// A request fails when the server sends nothing for this long (wall-clock): no head,
+    /// no body byte. A slow answer that keeps streaming is not cut off.
+    pub stall_timeout: Duration,
     /// Write one JSON line per request here.
     pub output: Option<PathBuf>,
 }
 
 impl LoadConfig {
-    /// Defaults: real time, 10,000 in flight, 120 s timeout, no output file.
+    /// Defaults: real time, 10,000 in flight, 600 s deadline, 120 s stall timeout, no
+    /// output file.
     pub fn new(targets: Vec<String>, workload: Workload) -> Self {
         Self {
             targets,
@@ -59,7 +64,8 @@ impl LoadConfig {
             default_model: "meta-llama/Llama-3.1-8B-Instruct".into(),
             time_scale: 1.0,
             max_in_flight: 10_000,
-            timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(600),
+            stall_timeout: Duration::from_secs(120),
             output: None,
         }
     }
@@ -359,7 +365,7 @@ pub async fn run_with_records(cfg: LoadConfig) -> anyhow::Result<(Summary, Vec<R
         .map(|t| http1::Target::parse(t))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("load: {e}"))?;
-    let pool = http1::Pool::new(4096);
+    let pool = http1::Pool::new(4096, cfg.stall_timeout);
     let w = &cfg.workload;
     // Shared prefixes are generated once per (class, group).
     let prefixes = w
@@ -570,7 +576,7 @@ async fn one(ctx: &Ctx, id: u64, plan: Planned) {
             .await
             {
                 Ok(result) => judge(sink, result.map(|_| ())),
-                Err(_) => Ok(sink.timed_out(ctx.cfg.timeout)),
+                Err(_) => Ok(sink.gave_up(format!("timed out after {:?}", ctx.cfg.timeout))),
             }
         }
         Err(e) => Err(e),
@@ -718,8 +724,9 @@ impl Collect {
         }
     }
 
-    /// What had arrived when the request timed out, for its record and error message.
-    fn timed_out(mut self, after: Duration) -> Exchange {
+    /// What had arrived when the request was given up (`why`), for its record and error
+    /// message.
+    fn gave_up(mut self, why: String) -> Exchange {
         let got = if self.x.status == 0 {
             "no response head".to_string()
         } else {
@@ -730,7 +737,7 @@ impl Collect {
                 self.x.chunks
             )
         };
-        self.x.error = Some(format!("timed out after {after:?} ({got})"));
+        self.x.error = Some(format!("{why} ({got})"));
         self.x
     }
 }
@@ -741,6 +748,9 @@ fn judge(sink: Collect, result: Result<(), http1::Failure>) -> Result<Exchange, 
     match result {
         Ok(()) => {}
         Err(http1::Failure::Request(e)) => return Err(e),
+        Err(http1::Failure::Stalled(after)) => {
+            return Ok(sink.gave_up(format!("stalled: nothing from the server for {after:?}")));
+        }
         Err(http1::Failure::Body(e)) => {
             let mut x = sink.x;
             x.error = Some(format!("{e} (after {} chunks)", x.chunks));
@@ -889,5 +899,84 @@ mod tests {
             );
         }
         assert_eq!(summary.ok, 0, "{summary:?}");
+    }
+
+    /// A server that streams `chunks` SSE chunks `gap` apart, then ends the stream properly
+    /// (a long answer from a slow model server).
+    async fn trickling_server(chunks: usize, gap: Duration) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n{SERVER_HEADER}: slow\r\ntransfer-encoding: chunked\r\n\r\n"
+                    );
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+                    for _ in 0..chunks {
+                        tokio::time::sleep(gap).await;
+                        let piece = format!("{:x}\r\n{chunk}\r\n", chunk.len());
+                        let _ = conn.write_all(piece.as_bytes()).await;
+                    }
+                    let done = "data: [DONE]\n\n";
+                    let end = format!("{:x}\r\n{done}\r\n0\r\n\r\n", done.len());
+                    let _ = conn.write_all(end.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn one_chat_request() -> Workload {
+        Workload::from_yaml(
+            "name: t\nseed: 1\nduration_s: 0.015\narrival: {type: constant, rate: 100}\n\
+             classes:\n  - name: chat\n    prompt: {dist: fixed, value: 10}\n    \
+             output: {dist: fixed, value: 8}\n",
+            "inline",
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_server_that_goes_quiet_fails_the_request_after_the_stall_timeout() {
+        let mut cfg = LoadConfig::new(vec![stalling_server().await], one_chat_request());
+        cfg.stall_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let (_, records) = run_with_records(cfg).await.unwrap();
+        // Not the 600 s deadline: the stall is noticed on its own.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!((r.status, r.good), (200, false), "{r:?}");
+        let e = r.error.as_deref().unwrap_or_default();
+        assert!(
+            e.contains(
+                "stalled: nothing from the server for 300ms (after HTTP 200 from stalled and 1 chunks)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_answer_that_keeps_streaming_outlives_the_stall_timeout() {
+        // Twelve chunks 100 ms apart: 1.2 s in all, four times the stall timeout, and never
+        // 300 ms without a byte.
+        let target = trickling_server(12, Duration::from_millis(100)).await;
+        let mut cfg = LoadConfig::new(vec![target], one_chat_request());
+        cfg.stall_timeout = Duration::from_millis(300);
+        let (summary, records) = run_with_records(cfg).await.unwrap();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(r.error, None, "{r:?}");
+        assert_eq!((r.status, r.output_tokens), (200, 12), "{r:?}");
+        assert!(r.e2e_ms >= 1_100.0, "{r:?}");
+        assert_eq!(summary.ok, 1);
     }
 }

@@ -84,9 +84,13 @@ enum Cmd {
         /// Open-loop arrivals beyond this many in flight are dropped and counted as errors.
         #[arg(long, default_value_t = 10_000)]
         max_in_flight: usize,
-        /// Per-request timeout in wall-clock seconds.
-        #[arg(long, default_value_t = 120.0)]
+        /// Deadline on a whole request in wall-clock seconds, however steadily it streams.
+        #[arg(long, default_value_t = 600.0)]
         timeout_s: f64,
+        /// A request fails when the server sends nothing for this many wall-clock seconds
+        /// (no head, no body byte); a slow answer that keeps streaming is not cut off.
+        #[arg(long, default_value_t = 120.0)]
+        stall_timeout_s: f64,
     },
     /// Measure: an in-process fleet plus the load generator at a fixed request rate.
     Bench {
@@ -299,6 +303,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             json,
             max_in_flight,
             timeout_s,
+            stall_timeout_s,
         } => {
             let text = std::fs::read_to_string(&workload)
                 .with_context(|| format!("cannot read workload file {}", workload.display()))?;
@@ -308,9 +313,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             cfg.default_model = model;
             cfg.output = output;
             cfg.max_in_flight = max_in_flight;
-            cfg.timeout = Duration::try_from_secs_f64(timeout_s).map_err(|_| {
-                anyhow::anyhow!("--timeout-s must be a positive number of seconds, got {timeout_s}")
-            })?;
+            cfg.timeout = positive_seconds("--timeout-s", timeout_s)?;
+            cfg.stall_timeout = positive_seconds("--stall-timeout-s", stall_timeout_s)?;
             // On a worker thread, where the arrival timers fire (see `bench::run`).
             let s = tokio::spawn(load::run(cfg))
                 .await
@@ -356,4 +360,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `secs` as a duration, or an error naming `flag` when it is not a positive number.
+fn positive_seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("{flag} must be a positive number of seconds, got {secs}"))
 }
