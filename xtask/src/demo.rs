@@ -95,17 +95,36 @@ fn wait_for(
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    http_call(addr, "GET", path)
+}
+
+fn http_call(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     Some(buf)
+}
+
+/// Asks Envoy to exit through its admin API and waits for it, so that the access log holds
+/// the last requests too (killed, Envoy loses the lines it has not flushed yet).
+fn stop_envoy(admin: SocketAddr, envoy: &mut Proc) {
+    if http_call(admin, "POST", "/quitquitquit").is_none() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if !matches!(envoy.child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Renders `manifests/envoy/envoy-picker.yaml.tmpl` (full duplex, TLS to the picker).
@@ -448,6 +467,7 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     for (p, _, _) in pickers.iter_mut() {
         p.check()?;
     }
+    stop_envoy(admin_addr, &mut envoy_proc);
     if !status.success() {
         bail!("sluice-sim load failed ({status})");
     }
